@@ -1,0 +1,106 @@
+"""Finding and dropping caches by name, from any process attached to the cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from raycache.client import directory_actor
+from raycache.config import RAYCACHE_KEYS
+from raycache.runtime import ensure_ray
+
+__all__ = ["cache_stats", "drop_cache", "list_caches"]
+
+_PREFIX = "raycache:"
+_DEFAULT_NS = RAYCACHE_KEYS["namespace"].default
+
+
+def drop_cache(
+    name: str, namespace: str = _DEFAULT_NS, address: str | None = None, timeout: float = 30.0
+) -> bool:
+    """Free a cache and its directory actor, whoever created it.
+
+    Clients still attached notice on their next read and fall back to the provider.
+
+    Parameters
+    ----------
+    name : str
+        The cache name.
+    namespace : str
+        Its Ray namespace.
+    address : str, optional
+        Ray address; by default the running Ray.
+    timeout : float
+        Seconds to wait for the actor to free its chunks before it is killed anyway.
+
+    Returns
+    -------
+    bool
+        True if the cache existed.
+    """
+    ensure_ray(address)
+    try:
+        actor = directory_actor(name, namespace)
+    except ValueError:
+        return False
+    try:
+        ray.get(actor.drop.remote(), timeout=timeout)
+    except Exception:  # the actor is gone or stuck: killing it frees its objects anyway
+        pass
+    ray.kill(actor, no_restart=True)
+    return True
+
+
+def list_caches(namespace: str | None = _DEFAULT_NS, address: str | None = None) -> list[str]:
+    """Return the names of the caches on the cluster.
+
+    Parameters
+    ----------
+    namespace : str or None
+        Only this namespace; None lists every namespace.
+    address : str, optional
+        Ray address; by default the running Ray.
+
+    Returns
+    -------
+    list of str
+        Cache names, sorted.
+    """
+    ensure_ray(address)
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(
+        a["name"][len(_PREFIX) :]
+        for a in actors
+        if a["name"].startswith(_PREFIX) and (namespace is None or a["namespace"] == namespace)
+    )
+
+
+def cache_stats(
+    name: str, namespace: str = _DEFAULT_NS, address: str | None = None, timeout: float = 30.0
+) -> dict[str, Any]:
+    """Return a cache's counters without attaching to it.
+
+    Parameters
+    ----------
+    name : str
+        The cache name.
+    namespace : str
+        Its Ray namespace.
+    address : str, optional
+        Ray address; by default the running Ray.
+    timeout : float
+        Seconds to wait for the answer.
+
+    Returns
+    -------
+    dict
+        As ``DataCache.stats()``, without the ``client`` entry.
+
+    Raises
+    ------
+    ValueError
+        If there is no such cache.
+    """
+    ensure_ray(address)
+    return ray.get(directory_actor(name, namespace).stats.remote(), timeout=timeout)

@@ -1,0 +1,287 @@
+"""Validated settings for a raycache cache, read from a Hyrax-style config.
+
+raycache reads the three keys Hyrax's ``DataCache`` already understands from the
+``data_set`` table and its own keys from a ``raycache`` table. Every key is checked
+here, in one place, against the table of defaults below, so that a typo or an
+impossible value fails when the config is read and names the key, instead of
+surfacing later as a cache that silently does the wrong thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CacheConfig", "ConfigError", "DATA_SET_KEYS", "RAYCACHE_KEYS"]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an impossible value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    """One accepted config key: its default, accepted types and a description."""
+
+    default: Any
+    types: tuple[type, ...]
+    doc: str
+    minimum: float | None = None
+    nullable: bool = False
+
+
+# The data_set keys keep Hyrax's meaning.
+DATA_SET_KEYS: dict[str, _Key] = {
+    "use_cache": _Key(True, (bool,), "Serve items from the cache; fill it on a miss."),
+    "preload_cache": _Key(
+        False, (bool,), "start_preload_thread() fills the cache in the background."
+    ),
+    "preload_threads": _Key(
+        8, (int,), "Provider reads in flight at once while preloading.", minimum=1
+    ),
+}
+
+RAYCACHE_KEYS: dict[str, _Key] = {
+    "name": _Key(
+        None,
+        (str,),
+        "Cache name; every DataCache with this name on one Ray cluster shares one cache. "
+        "Unset: derived from the provider's class, length and state.",
+        nullable=True,
+    ),
+    "namespace": _Key("raycache", (str,), "Ray namespace of the cache's directory actor."),
+    "address": _Key(
+        None,
+        (str,),
+        "Ray address to connect to. Unset: the running Ray if there is one, else an "
+        "embedded local Ray started for this process.",
+        nullable=True,
+    ),
+    "max_bytes": _Key(
+        None,
+        (int,),
+        "Byte budget for cached data. Unset: 80% of the cluster's object store.",
+        minimum=1,
+        nullable=True,
+    ),
+    "chunk_size": _Key(1024, (int,), "Most items stored in one chunk object.", minimum=1),
+    "chunk_bytes": _Key(
+        64 * 1024 * 1024, (int,), "Most bytes stored in one chunk object.", minimum=1024
+    ),
+    "detached": _Key(
+        False,
+        (bool,),
+        "Keep the cache after every client has gone, until dropped explicitly.",
+    ),
+    "linger_s": _Key(
+        60.0,
+        (int, float),
+        "Seconds a non-detached cache waits with no client attached before it is freed.",
+        minimum=0,
+    ),
+    "flush_interval_s": _Key(
+        0.1,
+        (int, float),
+        "Longest time an inserted item waits in this process before it is sent.",
+        minimum=0,
+    ),
+    "zero_copy": _Key(
+        False,
+        (bool,),
+        "Return read-only views of shared memory instead of private copies.",
+    ),
+    "log_dir": _Key(
+        None, (str,), "tensorboardX log directory. Unset: no metrics.", nullable=True
+    ),
+    "timeout_s": _Key(
+        60.0, (int, float), "Longest wait for any single call to the cache.", minimum=0.001
+    ),
+}
+
+
+def _check(table: str, key: str, spec: _Key, value: Any) -> Any:
+    where = f"{table}.{key}"
+    if value is None:
+        if spec.nullable:
+            return None
+        raise ConfigError(f"config key {where!r} may not be None; default is {spec.default!r}")
+    # bool is an int subclass; only accept it where bool is meant.
+    if isinstance(value, bool) and bool not in spec.types:
+        raise ConfigError(
+            f"config key {where!r} must be {_names(spec.types)}, got bool {value!r}"
+        )
+    if not isinstance(value, spec.types):
+        raise ConfigError(
+            f"config key {where!r} must be {_names(spec.types)}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    if spec.minimum is not None and value < spec.minimum:
+        raise ConfigError(f"config key {where!r} must be >= {spec.minimum}, got {value!r}")
+    if key == "name" and not value.strip():
+        raise ConfigError(f"config key {where!r} must be a non-empty string")
+    return value
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def _read_table(config: Mapping[str, Any], table: str, keys: dict[str, _Key]) -> dict[str, Any]:
+    raw = config.get(table, {})
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config table {table!r} must be a table, got {type(raw).__name__}")
+    out = {}
+    for key, value in raw.items():
+        if key not in keys:
+            if table == "data_set":
+                # Hyrax's data_set table holds many keys raycache does not use.
+                continue
+            raise ConfigError(
+                f"unknown config key {table}.{key!r}; accepted keys: {', '.join(sorted(keys))}"
+            )
+        out[key] = _check(table, key, keys[key], value)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Settings of one cache, validated.
+
+    Build it with :meth:`from_dict` (a Hyrax-style nested dict), :meth:`from_toml`
+    (a TOML file with the same tables) or :meth:`coerce` (either, or a CacheConfig).
+    The accepted keys, their defaults and meanings are in ``DATA_SET_KEYS`` and
+    ``RAYCACHE_KEYS`` and in ``docs/configuration.md``.
+    """
+
+    use_cache: bool = DATA_SET_KEYS["use_cache"].default
+    preload_cache: bool = DATA_SET_KEYS["preload_cache"].default
+    preload_threads: int = DATA_SET_KEYS["preload_threads"].default
+    name: str | None = None
+    namespace: str = RAYCACHE_KEYS["namespace"].default
+    address: str | None = None
+    max_bytes: int | None = None
+    chunk_size: int = RAYCACHE_KEYS["chunk_size"].default
+    chunk_bytes: int = RAYCACHE_KEYS["chunk_bytes"].default
+    detached: bool = False
+    linger_s: float = RAYCACHE_KEYS["linger_s"].default
+    flush_interval_s: float = RAYCACHE_KEYS["flush_interval_s"].default
+    zero_copy: bool = False
+    log_dir: str | None = None
+    timeout_s: float = RAYCACHE_KEYS["timeout_s"].default
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any] | None) -> CacheConfig:
+        """Read and validate a Hyrax-style config.
+
+        Parameters
+        ----------
+        config : Mapping[str, Any] or None
+            A dict with an optional ``data_set`` table (Hyrax's keys ``use_cache``,
+            ``preload_cache``, ``preload_threads``; other Hyrax keys are ignored) and an
+            optional ``raycache`` table. None means all defaults.
+
+        Returns
+        -------
+        CacheConfig
+            The validated settings.
+
+        Raises
+        ------
+        ConfigError
+            For an unknown ``raycache`` key, a wrong type or an impossible value; the
+            message names the key and what is accepted.
+        """
+        if config is None:
+            return cls()
+        if not isinstance(config, Mapping):
+            raise ConfigError(
+                f"config must be a dict of tables, got {type(config).__name__}"
+            )
+        values = _read_table(config, "data_set", DATA_SET_KEYS)
+        values.update(_read_table(config, "raycache", RAYCACHE_KEYS))
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> CacheConfig:
+        """Read and validate a TOML file holding ``[data_set]`` and ``[raycache]`` tables.
+
+        Parameters
+        ----------
+        path : str or Path
+            The TOML file.
+
+        Returns
+        -------
+        CacheConfig
+            The validated settings.
+        """
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+    @classmethod
+    def coerce(cls, config: CacheConfig | Mapping[str, Any] | str | Path | None) -> CacheConfig:
+        """Accept a CacheConfig, a config dict, a TOML path, or None (defaults).
+
+        Parameters
+        ----------
+        config : CacheConfig, Mapping, str, Path or None
+            What to read.
+
+        Returns
+        -------
+        CacheConfig
+            The validated settings.
+        """
+        if isinstance(config, CacheConfig):
+            return config
+        if isinstance(config, (str, Path)):
+            return cls.from_toml(config)
+        return cls.from_dict(config)
+
+    def replace(self, **changes: Any) -> CacheConfig:
+        """Return a copy with some keys changed, validated like the originals.
+
+        Parameters
+        ----------
+        **changes : Any
+            Keys of ``DATA_SET_KEYS`` or ``RAYCACHE_KEYS`` and their new values.
+
+        Returns
+        -------
+        CacheConfig
+            The new settings.
+        """
+        return CacheConfig.from_dict(_split(dataclasses.asdict(self) | changes))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Return the settings as a Hyrax-style nested dict that :meth:`from_dict` reads.
+
+        Returns
+        -------
+        dict
+            ``{"data_set": {...}, "raycache": {...}}``.
+        """
+        return _split(dataclasses.asdict(self))
+
+
+def _split(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    unknown = set(flat) - set(DATA_SET_KEYS) - set(RAYCACHE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {sorted(unknown)}; accepted keys: "
+            f"{', '.join(sorted(set(DATA_SET_KEYS) | set(RAYCACHE_KEYS)))}"
+        )
+    return {
+        "data_set": {k: v for k, v in flat.items() if k in DATA_SET_KEYS},
+        "raycache": {k: v for k, v in flat.items() if k in RAYCACHE_KEYS},
+    }

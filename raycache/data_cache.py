@@ -1,0 +1,404 @@
+"""``DataCache``: Hyrax's cache API, backed by one shared cache in Ray's object store.
+
+Code written for Hyrax's ``DataCache(config, data_provider)`` keeps working: the same
+constructor, ``start_preload_thread``, ``try_fetch``, ``insert_into_cache`` and
+``_data_size``, the same config keys and the same error types. What changes is where
+items live: not in a dict inside each trainer, but in chunks owned by a named Ray actor
+that every process using the same cache name reads, zero-copy.
+
+The connection to Ray is made on first use, not in the constructor: Hyrax builds its
+``DataCache`` inside ``DataProvider.__init__``, before the provider is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+
+from raycache.client import CacheClient
+from raycache.config import CacheConfig
+from raycache.errors import CacheUnavailableError
+from raycache.naming import default_name, fingerprint
+from raycache.provider import (
+    bypass_active,
+    pickle_provider,
+    provider_length,
+    unpickling_for_task,
+)
+from raycache.runtime import gcs_address, in_forked_child
+from raycache.values import data_size
+
+__all__ = ["DataCache"]
+
+logger = logging.getLogger(__name__)
+
+_all_caches: weakref.WeakSet = weakref.WeakSet()
+
+
+class DataCache:
+    """A cache of provider items shared by every process that uses the same cache name.
+
+    The first epoch fills the cache from the provider (``insert_into_cache`` on each
+    miss); later epochs are served from it (``try_fetch``); ``start_preload_thread``
+    optionally fills it in the background with Ray tasks.
+
+    Config keys read (see ``docs/configuration.md`` for defaults):
+
+    - ``data_set.use_cache``: serve from the cache; when False nothing is cached.
+    - ``data_set.preload_cache``: ``start_preload_thread()`` starts a preload.
+    - ``data_set.preload_threads``: provider reads in flight during preload.
+    - ``raycache.name``, ``namespace``, ``address``, ``max_bytes``, ``chunk_size``,
+      ``chunk_bytes``, ``detached``, ``linger_s``, ``flush_interval_s``, ``zero_copy``,
+      ``log_dir``, ``timeout_s``.
+
+    Parameters
+    ----------
+    config : dict, CacheConfig, str or Path
+        A Hyrax-style config dict, a validated ``CacheConfig``, or a TOML file path.
+    data_provider : Any
+        A Hyrax DataProvider (``len`` and ``resolve_data``) or a map-style dataset
+        (``len`` and ``[]``).
+    """
+
+    logging_interval = 1000
+
+    def __init__(self, config: Any, data_provider: Any):
+        self.config = CacheConfig.coerce(config)
+        self._data_provider = data_provider
+        self._use_cache = self.config.use_cache
+        self._preload_cache = self.config.preload_cache
+        self._name = self.config.name
+        self._max_length: int | None = None
+        self._client: CacheClient | None = None
+        self._attach_lock = threading.Lock()
+        self._inert = False
+        self._closed = False
+        self._warned_fork = False
+        self._metrics = None
+        self._insert_count = 0
+        self._data_size_bytes = 0
+        self._timings: dict[str, list[float]] = {"hit": [], "miss": [], "insert": []}
+        _all_caches.add(self)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def name(self) -> str:
+        """The cache name: ``raycache.name``, or one derived from the provider."""
+        if self._name is None:
+            self._name = default_name(self._data_provider, self._length())
+        return self._name
+
+    def _length(self) -> int:
+        if self._max_length is None:
+            self._max_length = provider_length(self._data_provider)
+        return self._max_length
+
+    def __len__(self) -> int:
+        return self._length()
+
+    def _idx_check(self, idx: Any) -> int:
+        """Return ``idx`` as an int, or raise the seed's error types."""
+        if isinstance(idx, (bool, np.bool_)) or not isinstance(idx, (int, np.integer)):
+            raise RuntimeError(
+                f"cache index must be an int or numpy integer, got {type(idx).__name__} {idx!r}"
+            )
+        idx = int(idx)
+        length = self._length()
+        if not 0 <= idx < length:
+            raise IndexError(f"cache index {idx} is out of range [0, {length})")
+        return idx
+
+    # ------------------------------------------------------------------ attach
+    def _active(self) -> bool:
+        """True when this call should use the cache (not disabled, bypassed or inert)."""
+        return self._use_cache and not self._inert and not bypass_active()
+
+    def _connect(self) -> CacheClient | None:
+        """Attach to the shared cache on first use; None where Ray cannot be used."""
+        client = self._client
+        if client is not None:
+            return None if client.dead else client
+        if self._closed:
+            raise CacheUnavailableError(f"cache {self.name!r} was closed in this process")
+        if in_forked_child():
+            if not self._warned_fork:
+                self._warned_fork = True
+                logger.warning(
+                    "raycache %s: this process was forked from a Ray process and had not "
+                    "attached before the fork; reading from the provider",
+                    self.name,
+                )
+            return None
+        with self._attach_lock:
+            if self._client is None:
+                length = self._length()
+                self._client = CacheClient(
+                    self.config, self.name, length, fingerprint(self._data_provider, length)
+                )
+                if self.config.log_dir:
+                    from raycache.metrics import Metrics
+
+                    self._metrics = Metrics(self.config.log_dir, f"client-{self.name}")
+        return self._client
+
+    # ------------------------------------------------------------------ seed API
+    def start_preload_thread(self) -> None:
+        """Start preloading the whole provider into the cache, if configured.
+
+        Runs only when ``use_cache`` and ``preload_cache`` are both set. The preload
+        runs as Ray tasks owned by the cache, once per cache however many processes
+        call this; the call returns at once. ``wait_for_preload`` waits for it.
+
+        Raises
+        ------
+        ProviderNotPicklableError
+            If the provider cannot be pickled for the preload tasks.
+        """
+        if not (self._active() and self._preload_cache):
+            return
+        blob = pickle_provider(self._data_provider)
+        client = self._connect()
+        if client is None:
+            return
+        ray.get(
+            client.actor.start_preload.remote(blob, self.config.preload_threads),
+            timeout=client.timeout,
+        )
+        client.sync(force=True)
+
+    def try_fetch(self, idx: int) -> dict | None:
+        """Fetch item ``idx`` from the cache.
+
+        Parameters
+        ----------
+        idx : int
+            Provider index (Python or numpy integer) in ``[0, len(provider))``.
+
+        Returns
+        -------
+        dict or None
+            The item, or None on a miss. Arrays are private copies, safe to modify,
+            unless ``raycache.zero_copy`` is set (then read-only views).
+
+        Raises
+        ------
+        RuntimeError
+            If ``idx`` is not an integer.
+        IndexError
+            If ``idx`` is out of range.
+        """
+        if not self._active():
+            return None
+        idx = self._idx_check(idx)
+        start = time.perf_counter()
+        client = self._connect()
+        item = None if client is None else client.get(idx, copy=not self.config.zero_copy)
+        if client is not None:
+            if item is None:
+                client.misses += 1
+            else:
+                client.hits += 1
+        self._timed("hit" if item is not None else "miss", start)
+        return item
+
+    def insert_into_cache(self, idx: int, data: Any) -> None:
+        """Insert item ``idx`` into the cache.
+
+        The item is validated and copied at once, visible to this process at once and
+        to other processes within ``flush_interval_s`` (or after ``flush()``). An index
+        already cached keeps its first value.
+
+        Parameters
+        ----------
+        idx : int
+            Provider index in ``[0, len(provider))``.
+        data : dict
+            The item: numpy arrays, CPU tensors, numbers, str, bytes, None, and
+            dict/list/tuple of those.
+
+        Raises
+        ------
+        RuntimeError
+            If ``idx`` is not an integer, or ``data`` holds an unsupported type
+            (``UnsupportedValueError``, naming the field path).
+        IndexError
+            If ``idx`` is out of range.
+        """
+        if not self._active():
+            return
+        idx = self._idx_check(idx)
+        start = time.perf_counter()
+        client = self._connect()
+        if client is None:
+            return
+        client.put(idx, data)
+        self._insert_count += 1
+        if self._metrics is not None:
+            self._data_size_bytes += data_size(data)
+            if self._insert_count % self.logging_interval == 0:
+                self._metrics.scalar("DataCache/cache_count", self._insert_count)
+                self._metrics.scalar("DataCache/cache_bytes", self._data_size_bytes)
+        self._timed("insert", start)
+
+    @staticmethod
+    def _data_size(data: Any, seen: set[int] | None = None) -> int:
+        """Return the bytes ``data`` occupies, each shared numpy base counted once.
+
+        Parameters
+        ----------
+        data : Any
+            An item.
+        seen : set of int, optional
+            Objects already counted.
+
+        Returns
+        -------
+        int
+            Size in bytes.
+        """
+        return data_size(data, seen)
+
+    # ------------------------------------------------------------------ additions
+    def fetch_many(self, indices: Sequence[int]) -> list[Any]:
+        """Fetch several items at once; None in place of each miss.
+
+        Parameters
+        ----------
+        indices : Sequence[int]
+            Provider indices.
+
+        Returns
+        -------
+        list
+            Items (private copies) or None, in the order of ``indices``.
+        """
+        return [self.try_fetch(i) for i in indices]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send this process's buffered inserts to the cache now.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait; default ``raycache.timeout_s``.
+
+        Returns
+        -------
+        bool
+            True when everything was sent.
+        """
+        if self._client is None:
+            return True
+        return self._client.flush(timeout)
+
+    def wait_for_preload(self, timeout: float | None = None) -> bool:
+        """Wait for the cache's preload to end.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait; None waits until the preload ends.
+
+        Returns
+        -------
+        bool
+            True if no preload is running (it ended, with or without errors, or none
+            was started); False if ``timeout`` passed first. Errors are in
+            ``stats()["preload_errors"]``.
+        """
+        if not self._active():
+            return True
+        client = self._connect()
+        if client is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            # The actor blocks at most `left` seconds per call, so no call outlives it.
+            done = ray.get(client.actor.wait_preload.remote(left), timeout=left + client.timeout)
+            if done:
+                client.sync(force=True)
+                return True
+
+    def stats(self) -> dict:
+        """Return the cache's counters.
+
+        Returns
+        -------
+        dict
+            ``name``, ``length``, ``items`` (cached), ``bytes``, ``max_bytes``,
+            ``chunks``, ``hits``, ``misses`` (over all clients), ``rejected_items``,
+            ``clients``, ``preload`` (state, loaded, seconds), ``preload_errors``
+            (``[{"index", "error"}]``), and ``client`` (this process's hits, misses
+            and buffered items). With ``use_cache`` off: ``length``, zero counts.
+        """
+        if not self._use_cache or self._inert:
+            return {
+                "name": self._name,
+                "length": self._length(),
+                "items": 0,
+                "bytes": 0,
+                "hits": 0,
+                "misses": 0,
+                "use_cache": False,
+                "preload_errors": [],
+            }
+        client = self._connect()
+        if client is None:
+            raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
+        out = client.stats()
+        out["use_cache"] = True
+        return out
+
+    def close(self) -> None:
+        """Detach this process from the cache. The shared cache stays for the others."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def __enter__(self) -> DataCache:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _timed(self, what: str, start: float) -> None:
+        if self._metrics is None:
+            return
+        samples = self._timings[what]
+        samples.append(time.perf_counter() - start)
+        if len(samples) >= self.logging_interval:
+            names = {"hit": "hit_s", "miss": "miss_s", "insert": "cache_insert_s"}
+            self._metrics.scalar(f"DataCache/{names[what]}", sum(samples) / len(samples))
+            samples.clear()
+
+    # ------------------------------------------------------------------ pickling
+    def __reduce__(self) -> tuple:
+        config = self.config
+        if self._use_cache and config.address is None and ray.is_initialized():
+            # A spawned DataLoader worker must join this process's Ray, not start its own.
+            config = config.replace(address=gcs_address())
+        name = self._name
+        if name is None and self._use_cache and not self._inert:
+            name = self.name
+        return (_restore, (config, name, self._data_provider))
+
+
+def _restore(config: CacheConfig, name: str | None, provider: Any) -> DataCache:
+    cache = DataCache(config if name is None else config.replace(name=name), provider)
+    # Inside a preload task the provider's own cache must neither answer nor insert.
+    cache._inert = unpickling_for_task()
+    return cache

@@ -1,0 +1,130 @@
+"""``CachedDataset``: a map-style torch Dataset served from a shared raycache cache.
+
+``DataLoader(CachedDataset(provider, config))`` trains as it would on the provider:
+epoch 1 reads the provider and fills the cache, epochs 2+ are served from shared
+memory. Batches are read with ``__getitems__`` (one vectorised copy per field) and
+``collate_fn=ds.collate`` turns them into tensors without a per-item step.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+
+from raycache.batch import collate
+from raycache.batch import gather as _gather
+from raycache.data_cache import DataCache, _all_caches
+from raycache.provider import read_raw
+
+__all__ = ["CachedDataset"]
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """A map-style Dataset that serves items from the cache and fills it on a miss.
+
+    If ``data_set.preload_cache`` is set, the preload starts when the dataset is built.
+
+    Parameters
+    ----------
+    provider : Any
+        A Hyrax DataProvider (``len``, ``resolve_data``) or a map-style dataset.
+    config : dict, CacheConfig, str or Path, optional
+        The cache's config (see ``DataCache``).
+
+    Attributes
+    ----------
+    cache : DataCache
+        The dataset's cache.
+    provider : Any
+        The provider it reads on a miss.
+    """
+
+    def __init__(self, provider: Any, config: Any = None):
+        self.provider = provider
+        self.cache = DataCache(config, provider)
+        self.cache.start_preload_thread()
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, idx: int) -> Any:
+        item = self.cache.try_fetch(idx)
+        if item is None:
+            idx = self.cache._idx_check(idx)
+            item = read_raw(self.provider, idx)
+            self.cache.insert_into_cache(idx, item)
+        return item
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """Return the items at ``indices``, gathered with one copy per field when cached.
+
+        Parameters
+        ----------
+        indices : Sequence[int]
+            Provider indices (a batch from the sampler).
+
+        Returns
+        -------
+        list
+            The items, in order. When all were cached and share one structure, a
+            ``GatheredBatch`` that ``collate`` turns into tensors directly.
+        """
+        cache = self.cache
+        idx = np.asarray(indices)
+        client = cache._connect() if cache._active() and len(idx) else None
+        if (
+            client is None
+            or idx.ndim != 1
+            or idx.dtype.kind not in "iu"
+            or idx.min() < 0
+            or idx.max() >= len(self)
+            or cache.config.zero_copy
+        ):
+            return [self[i] for i in indices]  # per-item path: raises the right errors
+        loc = client.locate(idx)
+        if (loc < 0).any():
+            return [self[i] for i in indices]
+        cids = np.unique(loc >> 32)
+        views = client.views(cids)
+        if any(v is None for v in views):
+            return [self[i] for i in indices]
+        client.hits += len(idx)
+        return _gather(dict(zip(cids.tolist(), views)), loc)
+
+    @staticmethod
+    def collate(batch: Sequence[Any]) -> Any:
+        """Collate items into tensors; fast for batches from ``__getitems__``.
+
+        Parameters
+        ----------
+        batch : Sequence[Any]
+            Items.
+
+        Returns
+        -------
+        Any
+            The batch (see ``raycache.batch.collate``).
+        """
+        return collate(batch)
+
+
+def _before_fork() -> None:
+    # Attach every cache of this process before a fork, so that forked DataLoader
+    # workers inherit mapped chunks instead of having to call Ray (which crashes).
+    for cache in list(_all_caches):
+        try:
+            if cache._active() and not cache._closed:
+                cache._connect()
+        except Exception:  # a failed attach must not break the fork
+            import logging
+
+            logging.getLogger(__name__).exception("raycache: attach before fork failed")
+
+
+os.register_at_fork(before=_before_fork)
+_ = weakref  # the module-level WeakSet lives in data_cache

@@ -1,0 +1,406 @@
+"""The directory actor: one per cache, it maps indices to chunks and owns the chunks.
+
+Why an actor owns the data: in Ray the process that creates an object owns it, and
+when the owner exits every reader gets ``OwnerDiedError``. ``ray.put(_owner=...)`` is
+gone since Ray 2.56, so the only ways to give the cache's bytes an owner that outlives
+the trainers are ``ray.put`` inside this actor and tasks this actor submits. The actor
+is created ``lifetime="detached"`` because a named actor that is not detached dies with
+the job that created it (the first trainer to exit would take everyone's cache); the
+actor itself then decides when the cache goes away (see ``_reap``).
+
+The map is two int32 arrays (chunk id and row for each index), 8 bytes per item, so a
+million-item cache costs the actor ~8 MB and a new client gets it in one call. Clients
+keep a copy and catch up through a log of numbered events; only misses ask for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from raycache.chunk import Chunk
+from raycache.errors import CacheMismatchError
+from raycache.preload import INLINE_LIMIT, PreloadRun
+
+__all__ = ["CacheDirectory", "SNAPSHOT_AFTER"]
+
+logger = logging.getLogger(__name__)
+
+# A client more than this many events behind gets a full snapshot instead.
+SNAPSHOT_AFTER = 256
+# A client that has not been heard from for this long is considered gone.
+CLIENT_TIMEOUT_S = 30.0
+REAP_INTERVAL_S = 1.0
+
+
+class CacheDirectory:
+    """State of one cache. Created through ``ray.remote`` by ``raycache.client``.
+
+    Parameters
+    ----------
+    spec : dict
+        ``name``, ``length``, ``fingerprint``, ``chunk_size``, ``chunk_bytes``,
+        ``max_bytes`` (None: 80% of the object store), ``detached``, ``linger_s``,
+        ``log_dir``.
+    """
+
+    def __init__(self, spec: dict):
+        self.spec = dict(spec)
+        length = int(spec["length"])
+        self._lock = threading.RLock()
+        self._chunk_of = np.full(length, -1, dtype=np.int32)
+        self._row_of = np.zeros(length, dtype=np.int32)
+        self._refs: dict[int, Any] = {}  # chunk id -> ObjectRef (the actor's own)
+        self._sizes: dict[int, tuple[int, int]] = {}  # chunk id -> (rows, bytes)
+        self._next_cid = 0
+        self._events: list[tuple] = []  # ("add", cid, indices, rows) | ("retire", cids)
+        self._open: list[int] = []  # small segments waiting to be compacted
+        self._bytes = 0
+        self._items = 0
+        self._rejected = 0
+        self._hits = 0
+        self._misses = 0
+        self._clients: dict[str, dict] = {}
+        self._idle_since: float | None = time.monotonic()
+        self._preload: PreloadRun | None = None
+        self._dropped = False
+        max_bytes = spec.get("max_bytes")
+        if max_bytes is None:
+            store = ray.cluster_resources().get("object_store_memory", 2**31)
+            max_bytes = int(0.8 * store)
+        self._max_bytes = int(max_bytes)
+        self._writer = None
+        if spec.get("log_dir"):
+            from raycache.metrics import Metrics
+
+            self._writer = Metrics(spec["log_dir"], f"directory-{spec['name']}")
+        self._reaper = threading.Thread(target=self._reap, name="raycache-reaper", daemon=True)
+        self._reaper.start()
+
+    # ----------------------------------------------------------------- clients
+    def attach(self, client_id: str, info: dict, spec: dict) -> dict:
+        """Register a client after checking that it caches the same data.
+
+        Parameters
+        ----------
+        client_id : str
+            Unique id of the client.
+        info : dict
+            Host and pid, for ``stats()``.
+        spec : dict
+            The client's view of the cache (length, fingerprint).
+
+        Returns
+        -------
+        dict
+            The cache's settings, which every client follows.
+        """
+        mine, theirs = self.spec["fingerprint"], spec["fingerprint"]
+        if int(spec["length"]) != int(self.spec["length"]) or mine != theirs:
+            raise CacheMismatchError(
+                f"cache {self.spec['name']!r} holds {self.spec['length']} items of "
+                f"{mine!r}, but this client has {spec['length']} items of {theirs!r}; "
+                "use another raycache.name, or drop the old cache with "
+                f"raycache.drop_cache({self.spec['name']!r})"
+            )
+        with self._lock:
+            self._clients[client_id] = dict(info, last_seen=time.monotonic())
+            self._idle_since = None
+        return {
+            "length": int(self.spec["length"]),
+            "chunk_size": int(self.spec["chunk_size"]),
+            "chunk_bytes": int(self.spec["chunk_bytes"]),
+            "max_bytes": self._max_bytes,
+            "detached": bool(self.spec["detached"]),
+        }
+
+    def detach(self, client_id: str, hits: int = 0, misses: int = 0) -> None:
+        """Unregister a client (the cache stays; see ``_reap`` for when it goes)."""
+        with self._lock:
+            self._hits += hits
+            self._misses += misses
+            self._clients.pop(client_id, None)
+            if not self._clients:
+                self._idle_since = time.monotonic()
+
+    def touch(self, client_id: str, hits: int = 0, misses: int = 0) -> None:
+        """Heartbeat from a client, with its hit and miss counts since the last one."""
+        with self._lock:
+            self._hits += hits
+            self._misses += misses
+            if client_id in self._clients:
+                self._clients[client_id]["last_seen"] = time.monotonic()
+
+    # ----------------------------------------------------------------- map
+    def sync(self, client_id: str, since: int, hits: int = 0, misses: int = 0) -> tuple:
+        """Return what changed in the map since event number ``since``.
+
+        Returns
+        -------
+        tuple
+            ``("events", version, events, refs, inflight)`` or, for a new or far
+            behind client, ``("snapshot", version, chunk_of, row_of, refs, inflight)``.
+            ``refs`` holds the ObjectRefs of chunks added (all live ones in a snapshot);
+            ``inflight`` maps preload unit numbers to the refs that finish with them.
+        """
+        self.touch(client_id, hits, misses)
+        with self._lock:
+            version = len(self._events)
+            inflight = dict(self._preload.inflight) if self._preload is not None else {}
+            if since <= 0 or version - since > SNAPSHOT_AFTER:
+                return (
+                    "snapshot",
+                    version,
+                    self._chunk_of.copy(),
+                    self._row_of.copy(),
+                    dict(self._refs),
+                    inflight,
+                )
+            events = self._events[since:]
+            added = {e[1] for e in events if e[0] == "add"}
+            refs = {cid: self._refs[cid] for cid in added if cid in self._refs}
+            return ("events", version, events, refs, inflight)
+
+    def _register(
+        self, ref: Any, chunk_indices: np.ndarray, nbytes: int, replace: bool = False
+    ) -> tuple[int, int]:
+        """Map indices of a stored chunk to it; returns (cid, newly cached count).
+
+        Only indices not cached yet are mapped, unless ``replace`` (compaction), which
+        moves already cached indices to the new chunk.
+        """
+        cid = self._next_cid
+        self._next_cid += 1
+        rows = np.arange(len(chunk_indices), dtype=np.int32)
+        new = np.ones(len(chunk_indices), dtype=bool) if replace else self._chunk_of[chunk_indices] < 0
+        # The same index twice in one chunk: the first row wins.
+        _, first = np.unique(chunk_indices, return_index=True)
+        keep = np.zeros(len(chunk_indices), dtype=bool)
+        keep[first] = True
+        new &= keep
+        idx, rows = chunk_indices[new], rows[new]
+        self._chunk_of[idx] = cid
+        self._row_of[idx] = rows
+        self._refs[cid] = ref
+        self._sizes[cid] = (len(chunk_indices), int(nbytes))
+        self._bytes += int(nbytes)
+        if not replace:
+            self._items += len(idx)
+        self._events.append(("add", cid, idx, rows))
+        return cid, len(idx)
+
+    def _retire(self, cids: list[int]) -> None:
+        for cid in cids:
+            self._refs.pop(cid, None)
+            _, nbytes = self._sizes.pop(cid, (0, 0))
+            self._bytes -= nbytes
+        self._events.append(("retire", list(cids)))
+
+    # ----------------------------------------------------------------- writes
+    def insert(self, chunks: list[Chunk]) -> dict:
+        """Store the items of ``chunks`` that are not cached yet.
+
+        The client's chunk arrives as an argument (its bytes owned by the client);
+        the actor keeps its own copy with ``ray.put`` so that the bytes outlive the
+        client. Indices already cached are dropped first, so two clients inserting
+        the same index store and count it once.
+
+        Returns
+        -------
+        dict
+            ``{"added": n, "rejected": n}``: rejected items did not fit ``max_bytes``.
+        """
+        added = rejected = 0
+        for chunk in chunks:
+            result = self._insert_one(chunk)
+            added += result["added"]
+            rejected += result["rejected"]
+        return {"added": added, "rejected": rejected}
+
+    def _insert_one(self, chunk: Chunk) -> dict:
+        with self._lock:
+            if self._dropped:
+                return {"added": 0, "rejected": len(chunk)}
+            idx = chunk.indices
+            _, first = np.unique(idx, return_index=True)
+            keep = np.zeros(len(idx), dtype=bool)
+            keep[first] = True
+            keep &= self._chunk_of[idx] < 0
+            if not keep.any():
+                return {"added": 0, "rejected": 0}
+            if not keep.all():
+                chunk = chunk.take(np.flatnonzero(keep))
+            chunk, rejected = self._fit_budget(chunk)
+            if not len(chunk):
+                return {"added": 0, "rejected": rejected}
+            cid, added = self._register(ray.put(chunk), chunk.indices, chunk.nbytes)
+            rows, nbytes = self._sizes[cid]
+            if rows < self.spec["chunk_size"] // 2 and nbytes < self.spec["chunk_bytes"] // 2:
+                self._open.append(cid)
+                self._maybe_compact()
+            return {"added": added, "rejected": rejected}
+
+    def _fit_budget(self, chunk: Chunk) -> tuple[Chunk, int]:
+        room = self._max_bytes - self._bytes
+        if chunk.nbytes <= room:
+            return chunk, 0
+        per_row = max(1, math.ceil(chunk.nbytes / max(1, len(chunk))))
+        fits = max(0, min(len(chunk), room // per_row))
+        rejected = len(chunk) - fits
+        self._rejected += rejected
+        logger.warning(
+            "raycache %s: byte budget max_bytes=%d reached; %d items not cached",
+            self.spec["name"],
+            self._max_bytes,
+            rejected,
+        )
+        return chunk.take(np.arange(fits)), rejected
+
+    def _maybe_compact(self) -> None:
+        """Merge small segments into one chunk once they would fill one.
+
+        Items inserted one by one on epoch-1 misses arrive in small segments; readers
+        want few large chunks. Segments are gathered until they hold ``chunk_size``
+        items or ``chunk_bytes`` bytes, then rewritten as one chunk and freed.
+        """
+        rows = sum(self._sizes[c][0] for c in self._open)
+        nbytes = sum(self._sizes[c][1] for c in self._open)
+        if rows < self.spec["chunk_size"] and nbytes < self.spec["chunk_bytes"]:
+            return
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self._open) < 2:
+            self._open.clear()
+            return
+        cids, self._open = self._open, []
+        parts = ray.get([self._refs[c] for c in cids])
+        # Only rows the map still points at are kept (all of them, for inserted segments).
+        kept = []
+        for cid, part in zip(cids, parts):
+            live = self._chunk_of[part.indices] == cid
+            kept.append(part if live.all() else part.take(np.flatnonzero(live)))
+        merged = Chunk.concat(kept)
+        del parts, kept
+        self._register(ray.put(merged), merged.indices, merged.nbytes, replace=True)
+        self._retire(cids)
+
+    def add_preloaded(self, chunk_ref: Any, summary: dict) -> bool:
+        """Register a chunk returned by a preload task; False once the budget is full."""
+        with self._lock:
+            if self._dropped:
+                return False
+            if summary["nbytes"] > self._max_bytes - self._bytes:
+                chunk, _ = self._fit_budget(ray.get(chunk_ref))
+                if len(chunk):
+                    self._register(ray.put(chunk), chunk.indices, chunk.nbytes)
+                return False
+            if summary["nbytes"] < INLINE_LIMIT:
+                # Small task returns live in this actor's heap and are copied into each
+                # reader; put them into the shared store instead.
+                chunk_ref = ray.put(ray.get(chunk_ref))
+            self._register(chunk_ref, summary["indices"], summary["nbytes"])
+            return True
+
+    def _missing(self, indices: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return indices[self._chunk_of[indices] < 0]
+
+    # ----------------------------------------------------------------- preload
+    def start_preload(self, provider_blob: bytes, threads: int) -> dict:
+        """Start the preload unless one has run or is running; returns its status."""
+        with self._lock:
+            if self._preload is None and not self._dropped:
+                self._preload = PreloadRun(
+                    length=int(self.spec["length"]),
+                    provider_blob=provider_blob,
+                    threads=int(threads),
+                    unit=int(self.spec["chunk_size"]),
+                    missing=self._missing,
+                    add_chunk=self.add_preloaded,
+                    on_progress=self._log_preload,
+                )
+            return self._preload.status() if self._preload is not None else {"state": "idle"}
+
+    def wait_preload(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for the preload to end; True if it has."""
+        run = self._preload
+        if run is None:
+            return True
+        return run.done_event.wait(timeout)
+
+    def _log_preload(self, count: int, seconds: float) -> None:
+        if self._writer is not None and count:
+            self._writer.scalar("DataCache/preload_1k_obj_s", 1000.0 * seconds / count)
+            self._writer.scalar("DataCache/cache_count", self._items)
+            self._writer.scalar("DataCache/cache_bytes", self._bytes)
+
+    # ----------------------------------------------------------------- info
+    def stats(self) -> dict:
+        """Return the cache's counters; see ``DataCache.stats``."""
+        with self._lock:
+            preload = self._preload.status() if self._preload is not None else {"state": "idle"}
+            return {
+                "name": self.spec["name"],
+                "length": int(self.spec["length"]),
+                "items": int(self._items),
+                "bytes": int(self._bytes),
+                "max_bytes": self._max_bytes,
+                "chunks": len(self._refs),
+                "hits": self._hits,
+                "misses": self._misses,
+                "rejected_items": self._rejected,
+                "clients": len(self._clients),
+                "detached": bool(self.spec["detached"]),
+                "fingerprint": self.spec["fingerprint"],
+                "preload": preload,
+                "preload_errors": preload.get("errors", []),
+            }
+
+    def drop(self) -> None:
+        """Free every chunk; the caller then kills this actor."""
+        with self._lock:
+            self._dropped = True
+            if self._preload is not None:
+                self._preload.stop()
+            self._retire(list(self._refs))
+            self._chunk_of[:] = -1
+            self._items = 0
+
+    def _reap(self) -> None:
+        """Forget silent clients; free a non-detached cache left idle for ``linger_s``.
+
+        A cache must outlive the trainer that created it, so no single client's exit
+        frees it. It goes away when nobody has used it for ``linger_s`` seconds (clients
+        send heartbeats), unless it is detached, which keeps it until dropped.
+        """
+        while True:
+            time.sleep(REAP_INTERVAL_S)
+            with self._lock:
+                now = time.monotonic()
+                gone = [
+                    c for c, i in self._clients.items() if now - i["last_seen"] > CLIENT_TIMEOUT_S
+                ]
+                for c in gone:
+                    logger.warning("raycache %s: client %s stopped answering", self.spec["name"], c)
+                    self._clients.pop(c)
+                if not self._clients and self._idle_since is None:
+                    self._idle_since = now
+                running = self._preload is not None and not self._preload.done_event.is_set()
+                expire = (
+                    not self.spec["detached"]
+                    and not running
+                    and self._idle_since is not None
+                    and now - self._idle_since >= float(self.spec["linger_s"])
+                )
+            if expire:
+                logger.info("raycache %s: no client for linger_s; freeing", self.spec["name"])
+                self.drop()
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return

@@ -1,0 +1,186 @@
+"""What a cached item may contain, and how its size is counted.
+
+An item is stored in the shared object store and read back by other processes, so
+raycache accepts only values it can round-trip exactly and keep safe from writes:
+numpy arrays (not of object dtype), CPU torch tensors, Python numbers, ``str``,
+``bytes``, ``None``, numpy scalars, and dicts, lists and tuples of those. Anything
+else is refused here, with the path of the offending field, before it reaches Ray.
+"""
+
+from __future__ import annotations
+
+import numbers
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = ["UnsupportedValueError", "copy_item", "data_size", "field_path"]
+
+try:  # torch is a dependency, but the value checks must not require importing it first
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+# Immutable leaves are returned as they are; nothing a reader does can change them.
+IMMUTABLE_LEAVES = (bool, int, float, complex, str, bytes, type(None), np.generic)
+
+
+class UnsupportedValueError(RuntimeError):
+    """An item holds a value raycache cannot cache (the seed raised RuntimeError too)."""
+
+
+def field_path(path: tuple) -> str:
+    """Render a field path such as ``("data", "image", 0)`` as ``data.image[0]``.
+
+    Parameters
+    ----------
+    path : tuple
+        Keys (dict levels) and integer positions (list and tuple levels).
+
+    Returns
+    -------
+    str
+        A readable path; ``<item>`` for the item itself.
+    """
+    out = ""
+    for part in path:
+        if isinstance(part, _Pos):
+            out += f"[{int(part)}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<item>"
+
+
+class _Pos(int):
+    """A list or tuple position inside a field path (prints as ``[i]``)."""
+
+
+def copy_item(item: Any, path: tuple = ()) -> Any:
+    """Validate an item and return a deep copy that shares no buffer with it.
+
+    Parameters
+    ----------
+    item : Any
+        The item to cache.
+    path : tuple, optional
+        Where ``item`` sits inside the enclosing item (for error messages).
+
+    Returns
+    -------
+    Any
+        A copy: arrays and tensors copied, containers rebuilt, immutable leaves shared.
+
+    Raises
+    ------
+    UnsupportedValueError
+        If a value has a type raycache does not cache; the message names its path.
+    """
+    if isinstance(item, IMMUTABLE_LEAVES):
+        return item
+    if isinstance(item, np.ndarray):
+        _check_array(item.dtype, path)
+        return np.array(item, copy=True, order="C")
+    if torch is not None and isinstance(item, torch.Tensor):
+        _check_tensor(item, path)
+        return item.detach().clone().contiguous()
+    if isinstance(item, dict):
+        return {k: copy_item(v, path + (k,)) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        copied = [copy_item(v, path + (_Pos(i),)) for i, v in enumerate(item)]
+        return copied if type(item) is list else tuple(copied)
+    raise UnsupportedValueError(
+        f"cannot cache field {field_path(path)!r} of type {type(item).__module__}."
+        f"{type(item).__qualname__}: raycache caches numpy arrays, CPU torch tensors, "
+        "numbers, str, bytes, None and dict/list/tuple of those"
+    )
+
+
+def _check_array(dtype: np.dtype, path: tuple) -> None:
+    if dtype.hasobject:
+        raise UnsupportedValueError(
+            f"cannot cache field {field_path(path)!r}: numpy arrays of dtype {dtype} hold "
+            "Python objects; convert them to a numeric, bool, str or bytes dtype"
+        )
+
+
+def _check_tensor(tensor: Any, path: tuple) -> None:
+    if tensor.device.type != "cpu":
+        raise UnsupportedValueError(
+            f"cannot cache field {field_path(path)!r}: tensor is on {tensor.device}; "
+            "cache CPU data and move batches to the device after loading"
+        )
+    if tensor.is_sparse or tensor.layout != torch.strided:
+        raise UnsupportedValueError(
+            f"cannot cache field {field_path(path)!r}: only dense (strided) tensors are cached"
+        )
+    try:
+        np.dtype(str(tensor.dtype).replace("torch.", ""))
+    except TypeError:
+        raise UnsupportedValueError(
+            f"cannot cache field {field_path(path)!r}: tensor dtype {tensor.dtype} has no "
+            "numpy equivalent; cast it (for example to float32) before caching"
+        ) from None
+
+
+def data_size(data: Any, seen: set[int] | None = None) -> int:
+    """Count the bytes an item occupies, each numpy buffer once.
+
+    Arrays that are views of the same base buffer count that buffer once, as in
+    Hyrax's ``DataCache._data_size``; Python objects count ``sys.getsizeof``.
+
+    Parameters
+    ----------
+    data : Any
+        The item.
+    seen : set of int, optional
+        ids of objects already counted (shared between recursive calls).
+
+    Returns
+    -------
+    int
+        The size in bytes.
+
+    Raises
+    ------
+    UnsupportedValueError
+        For a value raycache does not cache.
+    """
+    if seen is None:
+        seen = set()
+    if id(data) in seen:
+        return 0
+    seen.add(id(data))
+    if isinstance(data, np.ndarray):
+        root = data
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        if root is data or root.base is None:
+            owner = root
+        else:  # numpy array over a foreign buffer (bytes, mmap, torch storage)
+            owner = root.base
+        if owner is not data and id(owner) in seen:
+            return sys.getsizeof(data) if data.base is not None else 0
+        seen.add(id(owner))
+        nbytes = root.nbytes if owner is root else getattr(owner, "nbytes", root.nbytes)
+        return int(nbytes) + sys.getsizeof(data) - (0 if data.base is not None else data.nbytes)
+    if torch is not None and isinstance(data, torch.Tensor):
+        storage = data.untyped_storage()
+        key = ("storage", storage.data_ptr())
+        if key in seen:
+            return sys.getsizeof(data)
+        seen.add(key)
+        return int(storage.nbytes()) + sys.getsizeof(data)
+    if isinstance(data, dict):
+        return sys.getsizeof(data) + sum(
+            data_size(k, seen) + data_size(v, seen) for k, v in data.items()
+        )
+    if isinstance(data, (list, tuple)):
+        return sys.getsizeof(data) + sum(data_size(v, seen) for v in data)
+    if isinstance(data, (numbers.Number, str, bytes, type(None), np.generic)):
+        return sys.getsizeof(data)
+    raise UnsupportedValueError(
+        f"unsupported type for cache: {type(data).__module__}.{type(data).__qualname__}; "
+        "raycache caches numpy arrays, CPU torch tensors, numbers, str, bytes, None "
+        "and dict/list/tuple of those"
+    )
