@@ -74,9 +74,10 @@ def _column(chunks: dict[int, Chunk], j: int, cids: np.ndarray, rows: np.ndarray
 
 def _leaf_values(kind: str, values: Any) -> list:
     if kind == "array":
-        return list(values)
+        return [values[p, ...] for p in range(len(values))]
     if kind == "tensor":
-        return list(torch.from_numpy(values))
+        tensor = torch.from_numpy(values)
+        return [tensor[p, ...] for p in range(len(values))]
     if kind == "numbers":
         return values.tolist()
     return values

@@ -80,7 +80,7 @@ class _Stacked:
         self.tensor = tensor
 
     def row(self, r: int, copy: bool) -> Any:
-        view = self.data[r]
+        view = self.data[r, ...]  # `...` keeps 0-d rows arrays, not numpy scalars
         if self.tensor:
             return torch.from_numpy(view.copy())
         return view.copy() if copy else view
@@ -111,14 +111,17 @@ class _Ragged:
         shapes = np.array([a.shape for a in arrays], dtype=np.int64).reshape(len(arrays), -1)
         return cls(flat, offsets, shapes, tensor)
 
+    def _view(self, r: int) -> np.ndarray:
+        return self.flat[self.offsets[r] : self.offsets[r + 1]].reshape(tuple(self.shapes[r]))
+
     def row(self, r: int, copy: bool) -> Any:
-        view = self.flat[self.offsets[r] : self.offsets[r + 1]].reshape(tuple(self.shapes[r]))
+        view = self._view(r)
         if self.tensor:
             return torch.from_numpy(view.copy())
         return view.copy() if copy else view
 
     def take(self, rows: np.ndarray) -> _Ragged:
-        return _Ragged.from_arrays([self.row(int(r), copy=False) for r in rows], self.tensor)
+        return _Ragged.from_arrays([self._view(int(r)) for r in rows], self.tensor)
 
     @property
     def nbytes(self) -> int:
@@ -199,7 +202,7 @@ def _column(values: list) -> Any:
         if kinds_match:
             dtype, shape = arrays[0].dtype, arrays[0].shape
             if all(a.dtype == dtype and a.shape == shape for a in arrays):
-                return _Stacked(np.stack(arrays) if arrays[0].ndim else np.array(arrays), tensor)
+                return _Stacked(np.stack(arrays), tensor)
             if all(a.dtype == dtype and a.ndim == len(shape) for a in arrays):
                 return _Ragged.from_arrays(arrays, tensor)
         return _Objects(list(values))

@@ -1,0 +1,52 @@
+"""Shared fixtures: one real local Ray per test module, and a subprocess runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+import ray
+import ray.cloudpickle
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+import providers  # noqa: E402
+
+# Ray workers do not have tests/ on their path: ship the test providers by value.
+ray.cloudpickle.register_pickle_by_value(providers)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """Start one local Ray for the module and return the address others join it by."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def cache_name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def run_python(code: str, address: str, timeout: float = 120.0) -> str:
+    """Run ``code`` in a fresh Python process attached to the test's Ray; return stdout."""
+    env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout

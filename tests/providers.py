@@ -1,0 +1,81 @@
+"""Data providers used by the tests (importable from subprocesses and Ray workers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from raycache import DataCache
+
+
+def make_item(i: int, scale: float = 1.0) -> dict:
+    return {
+        "data": {
+            "image": np.full((3, 8, 8), i * scale, dtype=np.float32),
+            "label": int(i),
+        },
+        "object_id": f"obj-{i}",
+    }
+
+
+class ArrayProvider:
+    """A map-style dataset of small image items."""
+
+    def __init__(self, n: int, scale: float = 1.0, fail_at: tuple = (), latency_s: float = 0.0):
+        self.n = n
+        self.scale = scale
+        self.fail_at = tuple(fail_at)
+        self.latency_s = latency_s
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.fail_at:
+            raise ValueError(f"provider cannot read item {i}")
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        return make_item(i, self.scale)
+
+
+class HyraxStyleProvider:
+    """Mimics Hyrax's DataProvider: it owns a DataCache and uses it in resolve_data."""
+
+    def __init__(self, config: dict, n: int):
+        self.n = n
+        self.computed = 0
+        self.data_cache = DataCache(config, self)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def resolve_data(self, idx: int) -> dict:
+        cached = self.data_cache.try_fetch(idx)
+        if cached is not None:
+            return cached
+        self.computed += 1
+        item = make_item(idx)
+        self.data_cache.insert_into_cache(idx, item)
+        return item
+
+
+class UnpicklableProvider(ArrayProvider):
+    """Holds a lock, which cannot be pickled."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.lock = threading.Lock()
+
+
+class CountingProvider(ArrayProvider):
+    """Counts reads (in this process only)."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.reads = 0
+
+    def __getitem__(self, i: int) -> dict:
+        self.reads += 1
+        return super().__getitem__(i)

@@ -1,0 +1,339 @@
+"""DataCache and CachedDataset in one process, against a real local Ray."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from providers import (
+    ArrayProvider,
+    CountingProvider,
+    HyraxStyleProvider,
+    UnpicklableProvider,
+    make_item,
+)
+from test_values import assert_same, rich_item
+
+import raycache
+from raycache import CachedDataset, DataCache
+
+
+def cfg(name, **raycache_keys):
+    data_set = {k: raycache_keys.pop(k) for k in list(raycache_keys) if k in (
+        "use_cache", "preload_cache", "preload_threads")}
+    return {"data_set": data_set, "raycache": {"name": name, **raycache_keys}}
+
+
+def test_fill_on_miss_then_hit(ray_address, cache_name):
+    provider = CountingProvider(50)
+    ds = CachedDataset(provider, cfg(cache_name, chunk_size=16))
+    first = [ds[i] for i in range(50)]
+    assert provider.reads == 50
+    assert ds.cache.flush(timeout=30)
+    second = [ds[i] for i in range(50)]
+    assert provider.reads == 50  # epoch 2 never touched the provider
+    for a, b in zip(first, second):
+        assert_same(a, b)
+    stats = ds.cache.stats()
+    assert stats["items"] == 50
+    assert stats["client"]["hits"] >= 50
+    assert stats["client"]["misses"] == 50
+    assert stats["chunks"] <= 50 // 16 + 2  # compacted, not one object per item
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_dataloader_trains_and_collates(ray_address, cache_name):
+    ds = CachedDataset(ArrayProvider(100), cfg(cache_name, chunk_size=32))
+    loader = torch.utils.data.DataLoader(ds, batch_size=10, shuffle=True, collate_fn=ds.collate)
+    for _ in range(2):
+        seen = []
+        for batch in loader:
+            assert batch["data"]["image"].shape == (10, 3, 8, 8)
+            labels = batch["data"]["label"].tolist()
+            assert batch["data"]["image"][:, 0, 0, 0].tolist() == [float(x) for x in labels]
+            assert batch["object_id"] == [f"obj-{x}" for x in labels]
+            seen += labels
+        ds.cache.flush(timeout=30)
+        assert sorted(seen) == list(range(100))
+    # The stock collate gets a correct list of items too.
+    stock = torch.utils.data.DataLoader(ds, batch_size=7)
+    batch = next(iter(stock))
+    assert batch["data"]["image"].shape == (7, 3, 8, 8)
+    assert ds.cache.stats()["items"] == 100
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_preload_fills_every_item(ray_address, cache_name):
+    provider = ArrayProvider(300, scale=0.5)
+    ds = CachedDataset(provider, cfg(cache_name, preload_cache=True, preload_threads=4,
+                                     chunk_size=64))
+    assert ds.cache.wait_for_preload(timeout=120)
+    stats = ds.cache.stats()
+    assert stats["items"] == 300
+    assert stats["preload"]["state"] == "done"
+    assert stats["preload_errors"] == []
+    for i in range(300):
+        assert_same(ds.cache.try_fetch(i), make_item(i, 0.5))
+    # Starting it again (as every rank does) runs nothing new.
+    ds.cache.start_preload_thread()
+    assert ds.cache.stats()["preload"]["loaded"] == 300
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_preload_reports_failing_index_and_does_not_hang(ray_address, cache_name):
+    provider = ArrayProvider(120, fail_at=(13, 77))
+    cache = DataCache(cfg(cache_name, preload_cache=True, chunk_size=50), provider)
+    cache.start_preload_thread()
+    assert cache.wait_for_preload(timeout=120)
+    stats = cache.stats()
+    assert sorted(e["index"] for e in stats["preload_errors"]) == [13, 77]
+    assert "provider cannot read item 13" in " ".join(e["error"] for e in stats["preload_errors"])
+    assert stats["items"] == 118
+    assert cache.try_fetch(13) is None
+    assert cache.try_fetch(14) is not None
+    cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_wait_for_preload_times_out_then_finishes(ray_address, cache_name):
+    provider = ArrayProvider(40, latency_s=0.05)
+    cache = DataCache(cfg(cache_name, preload_cache=True, preload_threads=2, chunk_size=10),
+                      provider)
+    cache.start_preload_thread()
+    start = time.monotonic()
+    assert cache.wait_for_preload(timeout=0.2) is False
+    assert time.monotonic() - start < 5
+    assert cache.wait_for_preload(timeout=120) is True
+    assert cache.stats()["items"] == 40
+    cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_values_round_trip_through_the_store(ray_address, cache_name):
+    items = [rich_item(i) for i in range(6)] + [{"odd": (1, 2)}, [np.ones(2), "x"]]
+    provider = ArrayProvider(len(items))
+    cache = DataCache(cfg(cache_name), provider)
+    for i, item in enumerate(items):
+        cache.insert_into_cache(i, item)
+    assert cache.flush(timeout=30)
+    assert cache.stats()["client"]["pending"] == 0
+    for i, item in enumerate(items):
+        assert_same(cache.try_fetch(i), item)
+    cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_no_user_code_can_change_cached_bytes(ray_address, cache_name):
+    cache = DataCache(cfg(cache_name), ArrayProvider(3))
+    cache.insert_into_cache(0, {"x": np.zeros(4, dtype=np.float32), "t": torch.zeros(2)})
+    cache.flush(timeout=30)
+    got = cache.try_fetch(0)
+    got["x"] += 9
+    torch.from_numpy(got["x"]).add_(1)
+    got["t"].add_(5)
+    again = cache.try_fetch(0)
+    assert again["x"].sum() == 0 and again["t"].sum() == 0
+    # The opt-in zero-copy mode hands out read-only views.
+    view_cache = DataCache(cfg(cache_name, zero_copy=True), ArrayProvider(3))
+    view = view_cache.try_fetch(0)["x"]
+    assert not view.flags.writeable
+    with pytest.raises(ValueError):
+        view += 1
+    view_cache.close()
+    cache.close()
+    raycache.drop_cache(cache_name)
+
+
+@pytest.mark.parametrize("bad", [1.0, "3", True, np.bool_(False), slice(0, 2), None])
+def test_non_integer_index_raises_runtime_error(ray_address, cache_name, bad):
+    cache = DataCache(cfg(cache_name), ArrayProvider(5))
+    with pytest.raises(RuntimeError, match="int"):
+        cache.try_fetch(bad)
+    with pytest.raises(RuntimeError):
+        cache.insert_into_cache(bad, make_item(0))
+    cache.close()
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 10**12, np.int64(-3)])
+def test_out_of_range_index_raises_index_error(ray_address, cache_name, bad):
+    cache = DataCache(cfg(cache_name), ArrayProvider(5))
+    with pytest.raises(IndexError, match=str(int(bad))):
+        cache.try_fetch(bad)
+    with pytest.raises(IndexError):
+        cache.insert_into_cache(bad, make_item(0))
+    ds = CachedDataset(ArrayProvider(5), cfg(cache_name))
+    with pytest.raises(IndexError):
+        ds[bad]
+    cache.close()
+    ds.cache.close()
+
+
+def test_numpy_integers_are_accepted(ray_address, cache_name):
+    cache = DataCache(cfg(cache_name), ArrayProvider(5))
+    cache.insert_into_cache(np.int32(2), make_item(2))
+    assert cache.try_fetch(np.uint8(2))["data"]["label"] == 2
+    cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_unsupported_value_names_field(ray_address, cache_name):
+    cache = DataCache(cfg(cache_name), ArrayProvider(5))
+    with pytest.raises(RuntimeError, match=r"data\.meta"):
+        cache.insert_into_cache(1, {"data": {"meta": {1, 2}}})
+    assert cache.try_fetch(1) is None
+    cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_unpicklable_provider_fails_at_start(ray_address, cache_name):
+    provider = UnpicklableProvider(10)
+    with pytest.raises(raycache.ProviderNotPicklableError, match="UnpicklableProvider"):
+        CachedDataset(provider, cfg(cache_name, preload_cache=True))
+    cache = DataCache(cfg(cache_name, preload_cache=True), provider)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        cache.start_preload_thread()
+    cache.close()
+    # Without preload the same provider works (nothing needs pickling).
+    ds = CachedDataset(provider, cfg(cache_name))
+    assert ds[3]["data"]["label"] == 3
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_use_cache_false_reads_provider_every_time(ray_address, cache_name):
+    provider = CountingProvider(10)
+    ds = CachedDataset(provider, cfg(cache_name, use_cache=False, preload_cache=True))
+    for _ in range(3):
+        for i in range(10):
+            assert ds[i]["data"]["label"] == i
+    assert provider.reads == 30
+    assert ds.cache.try_fetch(3) is None
+    assert ds.cache.stats()["items"] == 0
+    assert ds.cache.wait_for_preload(timeout=1)
+    assert cache_name not in raycache.list_caches()
+
+
+def test_hyrax_style_provider_preload_computes_raw_items_once(ray_address, cache_name):
+    config = cfg(cache_name, preload_cache=True, chunk_size=25)
+    provider = HyraxStyleProvider(config, 100)
+    provider.data_cache.start_preload_thread()
+    assert provider.data_cache.wait_for_preload(timeout=120)
+    stats = provider.data_cache.stats()
+    assert stats["items"] == 100
+    # The preload tasks' own copies of the provider's cache neither answered nor inserted:
+    # no hit or miss was counted anywhere but here.
+    assert stats["hits"] + stats["misses"] == 0
+    for i in range(100):
+        assert_same(provider.resolve_data(i), make_item(i))
+    assert provider.computed == 0
+    provider.data_cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_hyrax_style_provider_fills_on_miss_and_cached_dataset_inserts_once(
+    ray_address, cache_name
+):
+    config = cfg(cache_name)
+    provider = HyraxStyleProvider(config, 20)
+    assert provider.resolve_data(4)["data"]["label"] == 4
+    assert provider.resolve_data(4)["data"]["label"] == 4
+    assert provider.computed == 1
+    ds = CachedDataset(provider, config)
+    assert ds[5]["data"]["label"] == 5
+    assert ds[5]["data"]["label"] == 5
+    assert provider.computed == 2
+    ds.cache.flush(timeout=30)
+    provider.data_cache.flush(timeout=30)
+    assert ds.cache.stats()["items"] == 2
+    ds.cache.close()
+    provider.data_cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_stats_keys_and_close_keeps_cache(ray_address, cache_name):
+    a = DataCache(cfg(cache_name), ArrayProvider(8))
+    a.insert_into_cache(1, make_item(1))
+    stats = a.stats()
+    for key in ("length", "items", "bytes", "hits", "misses", "chunks", "preload_errors"):
+        assert key in stats
+    assert stats["length"] == 8 and stats["items"] == 1
+    assert stats["bytes"] >= make_item(1)["data"]["image"].nbytes
+    a.close()
+    b = DataCache(cfg(cache_name), ArrayProvider(8))
+    assert b.try_fetch(1)["data"]["label"] == 1
+    with pytest.raises(raycache.CacheUnavailableError):
+        a.try_fetch(1)
+    b.close()
+    assert raycache.drop_cache(cache_name)
+    assert not raycache.drop_cache(cache_name)
+
+
+def test_reused_name_with_other_length_is_refused(ray_address, cache_name):
+    a = DataCache(cfg(cache_name), ArrayProvider(8))
+    a.try_fetch(0)
+    b = DataCache(cfg(cache_name), ArrayProvider(9))
+    with pytest.raises(raycache.CacheMismatchError, match="drop_cache"):
+        b.try_fetch(0)
+    a.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_default_names_separate_splits_and_match_same_provider(ray_address):
+    train, val = ArrayProvider(10, scale=1.0), ArrayProvider(10, scale=2.0)
+    a, b = DataCache({}, train), DataCache({}, val)
+    assert a.name != b.name
+    assert DataCache({}, ArrayProvider(10, scale=1.0)).name == a.name
+
+
+def test_byte_budget_is_enforced(ray_address, cache_name):
+    item_bytes = make_item(0)["data"]["image"].nbytes
+    cache = DataCache(cfg(cache_name, max_bytes=item_bytes * 10 + 500, chunk_size=4),
+                      ArrayProvider(40))
+    for i in range(40):
+        cache.insert_into_cache(i, make_item(i))
+    cache.flush(timeout=30)
+    stats = cache.stats()
+    assert stats["bytes"] <= stats["max_bytes"]
+    assert 0 < stats["items"] < 40
+    assert stats["rejected_items"] == 40 - stats["items"]
+    cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_non_detached_cache_is_freed_after_linger(ray_address, cache_name):
+    cache = DataCache(cfg(cache_name, linger_s=0.5), ArrayProvider(4))
+    cache.insert_into_cache(0, make_item(0))
+    cache.close()
+    deadline = time.monotonic() + 30
+    while cache_name in raycache.list_caches() and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling the cluster's actor list: there is no event to wait on
+    assert cache_name not in raycache.list_caches()
+
+
+def test_detached_cache_stays_after_last_client(ray_address, cache_name):
+    cache = DataCache(cfg(cache_name, linger_s=0, detached=True), ArrayProvider(4))
+    cache.insert_into_cache(0, make_item(0))
+    cache.close()
+    time.sleep(2.5)  # longer than the reaper interval: the cache must still be there
+    assert cache_name in raycache.list_caches()
+    assert raycache.cache_stats(cache_name)["items"] == 1
+    raycache.drop_cache(cache_name)
+
+
+def test_metrics_are_written(ray_address, cache_name, tmp_path):
+    cache = DataCache(cfg(cache_name, log_dir=str(tmp_path)), ArrayProvider(30))
+    cache.logging_interval = 10
+    for i in range(30):
+        cache.insert_into_cache(i, make_item(i))
+        cache.try_fetch(i)
+    cache.close()
+    blob = b"".join(p.read_bytes() for p in tmp_path.rglob("events.out.tfevents*"))
+    for tag in (b"DataCache/cache_insert_s", b"DataCache/cache_count", b"DataCache/cache_bytes",
+                b"DataCache/hit_s"):
+        assert tag in blob
+    raycache.drop_cache(cache_name)
