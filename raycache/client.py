@@ -135,6 +135,7 @@ class CacheClient:
         self._pending_bytes = 0
         self._first_pending = 0.0
         self._flush_requested = False
+        self._sending = False
         self._cond = threading.Condition()
         self._sent_hits = self._sent_misses = 0
         self.hits = 0
@@ -305,9 +306,11 @@ class CacheClient:
             return not self._pending
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._cond:
+            if not self._pending and not self._sending:
+                return True
             self._flush_requested = True
             self._cond.notify_all()
-            while self._pending or self._flush_requested:
+            while self._pending or self._sending:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
                     return not self._pending
@@ -331,7 +334,7 @@ class CacheClient:
             with self._cond:
                 while True:
                     now = time.monotonic()
-                    if self._due(now) or (self.closed and not self._pending):
+                    if self._due(now) or self._flush_requested or self.closed:
                         break
                     if now - last_beat >= HEARTBEAT_S:
                         break
@@ -343,6 +346,7 @@ class CacheClient:
                 if batch:
                     self._pending = {}
                     self._pending_bytes = 0
+                    self._sending = True
                 stop = self.closed and not batch
             if batch:
                 self._send(batch)
@@ -354,6 +358,7 @@ class CacheClient:
                     self._lost(exc)
                 last_beat = time.monotonic()
             with self._cond:
+                self._sending = False
                 if not self._pending:
                     self._flush_requested = False
                 self._cond.notify_all()

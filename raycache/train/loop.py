@@ -22,7 +22,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["LoopSettings", "SmallCNN", "setup_distributed", "train"]
+__all__ = [
+    "LoopSettings",
+    "SmallCNN",
+    "memory_snapshot",
+    "setup_distributed",
+    "train",
+    "trainer_pids",
+]
 
 
 @dataclasses.dataclass
@@ -126,7 +133,19 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _trainer_pids(world: int) -> list[int]:
+def trainer_pids(world: int) -> list[int]:
+    """Return every rank's process id (a collective call when ``world`` > 1).
+
+    Parameters
+    ----------
+    world : int
+        The number of ranks.
+
+    Returns
+    -------
+    list of int
+        Pids in rank order.
+    """
     pids: list[Any] = [None] * world
     if world > 1:
         dist.all_gather_object(pids, os.getpid())
@@ -235,7 +254,7 @@ def train(
         multiprocessing_context=settings.start_method if settings.num_workers else None,
         persistent_workers=settings.num_workers > 0 and settings.start_method == "spawn",
     )
-    pids = _trainer_pids(world) if settings.memory else []
+    pids = trainer_pids(world) if settings.memory else []
     records = []
     for epoch in range(settings.epochs):
         sampler.set_epoch(epoch)
@@ -278,7 +297,7 @@ def train(
             else None,
             "cache_bytes": cache_bytes,
             "loss": loss_total / max(items, 1),
-            "memory": _memory(pids) if settings.memory and rank == 0 else None,
+            "memory": memory_snapshot(pids) if settings.memory and rank == 0 else None,
             "shard": {
                 "rank": rank,
                 "expected": len(checker.order),
@@ -296,7 +315,19 @@ def train(
     return records
 
 
-def _memory(pids: list[int]) -> dict | None:
+def memory_snapshot(pids: list[int]) -> dict | None:
+    """Return ``node_memory`` totals for these trainers, their workers and Ray.
+
+    Parameters
+    ----------
+    pids : list of int
+        Trainer processes.
+
+    Returns
+    -------
+    dict or None
+        The totals, without the per-process table; None where PSS cannot be read.
+    """
     from raycache.memory import node_memory
 
     try:
