@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="raycache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="train a small CNN on synthetic cutouts, with and without the cache")
+    sub.add_parser(
+        "demo", help="train a small CNN on synthetic cutouts, with and without the cache"
+    )
     sub.add_parser("bench", help="run the benchmark suite and write docs/benchmarks.md")
     for command, helptext, func in (
         ("stats", "print a cache's counters as JSON", _stats),

@@ -241,7 +241,11 @@ class CacheClient:
         if self.dead or self.forked:
             return
         with self._sync_lock:
-            if not force and not self._force_sync and time.monotonic() - self._last_sync < MIN_SYNC_S:
+            if (
+                not force
+                and not self._force_sync
+                and time.monotonic() - self._last_sync < MIN_SYNC_S
+            ):
                 return
             self._force_sync = False
             hits, misses = self._counter_deltas()
@@ -430,7 +434,9 @@ class CacheClient:
         if not self.forked and not self.dead and ray.is_initialized():
             hits, misses = self._counter_deltas()
             try:
-                ray.get(self.actor.detach.remote(self.client_id, hits, misses), timeout=self.timeout)
+                ray.get(
+                    self.actor.detach.remote(self.client_id, hits, misses), timeout=self.timeout
+                )
             except Exception as exc:
                 logger.debug("raycache %s: detach failed: %s", self.name, exc)
         _live_clients.discard(self)

@@ -98,9 +98,7 @@ RAYCACHE_KEYS: dict[str, _Key] = {
         (bool,),
         "Return read-only views of shared memory instead of private copies.",
     ),
-    "log_dir": _Key(
-        None, (str,), "tensorboardX log directory. Unset: no metrics.", nullable=True
-    ),
+    "log_dir": _Key(None, (str,), "tensorboardX log directory. Unset: no metrics.", nullable=True),
     "timeout_s": _Key(
         60.0, (int, float), "Longest wait for any single call to the cache.", minimum=0.001
     ),
@@ -115,9 +113,7 @@ def _check(table: str, key: str, spec: _Key, value: Any) -> Any:
         raise ConfigError(f"config key {where!r} may not be None; default is {spec.default!r}")
     # bool is an int subclass; only accept it where bool is meant.
     if isinstance(value, bool) and bool not in spec.types:
-        raise ConfigError(
-            f"config key {where!r} must be {_names(spec.types)}, got bool {value!r}"
-        )
+        raise ConfigError(f"config key {where!r} must be {_names(spec.types)}, got bool {value!r}")
     if not isinstance(value, spec.types):
         raise ConfigError(
             f"config key {where!r} must be {_names(spec.types)}, "
@@ -204,9 +200,7 @@ class CacheConfig:
         if config is None:
             return cls()
         if not isinstance(config, Mapping):
-            raise ConfigError(
-                f"config must be a dict of tables, got {type(config).__name__}"
-            )
+            raise ConfigError(f"config must be a dict of tables, got {type(config).__name__}")
         values = _read_table(config, "data_set", DATA_SET_KEYS)
         values.update(_read_table(config, "raycache", RAYCACHE_KEYS))
         return cls(**values)

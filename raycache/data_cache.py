@@ -117,7 +117,7 @@ class DataCache:
 
     # ------------------------------------------------------------------ attach
     def _active(self) -> bool:
-        """True when this call should use the cache (not disabled, bypassed or inert)."""
+        """Return True when this call should use the cache (not disabled, bypassed, inert)."""
         return self._use_cache and not self._inert and not bypass_active()
 
     def _connect(self) -> CacheClient | None:

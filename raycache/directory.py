@@ -178,7 +178,11 @@ class CacheDirectory:
         cid = self._next_cid
         self._next_cid += 1
         rows = np.arange(len(chunk_indices), dtype=np.int32)
-        new = np.ones(len(chunk_indices), dtype=bool) if replace else self._chunk_of[chunk_indices] < 0
+        new = (
+            np.ones(len(chunk_indices), dtype=bool)
+            if replace
+            else self._chunk_of[chunk_indices] < 0
+        )
         # The same index twice in one chunk: the first row wins.
         _, first = np.unique(chunk_indices, return_index=True)
         keep = np.zeros(len(chunk_indices), dtype=bool)

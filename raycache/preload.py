@@ -177,7 +177,9 @@ class PreloadRun:
                 k = next(units, None)
                 if k is None:
                     break
-                todo = self._missing(np.arange(k * self.unit, min((k + 1) * self.unit, self.length)))
+                todo = self._missing(
+                    np.arange(k * self.unit, min((k + 1) * self.unit, self.length))
+                )
                 if not len(todo):
                     continue
                 chunk_ref, summary_ref = read_unit.remote(

@@ -39,7 +39,9 @@ def cache_name() -> str:
 
 def run_python(code: str, address: str, timeout: float = 120.0) -> str:
     """Run ``code`` in a fresh Python process attached to the test's Ray; return stdout."""
-    env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    env = dict(
+        os.environ, RAY_ADDRESS=address, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)])
+    )
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env,
@@ -48,5 +50,7 @@ def run_python(code: str, address: str, timeout: float = 120.0) -> str:
         timeout=timeout,
     )
     if proc.returncode != 0:
-        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc.stdout

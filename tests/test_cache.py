@@ -21,8 +21,11 @@ from raycache import CachedDataset, DataCache
 
 
 def cfg(name, **raycache_keys):
-    data_set = {k: raycache_keys.pop(k) for k in list(raycache_keys) if k in (
-        "use_cache", "preload_cache", "preload_threads")}
+    data_set = {
+        k: raycache_keys.pop(k)
+        for k in list(raycache_keys)
+        if k in ("use_cache", "preload_cache", "preload_threads")
+    }
     return {"data_set": data_set, "raycache": {"name": name, **raycache_keys}}
 
 
@@ -69,8 +72,9 @@ def test_dataloader_trains_and_collates(ray_address, cache_name):
 
 def test_preload_fills_every_item(ray_address, cache_name):
     provider = ArrayProvider(300, scale=0.5)
-    ds = CachedDataset(provider, cfg(cache_name, preload_cache=True, preload_threads=4,
-                                     chunk_size=64))
+    ds = CachedDataset(
+        provider, cfg(cache_name, preload_cache=True, preload_threads=4, chunk_size=64)
+    )
     assert ds.cache.wait_for_preload(timeout=120)
     stats = ds.cache.stats()
     assert stats["items"] == 300
@@ -102,8 +106,9 @@ def test_preload_reports_failing_index_and_does_not_hang(ray_address, cache_name
 
 def test_wait_for_preload_times_out_then_finishes(ray_address, cache_name):
     provider = ArrayProvider(40, latency_s=0.05)
-    cache = DataCache(cfg(cache_name, preload_cache=True, preload_threads=2, chunk_size=10),
-                      provider)
+    cache = DataCache(
+        cfg(cache_name, preload_cache=True, preload_threads=2, chunk_size=10), provider
+    )
     cache.start_preload_thread()
     start = time.monotonic()
     assert cache.wait_for_preload(timeout=0.2) is False
@@ -292,8 +297,9 @@ def test_default_names_separate_splits_and_match_same_provider(ray_address):
 
 def test_byte_budget_is_enforced(ray_address, cache_name):
     item_bytes = make_item(0)["data"]["image"].nbytes
-    cache = DataCache(cfg(cache_name, max_bytes=item_bytes * 10 + 500, chunk_size=4),
-                      ArrayProvider(40))
+    cache = DataCache(
+        cfg(cache_name, max_bytes=item_bytes * 10 + 500, chunk_size=4), ArrayProvider(40)
+    )
     for i in range(40):
         cache.insert_into_cache(i, make_item(i))
     cache.flush(timeout=30)
@@ -333,7 +339,11 @@ def test_metrics_are_written(ray_address, cache_name, tmp_path):
         cache.try_fetch(i)
     cache.close()
     blob = b"".join(p.read_bytes() for p in tmp_path.rglob("events.out.tfevents*"))
-    for tag in (b"DataCache/cache_insert_s", b"DataCache/cache_count", b"DataCache/cache_bytes",
-                b"DataCache/hit_s"):
+    for tag in (
+        b"DataCache/cache_insert_s",
+        b"DataCache/cache_count",
+        b"DataCache/cache_bytes",
+        b"DataCache/hit_s",
+    ):
         assert tag in blob
     raycache.drop_cache(cache_name)

@@ -67,11 +67,16 @@ def test_table_must_be_a_table():
 def test_toml_round_trip(tmp_path):
     path = tmp_path / "cfg.toml"
     path.write_text(
-        '[data_set]\nuse_cache = true\npreload_cache = true\n\n'
+        "[data_set]\nuse_cache = true\npreload_cache = true\n\n"
         '[raycache]\nname = "from-toml"\nchunk_size = 128\nlinger_s = 5\n'
     )
     cfg = CacheConfig.from_toml(path)
-    assert (cfg.name, cfg.chunk_size, cfg.linger_s, cfg.preload_cache) == ("from-toml", 128, 5, True)
+    assert (cfg.name, cfg.chunk_size, cfg.linger_s, cfg.preload_cache) == (
+        "from-toml",
+        128,
+        5,
+        True,
+    )
     assert CacheConfig.coerce(str(path)) == cfg
     assert CacheConfig.from_dict(cfg.to_dict()) == cfg
 

@@ -40,7 +40,10 @@ def test_items_outlive_the_process_that_created_the_cache(ray_address, cache_nam
 
 
 def test_preload_in_one_process_is_read_by_another(ray_address, cache_name):
-    config = {"data_set": {"preload_cache": True}, "raycache": {"name": cache_name, "chunk_size": 64}}
+    config = {
+        "data_set": {"preload_cache": True},
+        "raycache": {"name": cache_name, "chunk_size": 64},
+    }
     ds = raycache.CachedDataset(ArrayProvider(N, scale=3.0), config)
     assert ds.cache.wait_for_preload(timeout=120)
     out = run_python(
