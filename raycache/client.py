@@ -280,8 +280,17 @@ class CacheClient:
             self._version = version
             self._inflight = inflight
 
-    def map_all(self) -> None:
-        """Map every chunk now (before a fork, so forked children can read them)."""
+    def prepare_fork(self) -> None:
+        """Send buffered items, catch up and map every chunk, for children forked next.
+
+        Skipped when this thread is inside a sync already (a fork from within raycache's
+        own calls, such as Ray starting a process), so the hook can never deadlock.
+        """
+        if not self._sync_lock.acquire(blocking=False):
+            return
+        self._sync_lock.release()
+        self.flush()
+        self.sync(force=True)
         for cid in list(self._refs):
             self._view(cid)
 
@@ -456,9 +465,7 @@ def _before_fork() -> None:
         if client.pid != os.getpid() or client.closed or client.dead or in_forked_child():
             continue
         try:
-            client.flush()
-            client.sync(force=True)
-            client.map_all()
+            client.prepare_fork()
         except Exception:  # a failed preparation must not break the fork
             logger.exception("raycache: preparing cache %s for fork failed", client.name)
 

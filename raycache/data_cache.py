@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,8 +37,6 @@ from raycache.values import data_size
 __all__ = ["DataCache"]
 
 logger = logging.getLogger(__name__)
-
-_all_caches: weakref.WeakSet = weakref.WeakSet()
 
 
 class DataCache:
@@ -85,7 +82,6 @@ class DataCache:
         self._insert_count = 0
         self._data_size_bytes = 0
         self._timings: dict[str, list[float]] = {"hit": [], "miss": [], "insert": []}
-        _all_caches.add(self)
 
     # ------------------------------------------------------------------ identity
     @property

@@ -8,8 +8,6 @@ memory. Batches are read with ``__getitems__`` (one vectorised copy per field) a
 
 from __future__ import annotations
 
-import os
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +16,7 @@ import torch.utils.data
 
 from raycache.batch import collate
 from raycache.batch import gather as _gather
-from raycache.data_cache import DataCache, _all_caches
+from raycache.data_cache import DataCache
 from raycache.provider import read_raw
 
 __all__ = ["CachedDataset"]
@@ -47,6 +45,10 @@ class CachedDataset(torch.utils.data.Dataset):
     def __init__(self, provider: Any, config: Any = None):
         self.provider = provider
         self.cache = DataCache(config, provider)
+        if self.cache._active():
+            # Attach now, not on first read: a DataLoader forks its workers before the
+            # first read, and a forked worker can only use chunks mapped before the fork.
+            self.cache._connect()
         self.cache.start_preload_thread()
 
     def __len__(self) -> int:
@@ -111,20 +113,3 @@ class CachedDataset(torch.utils.data.Dataset):
             The batch (see ``raycache.batch.collate``).
         """
         return collate(batch)
-
-
-def _before_fork() -> None:
-    # Attach every cache of this process before a fork, so that forked DataLoader
-    # workers inherit mapped chunks instead of having to call Ray (which crashes).
-    for cache in list(_all_caches):
-        try:
-            if cache._active() and not cache._closed:
-                cache._connect()
-        except Exception:  # a failed attach must not break the fork
-            import logging
-
-            logging.getLogger(__name__).exception("raycache: attach before fork failed")
-
-
-os.register_at_fork(before=_before_fork)
-_ = weakref  # the module-level WeakSet lives in data_cache

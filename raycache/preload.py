@@ -196,7 +196,14 @@ class PreloadRun:
                     summary = ray.get(summary_ref)
                 except Exception as exc:  # the task died (worker crash, OOM, cancelled)
                     detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                    self._record([(int(i), detail) for i in todo])
+                    logger.error(
+                        "raycache preload could not read indices %d..%d (%d items): %s",
+                        todo[0],
+                        todo[-1],
+                        len(todo),
+                        detail,
+                    )
+                    self.errors += [{"index": int(i), "error": detail} for i in todo]
                     self.inflight.pop(k, None)
                     continue
                 self._record(summary["errors"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -58,14 +59,45 @@ def ensure_ray(address: str | None = None) -> None:
         )
     if ray.is_initialized():
         return
+    if address is None:
+        address = _running_ray_address()
     if address is not None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
+    logger.info("raycache: no running Ray found; starting an embedded local Ray")
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _running_ray_address() -> str | None:
+    """Return the address of a Ray running on this machine that answers, or None.
+
+    ``ray.init(address="auto")`` would also find one, but it trusts a stale
+    ``ray_current_cluster`` file or a GCS that is shutting down, and then ends the
+    whole process after 60 s. Checking that the GCS port accepts a connection first
+    makes "attach if running, else start one" safe.
+    """
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return env
     try:
-        ray.init(address="auto", logging_level=logging.WARNING)
-    except ConnectionError:
-        logger.info("raycache: no running Ray found; starting an embedded local Ray")
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+        candidates = [find_bootstrap_address(None), *reversed(find_gcs_addresses())]
+    except Exception:  # private API moved: fall back to not attaching
+        return None
+    for candidate in candidates:
+        if candidate and _reachable(candidate):
+            return candidate
+    return None
+
+
+def _reachable(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def gcs_address() -> str:
