@@ -13,8 +13,8 @@ per mapped chunk (``_layout``), not once per batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from itertools import repeat
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,12 @@ _LEAF = "*"
 _ARRAY_KINDS = ("array", "tensor", "numbers")
 # Attribute under which a mapped chunk keeps its layout (see ``_layout``).
 _LAYOUT_ATTR = "_raycache_gather_layout"
+_known_layout = attrgetter(_LAYOUT_ATTR)
+# Layout descriptions interned as small ints: comparing the chunks of a batch then
+# hashes an int per chunk instead of a nested tuple of templates and dtypes.
+_LAYOUT_IDS: dict[tuple, int] = {}
+# Functions that build a batch's dicts, one per key tuple (see ``_dict_maker``).
+_DICT_MAKERS: dict[tuple, Callable[[list], list]] = {}
 
 
 class GatheredBatch(list):
@@ -61,26 +67,37 @@ def _column_kind(column: Any) -> tuple:
 
 
 def _layout(chunk: Chunk) -> tuple:
-    """Return ``((template, kinds), sources)`` for a chunk, computed once per chunk.
+    """Return ``(layout_id, template, kinds, sources)`` for a chunk, computed once.
 
-    ``kinds`` has one entry per column; two chunks whose first element is equal can be
-    gathered from together. ``sources`` holds the numpy array to index for each array
-    column and the column itself for the others. A mapped chunk is immutable (its
-    arrays are read-only views of shared memory), so the answer never goes stale.
+    ``kinds`` has one entry per column; chunks with the same ``layout_id`` have the same
+    template and kinds and can be gathered from together. ``sources`` holds the numpy
+    array to index for each array column and the column itself for the others. A
+    mapped chunk is immutable (its arrays are read-only views of shared memory), so the
+    answer never goes stale.
     """
-    layout = chunk.__dict__.get(_LAYOUT_ATTR)
+    layout = getattr(chunk, _LAYOUT_ATTR, None)
     if layout is None:
         kinds = tuple(_column_kind(c) for c in chunk.columns)
         sources = tuple(
             c if kind[0] == "list" else c.data for c, kind in zip(chunk.columns, kinds)
         )
-        layout = ((chunk.template, kinds), sources)
-        chunk.__dict__[_LAYOUT_ATTR] = layout
+        layout_id = _LAYOUT_IDS.setdefault((chunk.template, kinds), len(_LAYOUT_IDS))
+        layout = (layout_id, chunk.template, kinds, sources)
+        setattr(chunk, _LAYOUT_ATTR, layout)
     return layout
 
 
+def _layouts(chunks: Iterable[Chunk]) -> list:
+    """Return each chunk's layout; the common case (all known) is one C-level pass."""
+    chunks = list(chunks)
+    try:
+        return list(map(_known_layout, chunks))
+    except AttributeError:
+        return [_layout(c) for c in chunks]
+
+
 def _row_values(sources: Sequence[Any], rows: Sequence[int]) -> list:
-    """Copies of one non-array column's values, one source column per row."""
+    """Return copies of one non-array column's values, one source column per row."""
     return [src.row(r, True) for src, r in zip(sources, rows)]
 
 
@@ -95,15 +112,19 @@ def _take_rows(kinds: tuple, per_row: list, rows: list) -> list:
     """Gather every column row by row; ``per_row`` holds each row's chunk sources."""
     out = []
     for j, kind in enumerate(kinds):
-        sources = [s[j] for s in per_row]
+        sources = list(map(itemgetter(j), per_row))
         if kind[0] == "list":
             out.append(("list", _row_values(sources, rows)))
-            continue
-        first = sources[0]
-        values = np.empty((len(rows),) + first.shape[1:], dtype=first.dtype)
-        for p, (src, r) in enumerate(zip(sources, rows)):
-            values[p] = src[r]
-        out.append((kind[0], values))
+        elif kind[0] == "numbers":
+            # .item() gives the Python number without a numpy scalar in between.
+            values = list(map(np.ndarray.item, sources, rows))
+            out.append(("numbers", np.array(values, dtype=kind[1])))
+        else:
+            first = sources[0]
+            values = np.empty((len(rows),) + first.shape[1:], dtype=first.dtype)
+            for p, src, r in zip(range(len(rows)), sources, rows):
+                values[p] = src[r]
+            out.append((kind[0], values))
     return out
 
 
@@ -115,13 +136,13 @@ def _groups(cids: np.ndarray) -> list[np.ndarray]:
     return np.split(order, cuts)
 
 
-def _take_grouped(kinds: tuple, layouts: dict, cids: np.ndarray, rows: np.ndarray) -> list:
+def _take_grouped(kinds: tuple, sources_of: dict, cids: np.ndarray, rows: np.ndarray) -> list:
     """Gather every column with one fancy-index copy per chunk."""
-    groups = [(layouts[int(cids[g[0]])][1], g) for g in _groups(cids)]
+    groups = [(sources_of[int(cids[g[0]])], g) for g in _groups(cids)]
     out = []
     for j, kind in enumerate(kinds):
         if kind[0] == "list":
-            per_row = [layouts[c][1][j] for c in cids.tolist()]
+            per_row = [sources_of[c][j] for c in cids.tolist()]
             out.append(("list", _row_values(per_row, rows.tolist())))
             continue
         first = groups[0][0][j]
@@ -132,14 +153,17 @@ def _take_grouped(kinds: tuple, layouts: dict, cids: np.ndarray, rows: np.ndarra
     return out
 
 
-def _take_uniform(kinds: tuple, layouts: dict, cids: np.ndarray, rows: np.ndarray) -> list:
-    """Gather a batch whose chunks all have the same column kinds."""
-    if len(layouts) == 1:
-        sources = next(iter(layouts.values()))[1]
+def _take_uniform(kinds: tuple, sources_of: dict, cids: np.ndarray, rows: np.ndarray) -> list:
+    """Gather a batch whose chunks all have the same column kinds.
+
+    ``sources_of`` maps each chunk id to its per-column sources (see ``_layout``).
+    """
+    if len(sources_of) == 1:
+        sources = next(iter(sources_of.values()))
         return [_take_single(kind, src, rows) for kind, src in zip(kinds, sources)]
-    if len(rows) >= GROUP_MIN_ROWS * len(layouts):
-        return _take_grouped(kinds, layouts, cids, rows)
-    per_row = [layouts[c][1] for c in cids.tolist()]
+    if len(rows) >= GROUP_MIN_ROWS * len(sources_of):
+        return _take_grouped(kinds, sources_of, cids, rows)
+    per_row = list(map(sources_of.__getitem__, cids.tolist()))
     return _take_rows(kinds, per_row, rows.tolist())
 
 
@@ -149,25 +173,24 @@ def _take_mixed(chunks: dict, layouts: dict, cids: np.ndarray, rows: np.ndarray)
     A field stored as same-shaped arrays of one dtype (or numbers of one dtype) in every
     chunk is still gathered into one array; any other field becomes a list of copies.
     """
-    ncols = len(next(iter(layouts.values()))[0][1])
-    cid_list, row_list = cids.tolist(), rows.tolist()
     out = []
-    for j in range(ncols):
-        kinds = {lay[0][1][j] for lay in layouts.values()}
-        kind = next(iter(kinds))
-        if len(kinds) == 1 and kind[0] != "list":
-            sub = {c: ((None, (kind,)), (lay[1][j],)) for c, lay in layouts.items()}
-            out.extend(_take_uniform((kind,), sub, cids, rows))
+    for j in range(len(next(iter(layouts.values()))[2])):
+        kinds = {lay[2][j] for lay in layouts.values()}
+        kind = next(iter(kinds)) if len(kinds) == 1 else ("list",)
+        if kind[0] == "list":  # every column kind answers row(r, copy)
+            sources_of = {c: (chunks[c].columns[j],) for c in layouts}
         else:
-            sources = [chunks[c].columns[j] for c in cid_list]
-            out.append(("list", _row_values(sources, row_list)))
+            sources_of = {c: (lay[3][j],) for c, lay in layouts.items()}
+        out.extend(_take_uniform((kind,), sources_of, cids, rows))
     return out
 
 
 def _leaf_values(kind: str, values: Any) -> Any:
     """One value per item for a gathered leaf (views of the gathered array)."""
     if kind == "array":
-        return list(values)
+        if values.ndim > 1:
+            return list(values)
+        return [values[p, ...] for p in range(len(values))]  # 0-d arrays, not scalars
     if kind == "tensor":
         return torch.from_numpy(values).unbind(0)
     if kind == "numbers":
@@ -175,20 +198,36 @@ def _leaf_values(kind: str, values: Any) -> Any:
     return values
 
 
+def _dict_maker(keys: tuple) -> Callable[[list], list]:
+    """Return ``make(parts) -> [dict, ...]`` building one dict per zipped row of parts.
+
+    A dict display with the keys bound as names builds a small dict about 4x faster
+    than ``dict(zip(keys, values))``, which is most of the per-item cost of a batch of
+    small items. The source only ever holds generated names, never the keys.
+    """
+    tag = tuple((type(k), k) for k in keys)
+    make = _DICT_MAKERS.get(tag)
+    if make is None:
+        names = [f"k{i}" for i in range(len(keys))]
+        values = [f"v{i}" for i in range(len(keys))]
+        display = ", ".join(f"{k}: {v}" for k, v in zip(names, values))
+        source = f"lambda parts: [{{{display}}} for ({', '.join(values)},) in zip(*parts)]"
+        make = eval(source, dict(zip(names, keys)))  # noqa: S307 - generated names only
+        _DICT_MAKERS[tag] = make
+    return make
+
+
 def _assemble(template: Any, leaves: Iterator[Any], n: int) -> list:
     """Build ``n`` items from per-leaf value lists, one container level at a time."""
     if template == _LEAF:
         return next(leaves)
     kind = template[0]
-    if kind == "d":
-        keys = template[1]
-        parts = [_assemble(t, leaves, n) for t in template[2]]
-        if not parts:
-            return [{} for _ in range(n)]
-        return list(map(dict, map(zip, repeat(keys), zip(*parts))))
-    parts = [_assemble(t, leaves, n) for t in template[1]]
+    children = template[2] if kind == "d" else template[1]
+    parts = [_assemble(t, leaves, n) for t in children]
     if not parts:
-        return [[] for _ in range(n)] if kind == "l" else [() for _ in range(n)]
+        return [{} if kind == "d" else [] if kind == "l" else () for _ in range(n)]
+    if kind == "d":
+        return _dict_maker(template[1])(parts)
     return list(map(list, zip(*parts))) if kind == "l" else list(zip(*parts))
 
 
@@ -210,14 +249,16 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
     """
     cids = loc >> 32
     rows = loc & _ROW_MASK
-    layouts = {c: _layout(chunk) for c, chunk in chunks.items()}
-    keys = {lay[0] for lay in layouts.values()}
-    templates = {key[0] for key in keys}
-    template = next(iter(templates))
-    if len(templates) != 1 or template is None:
+    layouts = dict(zip(chunks, _layouts(chunks.values())))
+    first = next(iter(layouts.values()))
+    template = first[1]
+    uniform = len(set(map(itemgetter(0), layouts.values()))) == 1
+    if template is None or not (uniform or all(lay[1] == template for lay in layouts.values())):
+        # Items of different structures: no shared columns to gather from.
         return [chunks[c].row(r) for c, r in zip(cids.tolist(), rows.tolist())]
-    if len(keys) == 1:
-        columns = _take_uniform(next(iter(keys))[1], layouts, cids, rows)
+    if uniform:
+        sources_of = dict(zip(layouts, map(itemgetter(3), layouts.values())))
+        columns = _take_uniform(first[2], sources_of, cids, rows)
     else:
         columns = _take_mixed(chunks, layouts, cids, rows)
     leaves = iter([_leaf_values(kind, values) for kind, values in columns])
@@ -227,6 +268,18 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
     return batch
 
 
+def _tensor_ok(dtype: np.dtype) -> bool:
+    """Return True if torch has a dtype for ``dtype`` (not str, bytes or void)."""
+    return dtype.kind not in "USVO"
+
+
+def _array_tensor(value: Any) -> Any:
+    """Return a tensor copy of a numpy array torch can hold, else the value itself."""
+    if isinstance(value, np.ndarray) and _tensor_ok(value.dtype):
+        return torch.from_numpy(np.array(value))
+    return value
+
+
 def _collate_values(values: list) -> Any:
     first = values[0]
     if isinstance(first, dict):
@@ -234,18 +287,23 @@ def _collate_values(values: list) -> Any:
     if isinstance(first, (list, tuple)):
         return [_collate_values(list(group)) for group in zip(*values)]
     if isinstance(first, np.ndarray):
-        first_shape = first.shape
-        if all(isinstance(v, np.ndarray) and v.shape == first_shape for v in values):
-            return torch.from_numpy(np.stack(values))
-        return [torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for v in values]
+        if all(isinstance(v, np.ndarray) and v.shape == first.shape for v in values):
+            stacked = np.stack(values)
+            if _tensor_ok(stacked.dtype):
+                return torch.from_numpy(stacked)
+        return [_array_tensor(v) for v in values]
     if isinstance(first, torch.Tensor):
         if all(isinstance(v, torch.Tensor) and v.shape == first.shape for v in values):
             return torch.stack(values)
         return list(values)
     if isinstance(first, (bool, int, float)) and all(type(v) is type(first) for v in values):
-        return torch.tensor(values, dtype=torch.float64 if type(first) is float else None)
+        try:
+            return torch.tensor(values, dtype=torch.float64 if type(first) is float else None)
+        except (OverflowError, RuntimeError, ValueError):  # ints beyond int64
+            return list(values)
     if isinstance(first, np.generic) and all(type(v) is type(first) for v in values):
-        return torch.from_numpy(np.array(values))
+        array = np.array(values)
+        return torch.from_numpy(array) if _tensor_ok(array.dtype) else list(values)
     return list(values)
 
 
@@ -253,7 +311,9 @@ def _collate_gathered(template: Any, columns: Iterator[tuple]) -> Any:
     if template == _LEAF:
         kind, values = next(columns)
         if kind in _ARRAY_KINDS:
-            return torch.from_numpy(values)
+            if _tensor_ok(values.dtype):
+                return torch.from_numpy(values)
+            return _leaf_values(kind, values)
         return _collate_values(values)
     if template[0] == "d":
         return {k: _collate_gathered(t, columns) for k, t in zip(template[1], template[2])}

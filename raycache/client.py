@@ -193,7 +193,7 @@ class CacheClient:
         if view is not None:
             return view
         ref = self._refs.get(cid)
-        if ref is None or self.dead or self.forked:
+        if ref is None or not self._usable():
             return None
         try:
             view = ray.get(ref, timeout=self.timeout)
@@ -236,9 +236,22 @@ class CacheClient:
             return self._loc[idx] >= 0
         return False
 
+    def _usable(self) -> bool:
+        """Return True if this client may call Ray now.
+
+        After ``ray.shutdown()`` any Ray call would silently start a new local Ray, so a
+        client that finds Ray gone marks itself dead instead.
+        """
+        if self.dead or self.forked:
+            return False
+        if not ray.is_initialized():
+            self.dead = True
+            return False
+        return True
+
     def sync(self, force: bool = False) -> None:
         """Bring the local map up to date with the directory actor."""
-        if self.dead or self.forked:
+        if not self._usable():
             return
         with self._sync_lock:
             if (
@@ -361,6 +374,15 @@ class CacheClient:
                     self._pending_bytes = 0
                     self._sending = True
                 stop = self.closed and not batch
+            if not ray.is_initialized():
+                # Ray was shut down under this client; a remote call now would start a
+                # new local Ray (Ray initialises itself on .remote()). Stop instead.
+                self.dead = True
+                with self._cond:
+                    self._pending = {}
+                    self._sending = False
+                    self._cond.notify_all()
+                return
             if batch:
                 self._send(batch)
             elif not stop and not self.dead:

@@ -11,11 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch.utils.data
 
-from raycache.batch import collate
-from raycache.batch import gather as _gather
+from raycache.batch import GatheredBatch, collate
 from raycache.data_cache import DataCache
 from raycache.provider import read_raw
 
@@ -49,7 +47,11 @@ class CachedDataset(torch.utils.data.Dataset):
             # Attach now, not on first read: a DataLoader forks its workers before the
             # first read, and a forked worker can only use chunks mapped before the fork.
             self.cache._connect()
-        self.cache.start_preload_thread()
+        try:
+            self.cache.start_preload_thread()
+        except BaseException:
+            self.cache.close()  # do not leave a half-built dataset attached
+            raise
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -76,27 +78,15 @@ class CachedDataset(torch.utils.data.Dataset):
             The items, in order. When all were cached and share one structure, a
             ``GatheredBatch`` that ``collate`` turns into tensors directly.
         """
-        cache = self.cache
-        idx = np.asarray(indices)
-        client = cache._connect() if cache._active() and len(idx) else None
-        if (
-            client is None
-            or idx.ndim != 1
-            or idx.dtype.kind not in "iu"
-            or idx.min() < 0
-            or idx.max() >= len(self)
-            or cache.config.zero_copy
-        ):
-            return [self[i] for i in indices]  # per-item path: raises the right errors
-        loc = client.locate(idx)
-        if (loc < 0).any():
-            return [self[i] for i in indices]
-        cids = np.unique(loc >> 32)
-        views = client.views(cids)
-        if any(v is None for v in views):
-            return [self[i] for i in indices]
-        client.hits += len(idx)
-        return _gather(dict(zip(cids.tolist(), views)), loc)
+        items = self.cache.fetch_many(indices)
+        if isinstance(items, GatheredBatch) or all(item is not None for item in items):
+            return items
+        for p, item in enumerate(items):
+            if item is None:
+                idx = int(indices[p])
+                items[p] = read_raw(self.provider, idx)
+                self.cache.insert_into_cache(idx, items[p])
+        return items
 
     @staticmethod
     def collate(batch: Sequence[Any]) -> Any:
