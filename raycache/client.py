@@ -143,6 +143,7 @@ class CacheClient:
         self.dead = False
         self.closed = False
         self.forked = False
+        self._warned_fork = False
         self._unit = int(self.settings["chunk_size"])
         self.sync(force=True)
         self._thread = threading.Thread(target=self._flush_loop, name="raycache-flush", daemon=True)
@@ -311,6 +312,14 @@ class CacheClient:
     def put(self, idx: int, item: Any) -> None:
         """Buffer ``item`` (validated and copied) for index ``idx``."""
         copied = copy_item(item)
+        if self.forked and not self._warned_fork:
+            self._warned_fork = True
+            logger.warning(
+                "raycache %s: a forked DataLoader worker cannot insert into the cache "
+                "(Ray is not fork-safe); misses here are read from the provider and not "
+                "cached. Preload the cache, or use multiprocessing_context='spawn'.",
+                self.name,
+            )
         if self.forked or self.dead or self.closed:
             return
         if self._loc[idx] >= 0:

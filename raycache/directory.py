@@ -376,6 +376,9 @@ class CacheDirectory:
             self._retire(list(self._refs))
             self._chunk_of[:] = -1
             self._items = 0
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
 
     def _reap(self) -> None:
         """Forget silent clients; free a non-detached cache left idle for ``linger_s``.

@@ -28,7 +28,7 @@ class Metrics:
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(
-            logdir=os.path.join(log_dir, tag), filename_suffix=f".{os.getpid()}"
+            logdir=os.path.join(log_dir, tag), filename_suffix=f".{os.getpid()}", flush_secs=5
         )
         self._steps: dict[str, int] = {}
         self._lock = threading.Lock()

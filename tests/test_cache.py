@@ -347,3 +347,13 @@ def test_metrics_are_written(ray_address, cache_name, tmp_path):
     ):
         assert tag in blob
     raycache.drop_cache(cache_name)
+
+
+def test_preload_metrics_are_written(ray_address, cache_name, tmp_path):
+    config = cfg(cache_name, preload_cache=True, chunk_size=20, log_dir=str(tmp_path))
+    ds = CachedDataset(ArrayProvider(60), config)
+    assert ds.cache.wait_for_preload(timeout=120)
+    ds.cache.close()
+    raycache.drop_cache(cache_name)  # the actor closes its event file when dropped
+    blob = b"".join(p.read_bytes() for p in tmp_path.rglob("events.out.tfevents*"))
+    assert b"DataCache/preload_1k_obj_s" in blob
