@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=900.0, help="seconds before giving up (%(default)s)"
     )
+    p.add_argument("--json", default=None, help="also write every rank's records here")
     args = p.parse_args(argv)
     from raycache.train.data import parse_shape
 
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo failed: {exc}", file=sys.stderr)
             return 2
     _summary(results, data_bytes, time.monotonic() - deadline + args.timeout)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"data_bytes": data_bytes, "runs": results}))
     ok = all(r["ok"] for r in results)
     if not ok:
         print("CHECK FAILED: some trainer did not receive its shard with the right values")
@@ -194,8 +197,10 @@ def _run(
                 "--result-dir",
                 result_dir,
             ]
-            cmd += ["--no-cache"] if no_cache else ["--address", address]
+            # Reads wait on latency, not CPU: more of them in flight fill the cache sooner.
+            cmd += ["--no-cache"] if no_cache else ["--address", address, "--preload-threads", "16"]
             cmd += ["--no-verify"] if args.no_verify else []
+            cmd += ["--record-indices"] if args.json else []
             events = _launch(cmd, args.trainers, Path(result_dir), deadline)
             rows = _table(events, data_bytes)
             ranks = [
@@ -218,7 +223,7 @@ def _run(
         for rank in ranks
         for e in rank["epochs"]
     )
-    return {"title": title, "rows": rows, "ok": ok, "no_cache": no_cache}
+    return {"title": title, "rows": rows, "ok": ok, "no_cache": no_cache, "ranks": ranks}
 
 
 def _free_port() -> int:
@@ -327,8 +332,9 @@ def _table(events: Iterator[dict], data_bytes: int) -> list[dict]:
             preload = stats.get("preload", {})
             print(
                 f"cache: {stats['items']} items, {stats['bytes'] / MB:.0f} MB in "
-                f"{stats['chunks']} chunks; one preload for all trainers "
-                f"({preload.get('loaded', 0)} items in {preload.get('seconds', 0):.1f} s)",
+                f"{stats['chunks']} chunks; one preload for all trainers, overlapping epoch 1 "
+                f"({preload.get('loaded', 0)} items in {preload.get('seconds', 0):.1f} s, "
+                "the rest read by the trainers on a miss)",
                 flush=True,
             )
     return rows

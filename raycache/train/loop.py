@@ -233,7 +233,8 @@ def train(
     settings = settings or LoopSettings()
     device = device or torch.device("cpu")
     rank, world = _world()
-    reference = reference or getattr(dataset, "provider", dataset)
+    if reference is None:
+        reference = getattr(dataset, "provider", dataset)
     torch.manual_seed(settings.seed)
     channels = int(getattr(reference, "shape", (3,))[0])
     model: nn.Module = SmallCNN(channels).to(device)

@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--no-cache", action="store_true", help="read the provider every epoch")
     p.add_argument("--no-preload", action="store_true")
+    p.add_argument("--preload-threads", type=int, default=8, help="provider reads in flight")
     p.add_argument("--name", default="raycache-demo")
     p.add_argument("--address", default=None, help="Ray address to attach to")
     p.add_argument("--epochs", type=int, default=3)
@@ -113,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         from raycache import CachedDataset
 
         config = {
-            "data_set": {"use_cache": True, "preload_cache": not args.no_preload},
+            "data_set": {
+                "use_cache": True,
+                "preload_cache": not args.no_preload,
+                "preload_threads": args.preload_threads,
+            },
             "raycache": {"name": args.name, "address": args.address},
         }
         dataset = CachedDataset(provider, config)

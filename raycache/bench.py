@@ -1,0 +1,1242 @@
+"""The benchmark suite: every raycache scenario against its baselines, in one run.
+
+A speed claim only means something next to the alternative measured on the same machine
+at the same time, so ``raycache bench`` starts one local Ray, runs every scenario and its
+baselines in this process tree, and reports each result as a ratio to its baseline.
+The machine is often shared and noisy: warm epochs are repeated in rounds whose order
+rotates, and the median is reported. It writes ``docs/benchmarks.md`` (workload,
+caveats, then the table) and ``docs/benchmarks.png``.
+
+Scenarios
+---------
+warm
+    A shuffled epoch, batch 64, ``num_workers=0``, of a fully cached dataset, for 48 KiB
+    and 1 KiB items, against the numpy fancy-index gather limit, a plain in-process dict
+    cache (what Hyrax keeps) and Ray Data (``materialize`` + ``iter_torch_batches`` with a
+    local shuffle buffer).
+preload
+    The first epoch while the cache preloads, with a provider that sleeps 2 ms per item
+    (I/O latency) and one that does ~1 ms of pure-Python work per item (holds the GIL),
+    against a thread-pool preloader of the same concurrency (Hyrax's) and no cache.
+fill
+    The first epoch without preload (each miss read by the trainer and inserted) against
+    the same epoch with no cache: the cost of caching.
+scale
+    A cache of a million items: how long a new process takes to be ready to read, and the
+    directory actor's memory for the map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import raycache
+from raycache.dataset import CachedDataset
+
+__all__ = ["Provider", "Row", "main", "run_scenarios", "spin"]
+
+logger = logging.getLogger(__name__)
+
+BATCH = 64
+KIB = 1024
+MIB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- providers
+def spin(iterations: int) -> int:
+    """Do a fixed amount of pure-Python work, holding the GIL throughout.
+
+    A fixed amount of work, not a fixed time: a loop that spins until a deadline would
+    let GIL-bound threads appear to overlap (each deadline passes while another thread
+    computes), hiding exactly the contention this benchmark is about.
+
+    Parameters
+    ----------
+    iterations : int
+        Loop iterations.
+
+    Returns
+    -------
+    int
+        A value depending on every iteration, so nothing can be skipped.
+    """
+    acc = 0
+    for k in range(iterations):
+        acc = (acc ^ k) & 0xFFFF  # the same cost for every k: calibration stays linear
+    return acc
+
+
+def calibrate_spin(seconds: float, trials: int = 7) -> int:
+    """Return the ``spin`` iterations that take ``seconds`` on an idle core here.
+
+    The fastest of several trials is used, so time taken by other processes on a
+    shared machine does not inflate the work per item.
+
+    Parameters
+    ----------
+    seconds : float
+        Target CPU time per call.
+    trials : int
+        Timed trials.
+
+    Returns
+    -------
+    int
+        Iterations.
+    """
+    iterations = 10_000
+    for _ in range(2):  # the second pass times about the target amount of work
+        best = min(_timed(lambda n=iterations: spin(n)) for _ in range(trials))
+        iterations = max(1, int(iterations * seconds / best))
+    return iterations
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class Provider:
+    """A synthetic data provider: ``{"image": float32 array, "label": int}`` per index.
+
+    Parameters
+    ----------
+    n : int
+        Number of items.
+    shape : tuple of int
+        Shape of each image.
+    latency_s : float
+        Seconds to sleep per item (I/O latency; releases the GIL).
+    spin_iterations : int
+        ``spin`` iterations per item (CPU work; holds the GIL).
+    """
+
+    def __init__(
+        self, n: int, shape: Sequence[int], latency_s: float = 0.0, spin_iterations: int = 0
+    ):
+        self.n = int(n)
+        self.shape = tuple(int(s) for s in shape)
+        self.latency_s = float(latency_s)
+        self.spin_iterations = int(spin_iterations)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: int) -> dict:
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if self.spin_iterations:
+            spin(self.spin_iterations)
+        return {"image": np.full(self.shape, float(idx), dtype=np.float32), "label": int(idx)}
+
+
+# --------------------------------------------------------------------------- baselines
+class ListDataset(Dataset):
+    """Hyrax's dict cache, warm: items kept as Python objects in this process."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> Any:
+        return self.items[idx]
+
+
+class GatherDataset(Dataset):
+    """The memory-bandwidth limit: one numpy array per field, one fancy index per batch."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: int) -> Any:
+        return self.__getitems__([idx])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict:
+        """Return the batch as tensors, gathered with one copy per field."""
+        idx = np.asarray(indices)
+        return {
+            "image": torch.from_numpy(self.images[idx]),
+            "label": torch.from_numpy(self.labels[idx]),
+        }
+
+
+class ThreadPoolCache(Dataset):
+    """What Hyrax does: a dict cache filled by a background thread pool, plus misses.
+
+    ``start()`` submits every index to a pool of ``threads`` threads, each reading the
+    provider and inserting into the dict; a read that misses reads the provider itself
+    and inserts, as Hyrax's ``DataCache`` does.
+    """
+
+    def __init__(self, provider: Provider, threads: int):
+        self.provider = provider
+        self.threads = threads
+        self.items: dict[int, Any] = {}
+        self.done_at: float | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start preloading every index in the background."""
+        self._pool = ThreadPoolExecutor(max_workers=self.threads)
+        futures = [self._pool.submit(self._load, i) for i in range(len(self.provider))]
+        start = time.perf_counter()
+
+        def finished(_: Any) -> None:
+            if all(f.done() for f in futures):
+                self.done_at = time.perf_counter() - start
+
+        futures[-1].add_done_callback(finished)
+
+    def _load(self, idx: int) -> None:
+        if idx not in self.items:
+            self.items[idx] = self.provider[idx]
+
+    def stop(self) -> None:
+        """Wait for the pool's threads to end."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __len__(self) -> int:
+        return len(self.provider)
+
+    def __getitem__(self, idx: int) -> Any:
+        item = self.items.get(idx)
+        if item is None:
+            item = self.items[idx] = self.provider[idx]
+        return item
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Row:
+    """One measured variant of one scenario, compared with its baselines.
+
+    Attributes
+    ----------
+    scenario : str
+        What was measured, for example ``"warm, 48 KiB items"``.
+    variant : str
+        Which implementation.
+    value : float
+        Items per second (``unit == "items/s"``, higher is better) or seconds
+        (``unit == "s"``, lower is better).
+    unit : str
+        ``"items/s"`` or ``"s"``.
+    ratios : dict
+        Baseline variant -> ratio, always oriented so that > 1 means this variant is
+        better (faster, or less time).
+    targets : dict
+        Baseline variant -> the ratio the issue asks for.
+    note : str
+        Anything a reader must know to interpret the row.
+    samples : list of float
+        Every measurement behind ``value`` (the median of them).
+    """
+
+    scenario: str
+    variant: str
+    value: float
+    unit: str
+    ratios: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+    samples: list[float] = field(default_factory=list)
+
+
+def _compare(
+    scenario: str,
+    values: dict[str, list[float]],
+    unit: str,
+    checks: dict[str, dict[str, float | None]],
+    notes: dict[str, str] | None = None,
+) -> list[Row]:
+    """Build rows from samples; ``checks[variant][baseline]`` is a target or None."""
+    notes = notes or {}
+    medians = {k: statistics.median(v) for k, v in values.items()}
+    rows = []
+    for variant, samples in values.items():
+        row = Row(scenario, variant, medians[variant], unit, note=notes.get(variant, ""))
+        row.samples = list(samples)
+        for baseline, target in checks.get(variant, {}).items():
+            row.ratios[baseline] = _paired_ratio(samples, values[baseline], unit)
+            if target is not None:
+                row.targets[baseline] = target
+        rows.append(row)
+    return rows
+
+
+def _paired_ratio(mine: list[float], theirs: list[float], unit: str) -> float:
+    """Return the median over rounds of the ratio within each round (> 1: ``mine`` better).
+
+    Both lists hold one sample per round, taken back to back, so a round's ratio compares
+    runs that saw the same interference from the rest of a shared machine; the median of
+    those is steadier than the ratio of two medians taken at different moments.
+    """
+    if unit == "items/s":
+        return statistics.median(m / t for m, t in zip(mine, theirs))
+    return statistics.median(t / m for m, t in zip(mine, theirs))
+
+
+# --------------------------------------------------------------------------- helpers
+def _config(name: str, args: argparse.Namespace, preload: bool, **raycache_keys: Any) -> dict:
+    return {
+        "data_set": {
+            "use_cache": True,
+            "preload_cache": preload,
+            "preload_threads": args.threads,
+        },
+        "raycache": {"name": name, "chunk_size": args.chunk_size, **raycache_keys},
+    }
+
+
+def _name(tag: str) -> str:
+    return f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def _epoch(loader: Iterable) -> float:
+    """Run one epoch; return items per second."""
+    start = time.perf_counter()
+    count = 0
+    for batch in loader:
+        count += len(batch["label"])
+    return count / (time.perf_counter() - start)
+
+
+def _loader(dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
+    kwargs = {} if collate_fn is None else {"collate_fn": collate_fn}
+    return DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=0, **kwargs)
+
+
+def _raydata_epoch(dataset: Any, limit: int) -> float:
+    """Items per second of Ray Data's shuffled batches over at most ``limit`` items."""
+    start = time.perf_counter()
+    count = 0
+    batches = dataset.iter_torch_batches(batch_size=BATCH, local_shuffle_buffer_size=2000)
+    for batch in batches:
+        count += len(batch["label"])
+        if count >= limit:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def _rounds(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run every variant once per round, rotating the order; return all samples."""
+    names = list(variants)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(variants[name]())
+            logger.info("  %-34s %12.0f", name, samples[name][-1])
+    return samples
+
+
+def _close(ds: CachedDataset) -> None:
+    ds.cache.close()
+    raycache.drop_cache(ds.cache.name)
+
+
+def _log(msg: str, *args: Any) -> None:
+    print(msg % args if args else msg, flush=True)
+
+
+# --------------------------------------------------------------------------- warm
+def warm(args: argparse.Namespace, n: int, shape: tuple[int, ...], label: str) -> list[Row]:
+    """Warm shuffled epochs of a fully cached dataset against the alternatives.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options (rounds, threads, chunk size, Ray Data item limit).
+    n : int
+        Items.
+    shape : tuple of int
+        Image shape (float32).
+    label : str
+        Item size, for the scenario's name.
+
+    Returns
+    -------
+    list of Row
+        One row per variant.
+    """
+    scenario = f"warm epoch, {label} items, n={n:,}"
+    _log("== %s", scenario)
+    provider = Provider(n, shape)
+    start = time.perf_counter()
+    ds = CachedDataset(provider, _config(_name(f"warm{label}"), args, preload=True))
+    ds.cache.wait_for_preload()
+    _log("   raycache preload: %.1f s, %d chunks", time.perf_counter() - start,
+         ds.cache.stats()["chunks"])
+    variants = _warm_variants(ds, provider, args)
+    big = shape_bytes(shape) >= 16 * KIB
+    extra = None
+    if not big and args.small_chunk_size:
+        # The same cache with larger chunks: a shuffled batch then touches fewer chunks.
+        config = _config(_name("warm1k"), args, preload=True, chunk_size=args.small_chunk_size)
+        extra = CachedDataset(provider, config)
+        extra.cache.wait_for_preload()
+        tag = f"chunk_size={args.small_chunk_size:,}"
+        variants[f"raycache, ds.collate, {tag}"] = lambda: _epoch(_loader(extra, extra.collate))
+        variants[f"raycache, default_collate, {tag}"] = lambda: _epoch(_loader(extra))
+    for fn in variants.values():  # warm-up: map chunks, fault pages in, start Ray Data
+        fn()
+    samples = _rounds(variants, args.rounds)
+    variants.clear()  # frees the baselines' copies of the data
+    for cached in (ds, extra):
+        if cached is not None:
+            _close(cached)
+    gc.collect()
+    limit = min(n, args.raydata_items)
+    checks: dict[str, dict[str, float | None]] = {
+        "raycache, collate_fn=ds.collate": {
+            "dict cache, default_collate": 1.4 if big else 1.8,
+            "numpy gather (limit)": 0.5 if big else None,
+            "Ray Data iter_torch_batches": 5.0 if big else None,
+        },
+        "raycache, default_collate": {"dict cache, default_collate": 1.0 if big else 0.85},
+        "Ray Data iter_torch_batches": {"dict cache, default_collate": None},
+    }
+    for variant in samples:
+        if "chunk_size=" in variant:
+            checks[variant] = {"dict cache, default_collate": None}
+    notes = {
+        "Ray Data iter_torch_batches": f"first {limit:,} items of each epoch",
+        "numpy gather (limit)": "one fancy index per field from one in-process array",
+    }
+    return _compare(scenario, samples, "items/s", checks, notes)
+
+
+def _warm_variants(
+    ds: CachedDataset, provider: Provider, args: argparse.Namespace
+) -> dict[str, Callable[[], float]]:
+    """Build the baselines for a warm epoch; return variant name -> one timed epoch."""
+    from ray import data as ray_data
+
+    n = len(provider)
+    items = [provider[i] for i in range(n)]
+    gather_ds = GatherDataset(
+        np.stack([it["image"] for it in items]), np.array([it["label"] for it in items])
+    )
+    start = time.perf_counter()
+    raydata = ray_data.from_items(items).materialize()
+    _log("   Ray Data materialize: %.1f s", time.perf_counter() - start)
+    limit = min(n, args.raydata_items)
+    return {
+        "numpy gather (limit)": lambda: _epoch(_loader(gather_ds, _identity)),
+        "dict cache, default_collate": lambda: _epoch(_loader(ListDataset(items))),
+        "raycache, collate_fn=ds.collate": lambda: _epoch(_loader(ds, ds.collate)),
+        "raycache, default_collate": lambda: _epoch(_loader(ds)),
+        "Ray Data iter_torch_batches": lambda: _raydata_epoch(raydata, limit),
+    }
+
+
+def shape_bytes(shape: Sequence[int]) -> int:
+    """Return the bytes of one float32 image of ``shape``.
+
+    Parameters
+    ----------
+    shape : Sequence[int]
+        The shape.
+
+    Returns
+    -------
+    int
+        Size in bytes.
+    """
+    return int(np.prod(shape)) * 4
+
+
+# --------------------------------------------------------------------------- first epoch
+@ray.remote
+def _warm_worker() -> int:
+    # Importing what a preload task needs (raycache, torch, the providers) is a one-off
+    # cost of each new worker process; see ``startup``.
+    import raycache.bench  # noqa: F401
+    import raycache.preload  # noqa: F401
+
+    return os.getpid()
+
+
+def warm_workers(count: int) -> float:
+    """Start ``count`` Ray workers with raycache imported; return the seconds it took.
+
+    Parameters
+    ----------
+    count : int
+        Workers (one per CPU).
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    start = time.perf_counter()
+    ray.get([_warm_worker.remote() for _ in range(count)])
+    return time.perf_counter() - start
+
+
+def _attached(provider: Provider, args: argparse.Namespace, name: str) -> tuple:
+    """Create cache ``name``'s directory actor; return (handle, seconds it took)."""
+    start = time.perf_counter()
+    cache = raycache.DataCache(_config(name, args, preload=False), provider)
+    cache.stats()  # attaches: the actor is created and the client gets the map
+    return cache, time.perf_counter() - start
+
+
+def _first_epoch_raycache(provider: Provider, args: argparse.Namespace, preload: bool) -> tuple:
+    """Run epoch 1 of a new cache; return (epoch seconds, cache-full seconds).
+
+    The cache's actor is created first and the workers are warmed, untimed: those are
+    one-off start-up costs (``startup`` measures them) that a Ray process pool of
+    threads does not have and that a benchmark of a few seconds would otherwise be all
+    about. The time runs from building the ``CachedDataset`` (which starts the preload)
+    to the end of the epoch, the final flush of inserted items included.
+    """
+    name = _name("first")
+    holder, _ = _attached(provider, args, name)
+    warm_workers(args.num_cpus)
+    start = time.perf_counter()
+    ds = CachedDataset(provider, _config(name, args, preload=preload))
+    _epoch(_loader(ds, ds.collate))
+    ds.cache.flush()
+    seconds = time.perf_counter() - start
+    full = None
+    if preload:
+        ds.cache.wait_for_preload()
+        full = ds.cache.stats()["preload"]["seconds"]
+    holder.close()
+    _close(ds)
+    return seconds, full
+
+
+def startup(args: argparse.Namespace) -> list[Row]:
+    """Measure the one-off cost the first-epoch rows leave out: a new cache's actor.
+
+    A new cache starts its directory actor in a new process, which imports raycache (and
+    with it torch) before it can answer. Preload workers that have not imported raycache
+    yet pay the same import on their first task (``warm_workers`` pays it, untimed,
+    before each timed first epoch).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options.
+
+    Returns
+    -------
+    list of Row
+        Seconds to create a new cache's actor and attach to it.
+    """
+    scenario = "start-up, once per cache (left out of the first-epoch rows)"
+    _log("== %s", scenario)
+    provider = Provider(1, (1,))
+    holder, attach = _attached(provider, args, _name("startup"))
+    holder.close()
+    raycache.drop_cache(holder.name)
+    _log("   actor %.2f s", attach)
+    rows = [Row(scenario, "new cache: directory actor created, client attached", attach, "s")]
+    return rows
+
+
+def _first_epoch_threads(provider: Provider, threads: int) -> tuple:
+    start = time.perf_counter()
+    cache = ThreadPoolCache(provider, threads)
+    cache.start()
+    _epoch(_loader(cache))
+    seconds = time.perf_counter() - start
+    cache.stop()
+    return seconds, cache.done_at
+
+
+def _first_epoch_nocache(provider: Provider) -> tuple:
+    start = time.perf_counter()
+    _epoch(_loader(provider))
+    return time.perf_counter() - start, None
+
+
+def preload(args: argparse.Namespace, kind: str, provider: Provider) -> list[Row]:
+    """First epoch while preloading, against a thread pool and against no cache.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options.
+    kind : str
+        ``"io"`` (sleep per item) or ``"cpu"`` (pure-Python work per item).
+    provider : Provider
+        The slow provider.
+
+    Returns
+    -------
+    list of Row
+        One row per variant (seconds for the whole first epoch).
+    """
+    what = "2 ms I/O latency" if kind == "io" else "~1 ms pure-Python CPU"
+    scenario = f"first epoch with preload, {what} per item, n={len(provider):,}"
+    _log("== %s", scenario)
+    runs = {
+        "raycache preload (Ray tasks)": lambda: _first_epoch_raycache(provider, args, True),
+        f"thread pool preload, {args.threads} threads": lambda: _first_epoch_threads(
+            provider, args.threads
+        ),
+        "no cache": lambda: _first_epoch_nocache(provider),
+    }
+    samples, full = _first_epoch_samples(runs, args.first_rounds)
+    mine, pool = list(runs)[:2]
+    target = 1.0 if kind == "io" else 1.6
+    checks = {mine: {pool: target, "no cache": None}, pool: {"no cache": None}}
+    notes = {
+        k: f"cache full after {statistics.median(v):.2f} s" for k, v in full.items() if v
+    }
+    return _compare(scenario, samples, "s", checks, notes)
+
+
+def _first_epoch_samples(runs: dict[str, Callable[[], tuple]], rounds: int) -> tuple:
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    full: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds, done = runs[name]()
+            samples[name].append(seconds)
+            if done is not None:
+                full[name].append(done)
+            _log("   %-34s %8.2f s", name, seconds)
+    return samples, full
+
+
+def fill(args: argparse.Namespace, kind: str, provider: Provider) -> list[Row]:
+    """First epoch filling the cache on misses against the same epoch with no cache.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options.
+    kind : str
+        ``"io"``, ``"cpu"`` or ``"memory"`` (no cost per item: the worst case).
+    provider : Provider
+        The provider.
+
+    Returns
+    -------
+    list of Row
+        Two rows (seconds for the first epoch, including the final flush).
+    """
+    what = {"io": "2 ms I/O latency", "cpu": "~1 ms pure-Python CPU", "memory": "no delay"}[kind]
+    scenario = f"first epoch filling on miss, {what} per item, n={len(provider):,}"
+    _log("== %s", scenario)
+    runs = {
+        "raycache fill on miss": lambda: _first_epoch_raycache(provider, args, False),
+        "no cache": lambda: _first_epoch_nocache(provider),
+    }
+    samples, _ = _first_epoch_samples(runs, args.first_rounds)
+    # The issue's target is a time ratio <= 1.15, i.e. a speed ratio >= 1/1.15.
+    target = 1 / 1.15 if kind != "memory" else None
+    checks = {"raycache fill on miss": {"no cache": target}}
+    notes = {"raycache fill on miss": "includes the final flush"}
+    return _compare(scenario, samples, "s", checks, notes)
+
+
+# --------------------------------------------------------------------------- scale
+_READY_PROBE = """
+import json, sys, time
+t0 = time.perf_counter()
+import ray
+ray.init(address=sys.argv[1], logging_level="WARNING")
+t1 = time.perf_counter()
+from raycache import DataCache
+from raycache.bench import Provider
+t2 = time.perf_counter()
+n, idx = int(sys.argv[3]), int(sys.argv[3]) // 2
+cache = DataCache({"raycache": {"name": sys.argv[2]}}, Provider(n, (int(sys.argv[4]),)))
+item = cache.try_fetch(idx)  # attach, map snapshot, map one chunk, read
+t3 = time.perf_counter()
+hit = item is not None and int(item["label"]) == idx
+cache.close()
+print(json.dumps({"ray_init_s": t1 - t0, "import_s": t2 - t1, "ready_s": t3 - t2, "hit": hit}))
+"""
+
+
+def _actor_memory(actor: Any) -> dict:
+    """Ask the directory actor for its map's bytes and its process's RSS and PSS."""
+
+    def probe(self: Any) -> dict:
+        from raycache.memory import pss
+
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        events = sum(e[2].nbytes + e[3].nbytes for e in self._events if e[0] == "add")
+        return {
+            "map_bytes": int(self._chunk_of.nbytes + self._row_of.nbytes),
+            "event_log_bytes": int(events),
+            "events": len(self._events),
+            "chunks": len(self._refs),
+            "rss": rss,
+            "pss": (pss(os.getpid()) or {}).get("pss"),
+        }
+
+    return ray.get(actor.__ray_call__.remote(probe))
+
+
+def scale(args: argparse.Namespace) -> tuple[list[Row], dict]:
+    """Measure a cache of ``args.scale_items`` items: new-client readiness, actor memory.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options (``scale_items``, ``chunk_size``, ``threads``).
+
+    Returns
+    -------
+    tuple
+        Rows (seconds until a new process's client is ready; actor memory in MB) and a
+        dict of every number measured.
+    """
+    from raycache.client import directory_actor
+
+    n = args.scale_items
+    scenario = f"scale: a cache of {n:,} items of 128 B"
+    _log("== %s", scenario)
+    provider = Provider(n, (32,))
+    name = _name("scale")
+    start = time.perf_counter()
+    ds = CachedDataset(provider, _config(name, args, preload=True))
+    actor = directory_actor(name, ds.cache.config.namespace)
+    before = _actor_memory(actor)
+    ds.cache.wait_for_preload()
+    fill_s = time.perf_counter() - start
+    after = _actor_memory(actor)
+    _log("   filled in %.1f s: %s", fill_s, json.dumps(after))
+    probes = [_ready_probe(name, n) for _ in range(args.first_rounds)]
+    _close(ds)
+    ready = statistics.median(p["ready_s"] for p in probes)
+    info = {"fill_s": fill_s, "before": before, "after": after, "probes": probes}
+    growth_mb = (after["rss"] - before["rss"]) / 1e6
+    rows = [
+        Row(scenario, "new client: attach, map snapshot, first read", ready, "s",
+            note="after ray.init(address=...) "
+            f"{statistics.median(p['ray_init_s'] for p in probes):.2f} s and importing raycache "
+            f"{statistics.median(p['import_s'] for p in probes):.2f} s; target < 2 s",
+            samples=[p["ready_s"] for p in probes]),
+        Row(scenario, "directory actor RSS growth for the map (MB)", growth_mb, "MB",
+            note=f"RSS {before['rss'] / 1e6:.0f} -> {after['rss'] / 1e6:.0f} MB, PSS "
+            f"{(after['pss'] or 0) / 1e6:.0f} MB, map arrays {after['map_bytes'] / 1e6:.1f} MB, "
+            f"event log {after['event_log_bytes'] / 1e6:.1f} MB; target < 300 MB"),
+    ]
+    return rows, info
+
+
+def _ready_probe(name: str, n: int) -> dict:
+    """Time a new process attaching to cache ``name`` and reading one item."""
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, "-c", _READY_PROBE, address, name, str(n), "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"new-client probe failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not result["hit"]:
+        raise RuntimeError(f"the new client did not read the cached item: {result}")
+    _log("   new client: %s", json.dumps(result))
+    return result
+
+
+# --------------------------------------------------------------------------- report
+def _fmt_value(row: Row, spread: bool = False) -> str:
+    if row.unit == "items/s":
+        text = f"{row.value:,.0f} items/s"
+        if spread and len(row.samples) > 1:
+            text += f" ({min(row.samples):,.0f}–{max(row.samples):,.0f})"
+        return text
+    if row.unit == "s":
+        text = f"{row.value:.2f} s"
+        if spread and len(row.samples) > 1:
+            text += f" ({min(row.samples):.2f}–{max(row.samples):.2f})"
+        return text
+    return f"{row.value:,.1f} {row.unit}"
+
+
+def _fmt_ratio(row: Row, baseline: str) -> tuple[str, str]:
+    ratio = row.ratios[baseline]
+    target = row.targets.get(baseline)
+    if target is None:
+        return f"{ratio:.2f}x", ""
+    met = "met" if ratio >= target else "**missed**"
+    digits = 3 if abs(ratio - target) < 0.005 else 2  # never print 0.50x for a miss of 0.50x
+    if row.unit == "s" and target < 1:  # the issue states fill targets as time ratios
+        return (
+            f"{ratio:.{digits}f}x (time {1 / ratio:.{digits}f}x)",
+            f"time <= {1 / target:.2f}x: {met}",
+        )
+    return f"{ratio:.{digits}f}x", f">= {target:.2f}x: {met}"
+
+
+def _target_row(row: Row) -> tuple[str, str] | None:
+    limit = 2.0 if row.unit == "s" else 300.0
+    if not row.scenario.startswith("scale"):
+        return None
+    return "", f"< {limit:g} {row.unit}: " + ("met" if row.value < limit else "**missed**")
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """Render rows as a markdown table: one line per comparison with its baseline.
+
+    Parameters
+    ----------
+    rows : Sequence[Row]
+        Measured rows.
+
+    Returns
+    -------
+    str
+        The table.
+    """
+    lines = [
+        "| scenario | variant | median (min–max) | vs | ratio (>1: better) | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        comparisons = list(row.ratios) or [None]
+        for baseline in comparisons:
+            if baseline is None:
+                target = _target_row(row)
+                ratio, goal = ("", target[1]) if target else ("", "")
+                vs = ""
+            else:
+                ratio, goal = _fmt_ratio(row, baseline)
+                vs = baseline
+            lines.append(
+                f"| {row.scenario} | {row.variant} | {_fmt_value(row, spread=True)} | {vs} | "
+                f"{ratio} | {goal} |"
+            )
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    """Describe the machine and the versions the numbers were measured with.
+
+    Returns
+    -------
+    dict
+        Name -> description.
+    """
+    import numpy
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        memory = f"{mem:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        memory = "unknown"
+    return {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} cores ({cpu}), {memory} memory, {platform.system()} "
+        f"{platform.release()}",
+        "load average at the end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "versions": f"Python {platform.python_version()}, Ray {ray.__version__}, torch "
+        f"{torch.__version__}, numpy {numpy.__version__}, raycache {raycache.__version__}",
+    }
+
+
+_ABOUT = """\
+# Benchmarks
+
+`raycache bench` (or `python benchmarks/run_benchmarks.py`) runs every scenario below and its
+baselines in one process tree, in one run, on a private local Ray instance, and rewrites this
+page and `benchmarks.png`. Every number is compared only with numbers from the same run.
+
+## Workload
+
+- **Items**: `{{"image": float32 array, "label": int}}`; 48 KiB images are 3x64x64, 1 KiB
+  images are 256 floats. The provider builds each item with `np.full` (plus the delay below).
+- **Warm epoch**: the whole dataset is cached first (raycache: preload; dict: a Python list of
+  the provider's items; numpy: one stacked array; Ray Data: `from_items(...).materialize()`).
+  Then shuffled epochs through `DataLoader(batch_size=64, shuffle=True, num_workers=0)`.
+  Each variant runs {rounds} epochs, in rounds whose order rotates, after one warm-up epoch;
+  the median epoch is reported, and each ratio is the median over rounds of the ratio
+  within a round (the variants of a round run back to back, under the same load).
+  Ray Data is timed over the first {raydata:,} items of each epoch
+  (`iter_torch_batches(batch_size=64, local_shuffle_buffer_size=2000)`).
+  - *numpy gather (limit)*: `__getitems__` does one fancy index per field on one in-process
+    array; collate is the identity. Nothing can serve a shuffled batch faster in Python.
+  - *dict cache*: Hyrax's cache kept warm in the trainer; the stock `default_collate`.
+  - *raycache, collate_fn=ds.collate*: `CachedDataset.__getitems__` gathers the batch
+    from the mapped chunks with one copy per field; `ds.collate` wraps the gathered arrays.
+  - *raycache, default_collate*: the same items through the stock collate.
+- **First epoch with preload**: the dataset is built (raycache starts its preload tasks; the
+  thread-pool baseline starts {threads} threads filling a dict, as Hyrax's preloader does) and
+  epoch 1 starts at once; the time is from building the dataset to the end of epoch 1, the
+  final flush included. A miss that the preload has not reached is read by the trainer.
+  The I/O provider sleeps 2 ms per item (releasing the GIL); the CPU provider runs a
+  calibrated pure-Python loop of ~1 ms per item (holding the GIL; a fixed amount of work,
+  {spin:,} iterations, not a deadline). raycache's preload runs in Ray worker processes,
+  `preload_threads={threads}` reads in flight over all tasks; the thread pool is bound by
+  the trainer's GIL for CPU work.
+- **First epoch filling on miss**: no preload; every read of epoch 1 misses, reads the
+  provider and inserts; against the same epoch reading the provider with no cache.
+- **Scale**: a cache of {scale:,} items of 128 B is preloaded; a new process then attaches
+  (`ray.init(address=...)`, `DataCache(...)`, first `try_fetch`), timed; the directory
+  actor's memory is read inside the actor (`/proc/self/status` RSS, `smaps_rollup` PSS, and
+  the map and event-log arrays).
+
+## Caveats
+
+- The machine is small and shared: other jobs were running (see the load average below).
+  Absolute numbers move by tens of percent between runs, and single epochs by more; the
+  paired ratios within one run are what to read, and the min–max range shows the spread.
+- `num_workers=0` everywhere: it isolates the cost of reading the cache. With workers, every
+  variant but raycache and numpy would also pay to send batches between processes.
+- Ray's object-store pages are ordinary 4 KiB shared-memory pages (transparent huge pages
+  are off for shared memory here), while a large numpy array in the trainer gets huge pages:
+  the numpy limit reads memory with fewer TLB misses than any cache in shared memory can.
+- The warm 1 KiB batch of 64 shuffled rows touches ~55 different chunks with the default
+  `chunk_size = 1024` (1 MiB chunks); costs paid per chunk dominate there (see below).
+- First-epoch scenarios run once per variant by default (`--first-rounds`), so they are the
+  noisiest rows.
+
+## Environment
+
+{env}
+
+Command: `{argv}`; wall time of the whole run: **{wall:.0f} s**.
+
+## Results
+
+Ratios are oriented so that above 1 means raycache (or the row's variant) is better: items/s
+divided by the baseline's items/s, or the baseline's seconds divided by the row's seconds.
+
+{table}
+
+![benchmarks](benchmarks.png)
+
+{summary}
+
+## What limits the missed targets
+
+Profiles taken while building this benchmark (same machine, Nov 2026; CPU time per batch of
+64 in the trainer, `time.process_time`, best of 9 passes), not regenerated by each run:
+
+- **Warm 48 KiB with `ds.collate`**: memory-bound. Copying 64 rows out of 20 mapped chunks
+  takes ~300 us (~10 GB/s: object-store pages are 4 KiB shared-memory pages, transparent huge
+  pages are off for shared memory here), the rest of `gather` ~50 us, `__getitems__`
+  (locate, `np.unique`, one `_view` per chunk) ~30-60 us, the DataLoader ~20 us. The numpy
+  limit reads one huge-page array in the trainer (~15 GB/s). With the dict at ~75-100k
+  items/s, 1.4x needs <= ~450 us per batch: reached in quiet runs, missed in loaded ones.
+- **Warm with the stock `default_collate`**: structural. The stock collate stacks (copies)
+  every item again, so a safe read from the cache costs two copies (the private gather,
+  then `torch.stack`) against the dict's one; `default_collate` itself costs the same on
+  both. Handing out read-only views of shared memory instead would save the first copy but
+  let `torch.from_numpy` write into every process's cache (`raycache.zero_copy` opts in).
+- **Warm 1 KiB**: costs paid per chunk. With `chunk_size = 1024` (1 MiB chunks of 1 KiB
+  items) a shuffled batch of 64 touches ~55 chunks, and reading it (`fetch_many`: locate,
+  `np.unique`, one `_view` call per chunk; then `gather`) costs ~150-200 us per batch
+  against the dict's ~460 us. The `chunk_size=16,384` rows show the same code with 13
+  chunks. A `fetch_many` fast path without `np.unique` and with one dict lookup of the
+  mapped chunks measured 1.21x -> 1.39x (1,024) and 1.33x -> 1.40x (16,384) the dict in
+  CPU time, paired over 5 rounds.
+- **First epoch with preload, I/O-bound**: a unit is one chunk (1,024 items) per task with
+  `preload_threads / tasks` threads; with 2 CPUs, 2 tasks of 4 threads. Timeline of one run:
+  units finished at 0.68, 0.82, 1.46, 1.46 s and took 0.58-0.76 s each against 0.54 s of
+  sleeping, so the cache was full at ~1.45 s where 8 pool threads finish at ~1.05 s, and the
+  trainer waits for a unit in flight instead of reading the item itself. Once the run had
+  only 1 task: `PreloadRun` sizes itself from `ray.available_resources()`, which still
+  counted the CPUs of tasks that had just finished.
+- **First epoch with preload, CPU-bound**: the two preload workers, the trainer (reading
+  misses the preload has not reached) and the directory actor share 2 cores with the other
+  jobs on this machine; 1.6x needs nearly both cores for the preload alone.
+- **Start-up** (not in the first-epoch rows): a new cache's actor takes ~2.5 s, ~2.2 s of it
+  importing torch through `raycache.values`. Preload workers that have not imported
+  raycache yet pay the same on their first task (a first `read_unit` on a fresh Ray: 3.1 s,
+  the next ones 0.2 s); Ray also kills the workers still leased to a cache's actor when the
+  actor is killed, so a cache dropped right after its preload leaves no warm workers.
+- **Fill on miss** (the CPU-bound row when it misses, and the no-cost provider, which has
+  no target): for 20,000 items of 48 KiB the trainer's main thread used 1.5 s of CPU in a
+  3.7 s epoch; per item `data_size` ~43 us and `copy_item` ~34 us (cProfile), and the
+  flush thread (building chunks, sending them) used ~0.8 s more of the same process. Misses
+  also wait on `sync` calls to an actor busy storing and compacting. A/B in one process
+  (3 rounds, loaded machine): with the CPU-bound provider, misses that do not wait for
+  `sync` and a size taken from the arrays' `nbytes` instead of `data_size` took the epoch
+  from 1.72x to 1.61x to 1.28x the no-cache time; with the no-cost provider the `sync`
+  change alone gained nothing (the trainer process's GIL and the 2 shared cores limit it).
+"""
+
+
+def _summary(rows: Sequence[Row]) -> str:
+    met, missed = [], []
+    for row in rows:
+        for baseline, target in row.targets.items():
+            ratio = row.ratios[baseline]
+            line = (
+                f"{row.scenario}: {row.variant} vs {baseline}: {ratio:.2f}x "
+                f"(target {target:.2f}x)"
+            )
+            (met if ratio >= target else missed).append(line)
+        goal = _target_row(row)
+        if goal is not None:
+            line = f"{row.scenario}: {row.variant}: {_fmt_value(row)} ({goal[1].split(':')[0]})"
+            (met if "met" in goal[1] and "missed" not in goal[1] else missed).append(line)
+    out = ["### Targets", "", f"Met ({len(met)}):", ""] + [f"- {m}" for m in met]
+    out += ["", f"Missed ({len(missed)}):", ""] + [f"- {m}" for m in missed or ["none"]]
+    return "\n".join(out)
+
+
+def write_report(args: argparse.Namespace, rows: Sequence[Row], info: dict, table: str) -> None:
+    """Write ``benchmarks.md`` and ``benchmarks.png`` into ``args.out``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Options (``out`` and the sizes described in the page).
+    rows : Sequence[Row]
+        Results.
+    info : dict
+        Wall time, arguments, scale details.
+    table : str
+        The markdown table.
+    """
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = "\n".join(f"- {k}: {v}" for k, v in environment().items())
+    page = _ABOUT.format(
+        rounds=args.rounds,
+        raydata=args.raydata_items,
+        threads=args.threads,
+        spin=info.get("spin_iterations_per_ms", 0),
+        scale=args.scale_items,
+        env=env,
+        argv=" ".join(["raycache bench", *info["argv"]]),
+        wall=info["wall_s"],
+        table=table,
+        summary=_summary(rows),
+    )
+    (args.out / "benchmarks.md").write_text(page)
+    plot(rows, args.out / "benchmarks.png")
+    _log("wrote %s", ", ".join(str(args.out / f) for f in ("benchmarks.md", "benchmarks.png")))
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Draw one panel per scenario family: warm throughput, first-epoch times.
+
+    Parameters
+    ----------
+    rows : Sequence[Row]
+        Results.
+    path : Path
+        The PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = [
+        ("warm epoch, 48 KiB", "items/s", "warm epoch, 48 KiB items (items/s, log)"),
+        ("warm epoch, 1 KiB", "items/s", "warm epoch, 1 KiB items (items/s, log)"),
+        ("first epoch with preload", "s", "first epoch with preload (s)"),
+        ("first epoch filling", "s", "first epoch filling on miss (s)"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
+    for ax, (prefix, unit, title) in zip(axes.flat, families):
+        chosen = [r for r in rows if r.scenario.startswith(prefix) and r.unit == unit]
+        _bars(ax, chosen, log=unit == "items/s")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(ax: Any, rows: Sequence[Row], log: bool) -> None:
+    if not rows:
+        ax.set_visible(False)
+        return
+    labels = [_short(r) for r in rows]
+    colors = ["tab:orange" if r.variant.startswith("raycache") else "tab:gray" for r in rows]
+    positions = range(len(rows))
+    ax.barh(positions, [r.value for r in rows], color=colors)
+    ax.set_yticks(list(positions), labels, fontsize=8)
+    ax.invert_yaxis()
+    top = max(r.value for r in rows)
+    if log:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(right=top * 4)  # room for the value labels
+    else:
+        ax.set_xlim(0, top * 1.3)
+    for pos, row in zip(positions, rows):
+        ax.text(row.value, pos, " " + _fmt_value(row), va="center", fontsize=7)
+
+
+def _short(row: Row) -> str:
+    detail = row.scenario.split(",")[1].strip() if "," in row.scenario else ""
+    if row.scenario.startswith("warm"):
+        return row.variant
+    return f"{detail.replace(' per item', '')}: {row.variant}"
+
+
+# --------------------------------------------------------------------------- running
+SCENARIOS = ("warm", "preload", "fill", "scale")
+
+
+def run_scenarios(args: argparse.Namespace) -> tuple[list[Row], dict]:
+    """Run the selected scenarios in this process, with Ray already started.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed options (see ``parse_args``).
+
+    Returns
+    -------
+    tuple
+        All rows, and extra information (the scale scenario's numbers, calibration).
+    """
+    rows: list[Row] = []
+    info: dict = {}
+    only = set(args.only)
+    if "warm" in only:
+        rows += warm(args, args.warm_large_items, (3, 64, 64), "48 KiB")
+        rows += warm(args, args.warm_small_items, (256,), "1 KiB")
+    iterations = calibrate_spin(0.001) if only & {"preload", "fill"} else 0
+    info["spin_iterations_per_ms"] = iterations
+    shape = (3, 64, 64)
+    io = Provider(args.preload_items, shape, latency_s=0.002)
+    cpu = Provider(args.preload_items, shape, spin_iterations=iterations)
+    if only & {"preload", "fill"}:
+        rows += startup(args)
+    if "preload" in only:
+        rows += preload(args, "io", io)
+        rows += preload(args, "cpu", cpu)
+    if "fill" in only:
+        rows += fill(args, "io", Provider(args.fill_items, shape, latency_s=0.002))
+        rows += fill(args, "cpu", Provider(args.fill_items, shape, spin_iterations=iterations))
+        rows += fill(args, "memory", Provider(args.warm_large_items, shape))
+    if "scale" in only:
+        scale_rows, info["scale"] = scale(args)
+        rows += scale_rows
+    return rows, info
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the benchmark's options.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    argparse.Namespace
+        The options.
+    """
+    p = argparse.ArgumentParser(
+        prog="raycache bench",
+        description="Run raycache's benchmark suite and write docs/benchmarks.md and .png.",
+    )
+    p.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    p.add_argument("--warm-large-items", type=int, default=20_000, help="48 KiB items")
+    p.add_argument("--warm-small-items", type=int, default=200_000, help="1 KiB items")
+    p.add_argument("--preload-items", type=int, default=4096)
+    p.add_argument("--fill-items", type=int, default=2048)
+    p.add_argument("--scale-items", type=int, default=1_000_000)
+    p.add_argument("--rounds", type=int, default=5, help="warm epochs per variant (median)")
+    p.add_argument("--first-rounds", type=int, default=1, help="first epochs per variant")
+    p.add_argument("--raydata-items", type=int, default=20_000, help="items per Ray Data epoch")
+    p.add_argument("--threads", type=int, default=8, help="preload_threads and pool size")
+    p.add_argument("--chunk-size", type=int, default=1024, help="raycache.chunk_size")
+    p.add_argument(
+        "--small-chunk-size",
+        type=int,
+        default=16384,
+        help="also time the 1 KiB warm epoch with this chunk_size (0: skip)",
+    )
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--object-store-mb", type=int, default=4096)
+    p.add_argument("--out", type=Path, default=Path("docs"), help="where the report goes")
+    p.add_argument("--no-report", action="store_true", help="print the table only")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark suite (``raycache bench``).
+
+    Starts a private local Ray instance (never attaches to one that is running, whose
+    other work would disturb the timings), runs the scenarios, shuts Ray down and writes
+    the report.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Command-line arguments (see ``raycache bench --help``).
+
+    Returns
+    -------
+    int
+        0 on success.
+    """
+    args = parse_args(argv)
+    start = time.perf_counter()
+    ray.init(
+        address="local",
+        num_cpus=args.num_cpus,
+        object_store_memory=args.object_store_mb * MIB,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        _log("ray up after %.1f s", time.perf_counter() - start)
+        rows, info = run_scenarios(args)
+    finally:
+        ray.shutdown()
+    info["wall_s"] = time.perf_counter() - start
+    info["argv"] = list(sys.argv[1:] if argv is None else argv)
+    table = markdown_table(rows)
+    print(table)
+    if not args.no_report:
+        write_report(args, rows, info, table)
+    _log("total wall time %.0f s", info["wall_s"])
+    return 0

@@ -1,0 +1,249 @@
+"""Batched reads: ``__getitems__`` + ``ds.collate`` against the stock collate, real Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from test_values import assert_same, rich_item
+from torch.utils.data import DataLoader, default_collate
+
+import raycache
+import raycache.batch
+from raycache import CachedDataset, GatheredBatch
+
+
+class ItemsProvider:
+    """A map-style dataset over a function of the index (filled on miss, never pickled)."""
+
+    def __init__(self, n, make):
+        self.n = n
+        self.make = make
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.make(int(i))
+
+
+def plain_item(i):
+    return {
+        "image": np.full((3, 4, 4), i, dtype=np.float32),
+        "label": i,
+        "weight": i / 4,
+        "flag": i % 3 == 0,
+        "name": f"obj-{i}",
+        "tensor": torch.arange(2, dtype=torch.int16) + i,
+        "nested": {"pair": [np.array([i, -i], dtype=np.int64), 2 * i], "tup": (0.5 * i, "t")},
+    }
+
+
+@contextlib.contextmanager
+def filled(name, make, n=200, chunk_size=16, order=None):
+    """A dataset whose every item is cached, in chunks of at most ``chunk_size``."""
+    config = {"raycache": {"name": name, "chunk_size": chunk_size}}
+    ds = CachedDataset(ItemsProvider(n, make), config)
+    try:
+        for i in range(n) if order is None else order:
+            ds[int(i)]
+        assert ds.cache.flush(timeout=30)
+        ds.cache._connect().sync(force=True)
+        assert ds.cache.stats()["items"] == n
+        yield ds
+    finally:
+        ds.cache.close()
+        raycache.drop_cache(name)
+
+
+def chunk_of(ds):
+    return ds.cache._client._loc >> 32
+
+
+def assert_collated_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_collated_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_collated_equal(x, y)
+    else:
+        assert type(a) is type(b) and a == b
+
+
+@pytest.fixture(scope="module")
+def plain(ray_address):
+    # Read-only for the tests that use it (test_modifying... checks that it stays so).
+    rng = np.random.default_rng(0)
+    name = f"t-plain-{uuid.uuid4().hex[:8]}"
+    with filled(name, plain_item, order=rng.permutation(200)) as ds:  # chunks of scattered rows
+        yield ds
+
+
+@pytest.fixture
+def grouping(monkeypatch):
+    # Gather per chunk as soon as each chunk holds 4 rows of the batch, so that the
+    # small chunks of these tests take that path too (it normally needs 64).
+    monkeypatch.setattr(raycache.batch, "GROUP_MIN_ROWS", 4)
+
+
+def batches_for_every_path(ds):
+    """Index batches that take the single-chunk, grouped and row-by-row gathers."""
+    cids = chunk_of(ds)
+    by_chunk = [np.flatnonzero(cids == c) for c in np.unique(cids)]
+    single = by_chunk[0][::-1]
+    grouped = np.concatenate([g[:4] for g in by_chunk[:3]])
+    rows = np.array([g[0] for g in by_chunk])
+    shuffled = np.random.default_rng(1).permutation(len(cids))[:64]
+    return {"single": single, "grouped": grouped, "rows": rows, "shuffled": shuffled}
+
+
+def test_gathered_items_equal_provider_items_on_every_path(plain, grouping):
+    for path, idx in batches_for_every_path(plain).items():
+        batch = plain.__getitems__(idx.tolist())
+        assert isinstance(batch, GatheredBatch), path
+        assert len(batch) == len(idx)
+        for i, item in zip(idx, batch):
+            assert_same(item, plain_item(int(i)))
+
+
+def test_collate_equals_default_collate(plain, grouping):
+    for path, idx in batches_for_every_path(plain).items():
+        batch = plain.__getitems__(idx.tolist())
+        fast = plain.collate(batch)
+        assert_collated_equal(fast, default_collate(batch))
+        assert_collated_equal(fast, default_collate([plain_item(int(i)) for i in idx]))
+        assert fast["image"].shape == (len(idx), 3, 4, 4), path
+        assert fast["name"] == [f"obj-{i}" for i in idx]
+
+
+def test_dataloader_with_ds_collate_matches_stock_collate(plain):
+    def loader(**kw):
+        g = torch.Generator().manual_seed(7)
+        return DataLoader(plain, batch_size=64, shuffle=True, generator=g, **kw)
+
+    batches = 0
+    for fast, stock in zip(loader(collate_fn=plain.collate), loader()):
+        assert_collated_equal(fast, stock)
+        batches += 1
+    assert batches == 4
+
+
+def test_modifying_batches_does_not_change_the_cache(plain):
+    idx = batches_for_every_path(plain)["shuffled"].tolist()
+    batch = plain.__getitems__(idx)
+    for item in batch:
+        item["image"] += 1000
+        item["tensor"].mul_(0)
+        item["nested"]["pair"][0][:] = 7
+        item["label"] = -1
+    collated = plain.collate(plain.__getitems__(idx))
+    collated["image"].zero_()
+    collated["tensor"].add_(5)
+    collated["nested"]["pair"][0].fill_(9)
+    for i, item in zip(idx, plain.__getitems__(idx)):
+        assert_same(item, plain_item(i))
+    assert_same(plain[idx[0]], plain_item(idx[0]))
+
+
+def test_collated_tensors_own_their_memory(plain):
+    idx = batches_for_every_path(plain)["rows"].tolist()
+    first = plain.collate(plain.__getitems__(idx))
+    second = plain.collate(plain.__getitems__(idx))
+    first["image"].fill_(-1)
+    assert torch.equal(second["image"][:, 0, 0, 0], torch.tensor(idx, dtype=torch.float32))
+
+
+def test_rich_values_gather_exactly(ray_address, cache_name):
+    with filled(cache_name, rich_item, n=48, chunk_size=8) as ds:
+        idx = np.random.default_rng(2).permutation(48).tolist()
+        batch = ds.__getitems__(idx)
+        for i, item in zip(idx, batch):
+            assert_same(item, rich_item(i))
+        fast = ds.collate(batch)
+        assert fast["int"].tolist() == idx
+        assert fast["float"].dtype == torch.float64
+        assert [t.tolist() for t in fast["ragged"]] == [list(range(i + 1)) for i in idx]
+        assert fast["s"] == ["x" * i for i in idx]
+        assert fast["none"] == [None] * len(idx)
+
+
+def ragged_or_stacked(i):
+    # Blocks of 32 indices alternate between one shape and a shape per item.
+    side = 2 if (i // 32) % 2 == 0 else 1 + i % 3
+    return {"image": np.full((side, side), i, dtype=np.int32), "label": i, "name": str(i)}
+
+
+def test_ragged_and_mixed_chunks(ray_address, cache_name):
+    with filled(cache_name, ragged_or_stacked, n=128, chunk_size=16) as ds:
+        stacked_only = [i for i in range(128) if (i // 32) % 2 == 0][:40]
+        mixed = list(range(0, 128, 3))
+        for idx in (stacked_only, mixed):
+            batch = ds.__getitems__(idx)
+            assert isinstance(batch, GatheredBatch)
+            for i, item in zip(idx, batch):
+                assert_same(item, ragged_or_stacked(i))
+            fast = ds.collate(batch)
+            assert fast["label"].tolist() == idx
+            assert fast["name"] == [str(i) for i in idx]
+            images = fast["image"]
+            if idx is stacked_only:
+                assert isinstance(images, torch.Tensor) and images.shape == (len(idx), 2, 2)
+                assert_collated_equal(fast, default_collate(batch))
+            else:
+                assert isinstance(images, list)
+            for i, image in zip(idx, images):
+                expected = torch.from_numpy(ragged_or_stacked(i)["image"])
+                assert torch.equal(torch.as_tensor(image), expected)
+
+
+def number_types_differ(i):
+    # A field that is an int in some chunks and a float in others.
+    return {"x": i if i < 16 else float(i), "v": np.full(2, i, dtype=np.float32)}
+
+
+def test_field_of_other_kinds_in_other_chunks(ray_address, cache_name):
+    with filled(cache_name, number_types_differ, n=32, chunk_size=16) as ds:
+        idx = [0, 20, 3, 31]
+        batch = ds.__getitems__(idx)
+        for i, item in zip(idx, batch):
+            assert_same(item, number_types_differ(i))
+        fast = ds.collate(batch)
+        assert fast["x"] == [0, 20.0, 3, 31.0]
+        assert torch.equal(fast["v"][:, 0], torch.tensor(idx, dtype=torch.float32))
+
+
+def other_structures(i):
+    return {"a": i} if i % 2 else [i, np.arange(i)]
+
+
+def test_items_of_different_structures_come_back_as_a_list(ray_address, cache_name):
+    with filled(cache_name, other_structures, n=20, chunk_size=8) as ds:
+        idx = list(range(20))
+        batch = ds.__getitems__(idx)
+        assert not isinstance(batch, GatheredBatch)
+        for i, item in zip(idx, batch):
+            assert_same(item, other_structures(i))
+
+
+def test_partly_cached_batch_reads_misses_from_provider(ray_address, cache_name):
+    ds = CachedDataset(ItemsProvider(40, plain_item), {"raycache": {"name": cache_name}})
+    try:
+        for i in range(0, 40, 2):
+            ds[i]
+        assert ds.cache.flush(timeout=30)
+        idx = list(range(10))
+        batch = ds.__getitems__(idx)
+        for i, item in zip(idx, batch):
+            assert_same(item, plain_item(i))
+        assert_collated_equal(ds.collate(batch), default_collate([plain_item(i) for i in idx]))
+    finally:
+        ds.cache.close()
+        raycache.drop_cache(cache_name)

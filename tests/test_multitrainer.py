@@ -1,0 +1,172 @@
+"""Several trainers on one node share one cache: torchrun, Ray Train, DataLoader workers.
+
+Every test trains the same loop (``raycache.train.loop``) and checks, per rank and per
+epoch, that the rank received exactly its ``DistributedSampler`` shard (shuffle=True,
+``set_epoch``), in order, with the values the provider holds, and that the ranks'
+shards together cover the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from torch.utils.data import DistributedSampler
+
+from raycache import CachedDataset, cache_stats, drop_cache, list_caches
+from raycache.train.data import SyntheticCutouts
+from raycache.train.loop import LoopSettings, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ITEMS = 384
+EPOCHS = 2
+RUN_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    # Our own Ray, never another one on this machine; 4 logical CPUs so that two
+    # Ray Train workers and the preload tasks can all be scheduled on 2 cores.
+    ray.init(
+        address="local",
+        num_cpus=4,
+        object_store_memory=512 * 1024 * 1024,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _shard(length: int, world: int, rank: int, epoch: int) -> list[int]:
+    sampler = DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=True)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def _check_ranks(ranks: list[dict], length: int, world: int, epochs: int) -> None:
+    """Every rank saw exactly its shard, in order, with the right values, every epoch."""
+    assert sorted(r["rank"] for r in ranks) == list(range(world))
+    for epoch in range(epochs):
+        covered: set[int] = set()
+        for result in ranks:
+            shard = result["epochs"][epoch]["shard"]
+            want = _shard(length, world, result["rank"], epoch)
+            assert shard["indices"] == want, f"rank {result['rank']} epoch {epoch + 1}"
+            assert shard["seen"] == shard["expected"] == len(want)
+            assert shard["order_errors"] == 0
+            assert shard["verified"] and shard["bad_values"] == 0
+            covered |= set(shard["indices"])
+        assert covered == set(range(length))
+
+
+def _run(cmd: list[str], result_dir: Path, world: int) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-6000:])
+    return [json.loads((result_dir / f"rank-{r}.json").read_text()) for r in range(world)]
+
+
+def test_torchrun_ddp_two_ranks_share_one_cache(ray_address, tmp_path):
+    name = "mt-torchrun"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "examples/ddp_torchrun.py", "--items", str(ITEMS), "--epochs", str(EPOCHS),
+        "--batch-size", "32", "--address", ray_address, "--name", name,
+        "--result-dir", str(tmp_path),
+    ]  # fmt: skip
+    try:
+        ranks = _run(cmd, tmp_path, 2)
+        _check_ranks(ranks, ITEMS, 2, EPOCHS)
+        for result in ranks:
+            assert result["stats"]["clients"] == 2  # both ranks attached to the one cache
+        stats = cache_stats(name)
+        assert stats["preload"]["state"] == "done"
+        assert stats["preload"]["loaded"] == ITEMS  # one preload for both ranks
+        assert stats["items"] == ITEMS
+    finally:
+        drop_cache(name)
+
+
+def test_ray_train_two_workers_share_one_cache(ray_address, tmp_path):
+    name = "mt-raytrain"
+    cmd = [
+        sys.executable, "examples/ray_train.py", "--workers", "2", "--items", str(ITEMS),
+        "--epochs", str(EPOCHS), "--batch-size", "32", "--address", ray_address,
+        "--name", name, "--result-dir", str(tmp_path),
+    ]  # fmt: skip
+    ranks = _run(cmd, tmp_path, 2)
+    _check_ranks(ranks, ITEMS, 2, EPOCHS)
+    assert name not in list_caches()  # the example dropped its cache
+
+
+def _loader_run(name: str, start_method: str, preload: bool) -> tuple[CachedDataset, dict]:
+    provider = SyntheticCutouts(ITEMS)
+    ds = CachedDataset(
+        provider,
+        {"data_set": {"preload_cache": preload}, "raycache": {"name": name, "timeout_s": 120}},
+    )
+    settings = LoopSettings(
+        epochs=EPOCHS,
+        batch_size=32,
+        num_workers=2,
+        start_method=start_method,
+        record_indices=True,
+        memory=False,
+    )
+    records = train(ds, settings)
+    return ds, {"rank": 0, "epochs": records}
+
+
+def _ray_alive() -> None:
+    @ray.remote(num_cpus=0)
+    def ping() -> int:
+        return 7
+
+    assert ray.get(ping.remote(), timeout=60) == 7
+
+
+@pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
+def test_forked_dataloader_workers(ray_address, preload):
+    # The obvious DataLoader(CachedDataset(...), num_workers=2) with Linux's default
+    # start method: forked workers must make no Ray call (that killed the raylet).
+    name = f"mt-fork-{preload}"
+    try:
+        ds, result = _loader_run(name, "fork", preload)
+        _check_ranks([result], ITEMS, 1, EPOCHS)
+        _ray_alive()  # the raylet survived the forked workers
+        stats = ds.cache.stats()  # and this process still talks to the cache
+        if preload:
+            assert ds.cache.wait_for_preload(timeout=120)
+            assert ds.cache.stats()["items"] == ITEMS
+        else:
+            # Forked workers cannot insert (no Ray calls): the misses were read from
+            # the provider and dropped; docs/multi-trainer.md says to preload or spawn.
+            assert stats["items"] == 0
+        ds.cache.close()
+    finally:
+        drop_cache(name)
+
+
+def test_spawned_dataloader_workers_attach_by_name(ray_address):
+    name = "mt-spawn"
+    try:
+        ds, result = _loader_run(name, "spawn", preload=False)
+        _check_ranks([result], ITEMS, 1, EPOCHS)
+        _ray_alive()
+        # Spawned workers are full clients: their epoch-1 misses filled the cache.
+        assert ds.cache.flush(timeout=60)
+        assert cache_stats(name)["items"] == ITEMS
+        ds.cache.close()
+    finally:
+        drop_cache(name)
