@@ -32,7 +32,7 @@ from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
 from raycache.errors import CacheUnavailableError
 from raycache.runtime import ensure_ray, in_forked_child
-from raycache.values import copy_item, data_size
+from raycache.values import copy_item
 
 __all__ = ["CacheClient", "directory_actor"]
 
@@ -211,6 +211,15 @@ class CacheClient:
             loc = self._loc[indices]
         return loc
 
+    def mapped(self, cids: Any) -> dict[int, Chunk] | None:
+        """Return the mapped chunk of each chunk id, or None if one cannot be mapped."""
+        views = self._views
+        try:
+            return {c: views[c] for c in cids}
+        except KeyError:
+            chunks = {c: self._view(c) for c in cids}
+            return None if any(v is None for v in chunks.values()) else chunks
+
     def views(self, cids: np.ndarray) -> list[Chunk | None]:
         """Return the mapped chunk for each chunk id (None where it cannot be mapped)."""
         return [self._view(int(c)) for c in cids]
@@ -324,7 +333,7 @@ class CacheClient:
             return
         if self._loc[idx] >= 0:
             return  # cached already; the first value wins, as in the actor
-        size = data_size(copied)
+        size = _approx_nbytes(copied)
         with self._cond:
             if idx in self._pending:
                 return
@@ -487,6 +496,15 @@ class CacheClient:
         self._cond = threading.Condition()
         self._sync_lock = threading.Lock()
         self._pending = {}
+
+
+def _approx_nbytes(item: Any) -> int:
+    """Bytes of an item's arrays plus a flat 64 per other leaf: cheap, for flush sizing."""
+    if isinstance(item, dict):
+        return sum(_approx_nbytes(v) for v in item.values())
+    if isinstance(item, (list, tuple)):
+        return sum(_approx_nbytes(v) for v in item)
+    return int(getattr(item, "nbytes", 64))
 
 
 def _before_fork() -> None:

@@ -120,7 +120,8 @@ class PreloadRun:
         self.length = length
         self.unit = unit
         self.threads = threads
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        # Total, not available, CPUs: tasks that just finished may still be counted as busy.
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.tasks = max(1, min(threads, cpus, math.ceil(length / unit)))
         self.threads_per_task = max(1, math.ceil(threads / self.tasks))
         self._blob_ref = ray.put(provider_blob)
