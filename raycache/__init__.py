@@ -6,18 +6,34 @@ trainers on a node cost one copy of the data, and the cache outlives any one tra
 The API is Hyrax's ``DataCache``; ``CachedDataset`` wraps it as a torch Dataset.
 """
 
-from raycache.admin import cache_stats, drop_cache, list_caches
-from raycache.batch import GatheredBatch, collate
-from raycache.config import CacheConfig
-from raycache.data_cache import DataCache
-from raycache.dataset import CachedDataset
-from raycache.errors import (
-    CacheMismatchError,
-    CacheUnavailableError,
-    ConfigError,
-    ProviderNotPicklableError,
-    UnsupportedValueError,
-)
+import importlib
+from typing import Any
+
+# Exports are imported on first use: a Ray worker that imports raycache.directory or
+# raycache.preload must not import torch (through CachedDataset) and pay ~150 MB for it.
+_EXPORTS = {
+    "cache_stats": "raycache.admin",
+    "drop_cache": "raycache.admin",
+    "list_caches": "raycache.admin",
+    "GatheredBatch": "raycache.batch",
+    "collate": "raycache.batch",
+    "CacheConfig": "raycache.config",
+    "DataCache": "raycache.data_cache",
+    "CachedDataset": "raycache.dataset",
+    "CacheMismatchError": "raycache.errors",
+    "CacheUnavailableError": "raycache.errors",
+    "ConfigError": "raycache.errors",
+    "ProviderNotPicklableError": "raycache.errors",
+    "UnsupportedValueError": "raycache.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'raycache' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "CacheConfig",

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from raycache.values import IMMUTABLE_LEAVES, torch
+from raycache.values import IMMUTABLE_LEAVES, _torch
 
 __all__ = ["Chunk", "item_template"]
 
@@ -82,6 +82,8 @@ class _Stacked:
     def row(self, r: int, copy: bool) -> Any:
         view = self.data[r, ...]  # `...` keeps 0-d rows arrays, not numpy scalars
         if self.tensor:
+            import torch  # the chunk holds tensors: rebuilding them needs torch
+
             return torch.from_numpy(view.copy())
         return view.copy() if copy else view
 
@@ -117,6 +119,8 @@ class _Ragged:
     def row(self, r: int, copy: bool) -> Any:
         view = self._view(r)
         if self.tensor:
+            import torch  # the chunk holds tensors: rebuilding them needs torch
+
             return torch.from_numpy(view.copy())
         return view.copy() if copy else view
 
@@ -174,6 +178,7 @@ class _Objects:
 def _copy_leaves(value: Any, copy: bool) -> Any:
     if isinstance(value, np.ndarray):
         return value.copy() if copy else value
+    torch = _torch()
     if torch is not None and isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, dict):
@@ -186,6 +191,7 @@ def _copy_leaves(value: Any, copy: bool) -> Any:
 
 
 def _is_tensor(value: Any) -> bool:
+    torch = _torch()
     return torch is not None and isinstance(value, torch.Tensor)
 
 

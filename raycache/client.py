@@ -39,6 +39,9 @@ __all__ = ["CacheClient", "directory_actor"]
 logger = logging.getLogger(__name__)
 
 MIN_SYNC_S = 0.05
+# Longest a miss waits for the preload task reading its unit. The task may not even be
+# scheduled (trainers holding every CPU): then the trainer reads the unit's items itself.
+INFLIGHT_WAIT_S = 5.0
 HEARTBEAT_S = 5.0
 # Items buffered before a flush is sent regardless of flush_interval_s.
 FLUSH_BYTES = 8 * 1024 * 1024
@@ -128,6 +131,7 @@ class CacheClient:
         self._refs: dict[int, Any] = {}
         self._views: dict[int, Chunk] = {}
         self._inflight: dict[int, Any] = {}
+        self._stalled: set[int] = set()  # units whose preload task did not end in time
         self._last_sync = 0.0
         self._force_sync = True
         self._sync_lock = threading.Lock()
@@ -235,12 +239,16 @@ class CacheClient:
         if self._loc[idx] >= 0:
             return True
         # A preload task is reading idx right now: wait for it instead of reading it too.
-        ref = self._inflight.get(idx // self._unit)
-        if ref is not None:
+        unit = idx // self._unit
+        ref = self._inflight.get(unit)
+        if ref is not None and unit not in self._stalled:
             try:
-                ray.wait([ref], timeout=self.timeout)
+                ready, _ = ray.wait([ref], timeout=min(self.timeout, INFLIGHT_WAIT_S))
             except Exception as exc:
                 self._lost(exc)
+                return False
+            if not ready:
+                self._stalled.add(unit)
                 return False
             self.sync(force=True)
             return self._loc[idx] >= 0

@@ -10,6 +10,7 @@ the meaning Hyrax gives the knob.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import threading
@@ -42,6 +43,14 @@ def _read_one(provider: Any, idx: int) -> tuple[int, Any, str | None]:
     except Exception as exc:  # reported with its index; the other items go on
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         return idx, None, detail
+
+
+def _release_heap() -> None:
+    """Return freed heap memory to the OS (glibc only; elsewhere nothing to do)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @ray.remote(num_returns=2, max_retries=0)
@@ -79,6 +88,11 @@ def read_unit(
         detail = f"{type(exc).__name__}: {exc}"
         errors += [(i, detail) for i, _ in good]
         chunk = Chunk.from_rows([], [])
+    # The items are copied into the chunk. Reader threads allocated them in their own
+    # malloc arenas, whose freed pages glibc keeps resident after the task (measured
+    # 20-60 MB per preload worker for 48 MB units): give them back now.
+    del results, good
+    _release_heap()
     summary = {
         "indices": chunk.indices,
         "nbytes": chunk.nbytes,

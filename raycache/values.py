@@ -17,10 +17,16 @@ import numpy as np
 
 __all__ = ["UnsupportedValueError", "copy_item", "data_size", "field_path"]
 
-try:  # torch is a dependency, but the value checks must not require importing it first
-    import torch
-except ImportError:  # pragma: no cover
-    torch = None
+
+def _torch() -> Any:
+    """Return torch if this process has imported it, else None.
+
+    A value can only be a tensor in a process that has imported torch, so the checks
+    never import it themselves: the Ray workers that only move numpy chunks (the
+    directory actor, preload tasks) then do not pay torch's ~150 MB per process.
+    """
+    return sys.modules.get("torch")
+
 
 # Immutable leaves are returned as they are; nothing a reader does can change them.
 IMMUTABLE_LEAVES = (bool, int, float, complex, str, bytes, type(None), np.generic)
@@ -81,6 +87,7 @@ def copy_item(item: Any, path: tuple = ()) -> Any:
     if isinstance(item, np.ndarray):
         _check_array(item.dtype, path)
         return np.array(item, copy=True, order="C")
+    torch = _torch()
     if torch is not None and isinstance(item, torch.Tensor):
         _check_tensor(item, path)
         return item.detach().clone().contiguous()
@@ -110,7 +117,7 @@ def _check_tensor(tensor: Any, path: tuple) -> None:
             f"cannot cache field {field_path(path)!r}: tensor is on {tensor.device}; "
             "cache CPU data and move batches to the device after loading"
         )
-    if tensor.is_sparse or tensor.layout != torch.strided:
+    if tensor.is_sparse or tensor.layout != _torch().strided:
         raise UnsupportedValueError(
             f"cannot cache field {field_path(path)!r}: only dense (strided) tensors are cached"
         )
@@ -164,6 +171,7 @@ def data_size(data: Any, seen: set[int] | None = None) -> int:
         seen.add(id(owner))
         nbytes = root.nbytes if owner is root else getattr(owner, "nbytes", root.nbytes)
         return int(nbytes) + sys.getsizeof(data) - (0 if data.base is not None else data.nbytes)
+    torch = _torch()
     if torch is not None and isinstance(data, torch.Tensor):
         storage = data.untyped_storage()
         key = ("storage", storage.data_ptr())
