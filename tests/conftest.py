@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,27 @@ import providers  # noqa: E402
 ray.cloudpickle.register_pickle_by_value(providers)
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    """Start one local Ray for the module and return the address others join it by."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+@contextmanager
+def local_ray(num_cpus: int = 2, object_store_memory: int | None = None):
+    """Start a Ray of the test's own (never one found on the machine); yield its address."""
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """Start one local Ray for the module and return the address others join it by."""
+    with local_ray() as address:
+        yield address
 
 
 @pytest.fixture

@@ -141,7 +141,7 @@ if __name__ == "__main__":
 
 # --------------------------------------------------------------------- test side
 import pytest  # noqa: E402
-import ray  # noqa: E402
+from conftest import local_ray  # noqa: E402
 
 from raycache import drop_cache  # noqa: E402
 from raycache.memory import node_memory, pss, ray_processes  # noqa: E402
@@ -156,17 +156,8 @@ RESULTS = os.environ.get("RAYCACHE_MEMORY_RESULTS")
 @contextmanager
 def _fresh_ray():
     """A Ray of its own for one measurement (see the module docstring for why)."""
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=1024 * MB,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    with local_ray(num_cpus=2, object_store_memory=1024 * MB) as address:
+        yield address
 
 
 class _Trainers:

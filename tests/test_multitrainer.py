@@ -9,7 +9,6 @@ shards together cover the dataset.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import local_ray
 from torch.utils.data import DistributedSampler
 
 from raycache import CachedDataset, cache_stats, drop_cache, list_caches
@@ -33,17 +33,8 @@ RUN_TIMEOUT_S = 420
 def ray_address():
     # Our own Ray, never another one on this machine; 4 logical CPUs so that two
     # Ray Train workers and the preload tasks can all be scheduled on 2 cores.
-    ray.init(
-        address="local",
-        num_cpus=4,
-        object_store_memory=512 * 1024 * 1024,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    with local_ray(num_cpus=4, object_store_memory=512 * 1024 * 1024) as address:
+        yield address
 
 
 def _shard(length: int, world: int, rank: int, epoch: int) -> list[int]:
