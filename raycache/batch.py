@@ -81,9 +81,7 @@ def _layout(chunk: Chunk) -> tuple:
     layout = getattr(chunk, _LAYOUT_ATTR, None)
     if layout is None:
         kinds = tuple(_column_kind(c) for c in chunk.columns)
-        sources = tuple(
-            c if kind[0] == "list" else c.data for c, kind in zip(chunk.columns, kinds)
-        )
+        sources = tuple(c if kind[0] == "list" else c.data for c, kind in zip(chunk.columns, kinds))
         layout_id = _LAYOUT_IDS.setdefault((chunk.template, kinds), len(_LAYOUT_IDS))
         layout = (layout_id, chunk.template, kinds, sources)
         setattr(chunk, _LAYOUT_ATTR, layout)

@@ -397,8 +397,11 @@ def warm(args: argparse.Namespace, n: int, shape: tuple[int, ...], label: str) -
     start = time.perf_counter()
     ds = CachedDataset(provider, _config(_name(f"warm{label}"), args, preload=True))
     ds.cache.wait_for_preload()
-    _log("   raycache preload: %.1f s, %d chunks", time.perf_counter() - start,
-         ds.cache.stats()["chunks"])
+    _log(
+        "   raycache preload: %.1f s, %d chunks",
+        time.perf_counter() - start,
+        ds.cache.stats()["chunks"],
+    )
     variants = _warm_variants(ds, provider, args)
     big = shape_bytes(shape) >= 16 * KIB
     extra = None
@@ -617,9 +620,7 @@ def preload(args: argparse.Namespace, kind: str, provider: Provider) -> list[Row
     mine, pool = list(runs)[:2]
     target = 1.0 if kind == "io" else 1.6
     checks = {mine: {pool: target, "no cache": None}, pool: {"no cache": None}}
-    notes = {
-        k: f"cache full after {statistics.median(v):.2f} s" for k, v in full.items() if v
-    }
+    notes = {k: f"cache full after {statistics.median(v):.2f} s" for k, v in full.items() if v}
     return _compare(scenario, samples, "s", checks, notes)
 
 
@@ -745,15 +746,25 @@ def scale(args: argparse.Namespace) -> tuple[list[Row], dict]:
     info = {"fill_s": fill_s, "before": before, "after": after, "probes": probes}
     growth_mb = (after["rss"] - before["rss"]) / 1e6
     rows = [
-        Row(scenario, "new client: attach, map snapshot, first read", ready, "s",
+        Row(
+            scenario,
+            "new client: attach, map snapshot, first read",
+            ready,
+            "s",
             note="after ray.init(address=...) "
             f"{statistics.median(p['ray_init_s'] for p in probes):.2f} s and importing raycache "
             f"{statistics.median(p['import_s'] for p in probes):.2f} s; target < 2 s",
-            samples=[p["ready_s"] for p in probes]),
-        Row(scenario, "directory actor RSS growth for the map (MB)", growth_mb, "MB",
+            samples=[p["ready_s"] for p in probes],
+        ),
+        Row(
+            scenario,
+            "directory actor RSS growth for the map (MB)",
+            growth_mb,
+            "MB",
             note=f"RSS {before['rss'] / 1e6:.0f} -> {after['rss'] / 1e6:.0f} MB, PSS "
             f"{(after['pss'] or 0) / 1e6:.0f} MB, map arrays {after['map_bytes'] / 1e6:.1f} MB, "
-            f"event log {after['event_log_bytes'] / 1e6:.1f} MB; target < 300 MB"),
+            f"event log {after['event_log_bytes'] / 1e6:.1f} MB; target < 300 MB",
+        ),
     ]
     return rows, info
 
@@ -1007,8 +1018,7 @@ def _summary(rows: Sequence[Row]) -> str:
         for baseline, target in row.targets.items():
             ratio = row.ratios[baseline]
             line = (
-                f"{row.scenario}: {row.variant} vs {baseline}: {ratio:.2f}x "
-                f"(target {target:.2f}x)"
+                f"{row.scenario}: {row.variant} vs {baseline}: {ratio:.2f}x (target {target:.2f}x)"
             )
             (met if ratio >= target else missed).append(line)
         goal = _target_row(row)
@@ -1184,11 +1194,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--first-rounds", type=int, default=1, help="first epochs per variant")
     p.add_argument("--raydata-items", type=int, default=20_000, help="items per Ray Data epoch")
     p.add_argument("--threads", type=int, default=8, help="preload_threads and pool size")
-    p.add_argument("--chunk-size", type=int, default=1024, help="raycache.chunk_size")
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help="raycache.chunk_size (default: by bytes)"
+    )
     p.add_argument(
         "--small-chunk-size",
         type=int,
-        default=16384,
+        default=1024,
         help="also time the 1 KiB warm epoch with this chunk_size (0: skip)",
     )
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)

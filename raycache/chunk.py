@@ -22,7 +22,7 @@ import numpy as np
 
 from raycache.values import IMMUTABLE_LEAVES, _torch
 
-__all__ = ["Chunk", "item_template"]
+__all__ = ["MAX_CHUNK_ITEMS", "Chunk", "chunk_rows", "item_template"]
 
 _LEAF = "*"
 
@@ -221,6 +221,33 @@ def _column(values: list) -> Any:
                 return _Objects(list(values))
         return _Numbers(np.array(values, dtype=np.float64 if kind is float else np.bool_))
     return _Objects(list(values))
+
+
+# A chunk whose item count is set by chunk_bytes alone holds at most this many items.
+MAX_CHUNK_ITEMS = 1 << 20
+
+
+def chunk_rows(chunk_size: int | None, chunk_bytes: int, item_bytes: float | None) -> int:
+    """Return the most items one chunk may hold.
+
+    Parameters
+    ----------
+    chunk_size : int or None
+        ``raycache.chunk_size``; None: no item limit of its own.
+    chunk_bytes : int
+        ``raycache.chunk_bytes``.
+    item_bytes : float or None
+        Mean bytes per item, once known.
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
+    rows = MAX_CHUNK_ITEMS if chunk_size is None else int(chunk_size)
+    if item_bytes:
+        rows = min(rows, int(chunk_bytes // max(1.0, float(item_bytes))))
+    return max(1, rows)
 
 
 class Chunk:

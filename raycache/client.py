@@ -27,7 +27,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from raycache.chunk import Chunk
+from raycache.chunk import Chunk, chunk_rows
 from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
 from raycache.errors import CacheUnavailableError
@@ -130,8 +130,8 @@ class CacheClient:
         self._version = 0
         self._refs: dict[int, Any] = {}
         self._views: dict[int, Chunk] = {}
-        self._inflight: dict[int, Any] = {}
-        self._stalled: set[int] = set()  # units whose preload task did not end in time
+        self._inflight: dict[int, tuple[int, Any]] = {}  # unit start -> (stop, ref)
+        self._stalled: set[int] = set()  # units whose preload reader did not end in time
         self._last_sync = 0.0
         self._force_sync = True
         self._sync_lock = threading.Lock()
@@ -148,7 +148,8 @@ class CacheClient:
         self.closed = False
         self.forked = False
         self._warned_fork = False
-        self._unit = int(self.settings["chunk_size"])
+        self._chunk_bytes = int(self.settings["chunk_bytes"])
+        self._flush_rows = chunk_rows(self.settings["chunk_size"], self._chunk_bytes, None)
         self.sync(force=True)
         self._thread = threading.Thread(target=self._flush_loop, name="raycache-flush", daemon=True)
         self._thread.start()
@@ -238,9 +239,12 @@ class CacheClient:
         self.sync()
         if self._loc[idx] >= 0:
             return True
-        # A preload task is reading idx right now: wait for it instead of reading it too.
-        unit = idx // self._unit
-        ref = self._inflight.get(unit)
+        # A preload reader is reading idx right now: wait for it instead of reading it too.
+        unit = ref = None
+        for start, (stop, summary_ref) in self._inflight.items():
+            if start <= idx < stop:
+                unit, ref = start, summary_ref
+                break
         if ref is not None and unit not in self._stalled:
             try:
                 ready, _ = ray.wait([ref], timeout=min(self.timeout, INFLIGHT_WAIT_S))
@@ -349,7 +353,7 @@ class CacheClient:
                 self._first_pending = time.monotonic()
             self._pending[idx] = copied
             self._pending_bytes += size
-            if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= self._unit:
+            if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= self._flush_rows:
                 self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -376,7 +380,7 @@ class CacheClient:
             self._flush_requested
             or self.closed
             or self._pending_bytes >= FLUSH_BYTES
-            or len(self._pending) >= self._unit
+            or len(self._pending) >= self._flush_rows
             or now - self._first_pending >= self.config.flush_interval_s
         )
 
@@ -395,6 +399,7 @@ class CacheClient:
                         wait = min(wait, self.config.flush_interval_s - (now - self._first_pending))
                     self._cond.wait(max(0.001, wait))
                 batch = self._pending if self._due(now) else {}
+                batch_bytes = self._pending_bytes
                 if batch:
                     self._pending = {}
                     self._pending_bytes = 0
@@ -410,7 +415,7 @@ class CacheClient:
                     self._cond.notify_all()
                 return
             if batch:
-                self._send(batch)
+                self._send(batch, batch_bytes)
             elif not stop and not self.dead:
                 hits, misses = self._counter_deltas()
                 try:
@@ -426,12 +431,13 @@ class CacheClient:
             if stop or (self.closed and not self._pending):
                 return
 
-    def _send(self, batch: dict[int, Any]) -> None:
+    def _send(self, batch: dict[int, Any], nbytes: int) -> None:
         if self.dead:
             return
         start = time.monotonic()
         indices = list(batch)
-        step = self._unit  # no stored object holds more than chunk_size items
+        # No stored object holds more than a chunk's worth of items.
+        step = chunk_rows(self.settings["chunk_size"], self._chunk_bytes, nbytes / len(batch))
         try:
             chunks = [
                 Chunk.from_rows(indices[i : i + step], [batch[j] for j in indices[i : i + step]])

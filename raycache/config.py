@@ -72,9 +72,23 @@ RAYCACHE_KEYS: dict[str, _Key] = {
         minimum=1,
         nullable=True,
     ),
-    "chunk_size": _Key(1024, (int,), "Most items stored in one chunk object.", minimum=1),
+    "chunk_size": _Key(
+        None,
+        (int,),
+        "Most items stored in one chunk object. Unset: as many as fit in chunk_bytes, "
+        "learned from the first items read.",
+        minimum=1,
+        nullable=True,
+    ),
     "chunk_bytes": _Key(
         64 * 1024 * 1024, (int,), "Most bytes stored in one chunk object.", minimum=1024
+    ),
+    "preload_cpus": _Key(
+        1.0,
+        (int, float),
+        "CPUs each preload reader process reserves while the preload runs; lower it when "
+        "trainers hold every CPU of the node, or preload cannot start.",
+        minimum=0,
     ),
     "detached": _Key(
         False,
@@ -166,8 +180,9 @@ class CacheConfig:
     namespace: str = RAYCACHE_KEYS["namespace"].default
     address: str | None = None
     max_bytes: int | None = None
-    chunk_size: int = RAYCACHE_KEYS["chunk_size"].default
+    chunk_size: int | None = None
     chunk_bytes: int = RAYCACHE_KEYS["chunk_bytes"].default
+    preload_cpus: float = RAYCACHE_KEYS["preload_cpus"].default
     detached: bool = False
     linger_s: float = RAYCACHE_KEYS["linger_s"].default
     flush_interval_s: float = RAYCACHE_KEYS["flush_interval_s"].default

@@ -165,7 +165,9 @@ class DataCache:
         if client is None:
             return
         ray.get(
-            client.actor.start_preload.remote(blob, self.config.preload_threads),
+            client.actor.start_preload.remote(
+                blob, self.config.preload_threads, self.config.preload_cpus
+            ),
             timeout=client.timeout,
         )
         client.sync(force=True)

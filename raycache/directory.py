@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from raycache.chunk import Chunk
+from raycache.chunk import Chunk, chunk_rows
 from raycache.errors import CacheMismatchError
 from raycache.preload import INLINE_LIMIT, PreloadRun
 
@@ -75,6 +75,8 @@ class CacheDirectory:
             store = ray.cluster_resources().get("object_store_memory", 2**31)
             max_bytes = int(0.8 * store)
         self._max_bytes = int(max_bytes)
+        # Segments are compacted up to this many items (and chunk_bytes bytes).
+        self._chunk_rows = chunk_rows(spec.get("chunk_size"), int(spec["chunk_bytes"]), None)
         self._writer = None
         if spec.get("log_dir"):
             from raycache.metrics import Metrics
@@ -114,7 +116,7 @@ class CacheDirectory:
             self._idle_since = None
         return {
             "length": int(self.spec["length"]),
-            "chunk_size": int(self.spec["chunk_size"]),
+            "chunk_size": self.spec["chunk_size"],
             "chunk_bytes": int(self.spec["chunk_bytes"]),
             "max_bytes": self._max_bytes,
             "detached": bool(self.spec["detached"]),
@@ -245,7 +247,7 @@ class CacheDirectory:
                 return {"added": 0, "rejected": rejected}
             cid, added = self._register(ray.put(chunk), chunk.indices, chunk.nbytes)
             rows, nbytes = self._sizes[cid]
-            if rows < self.spec["chunk_size"] // 2 and nbytes < self.spec["chunk_bytes"] // 2:
+            if rows < self._chunk_rows // 2 and nbytes < self.spec["chunk_bytes"] // 2:
                 self._open.append(cid)
                 self._maybe_compact()
             return {"added": added, "rejected": rejected}
@@ -275,7 +277,7 @@ class CacheDirectory:
         """
         rows = sum(self._sizes[c][0] for c in self._open)
         nbytes = sum(self._sizes[c][1] for c in self._open)
-        if rows < self.spec["chunk_size"] and nbytes < self.spec["chunk_bytes"]:
+        if rows < self._chunk_rows and nbytes < self.spec["chunk_bytes"]:
             return
         self._compact()
 
@@ -317,7 +319,7 @@ class CacheDirectory:
             return indices[self._chunk_of[indices] < 0]
 
     # ----------------------------------------------------------------- preload
-    def start_preload(self, provider_blob: bytes, threads: int) -> dict:
+    def start_preload(self, provider_blob: bytes, threads: int, cpus_per_task: float = 1.0) -> dict:
         """Start the preload unless one has run or is running; returns its status."""
         with self._lock:
             if self._preload is None and not self._dropped:
@@ -325,7 +327,9 @@ class CacheDirectory:
                     length=int(self.spec["length"]),
                     provider_blob=provider_blob,
                     threads=int(threads),
-                    unit=int(self.spec["chunk_size"]),
+                    chunk_size=self.spec["chunk_size"],
+                    chunk_bytes=int(self.spec["chunk_bytes"]),
+                    cpus_per_task=float(cpus_per_task),
                     missing=self._missing,
                     add_chunk=self.add_preloaded,
                     on_progress=self._log_preload,

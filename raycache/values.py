@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UnsupportedValueError", "copy_item", "data_size", "field_path"]
+__all__ = ["UnsupportedValueError", "check_item", "copy_item", "data_size", "field_path"]
 
 
 def _torch() -> Any:
@@ -82,20 +82,46 @@ def copy_item(item: Any, path: tuple = ()) -> Any:
     UnsupportedValueError
         If a value has a type raycache does not cache; the message names its path.
     """
+    return _walk(item, path, True)
+
+
+def check_item(item: Any) -> None:
+    """Validate an item as ``copy_item`` does, without copying it.
+
+    For items that are encoded into a chunk right away (the chunk copies every array it
+    stores) and then dropped, as in a preload reader.
+
+    Parameters
+    ----------
+    item : Any
+        The item to cache.
+
+    Raises
+    ------
+    UnsupportedValueError
+        If a value has a type raycache does not cache; the message names its path.
+    """
+    _walk(item, (), False)
+
+
+def _walk(item: Any, path: tuple, copy: bool) -> Any:
     if isinstance(item, IMMUTABLE_LEAVES):
         return item
     if isinstance(item, np.ndarray):
         _check_array(item.dtype, path)
-        return np.array(item, copy=True, order="C")
+        return np.array(item, copy=True, order="C") if copy else item
     torch = _torch()
     if torch is not None and isinstance(item, torch.Tensor):
         _check_tensor(item, path)
-        return item.detach().clone().contiguous()
+        return item.detach().clone().contiguous() if copy else item
     if isinstance(item, dict):
-        return {k: copy_item(v, path + (k,)) for k, v in item.items()}
+        walked = {k: _walk(v, path + (k,), copy) for k, v in item.items()}
+        return walked if copy else item
     if isinstance(item, (list, tuple)):
-        copied = [copy_item(v, path + (_Pos(i),)) for i, v in enumerate(item)]
-        return copied if type(item) is list else tuple(copied)
+        walked = [_walk(v, path + (_Pos(i),), copy) for i, v in enumerate(item)]
+        if not copy:
+            return item
+        return walked if type(item) is list else tuple(walked)
     raise UnsupportedValueError(
         f"cannot cache field {field_path(path)!r} of type {type(item).__module__}."
         f"{type(item).__qualname__}: raycache caches numpy arrays, CPU torch tensors, "
