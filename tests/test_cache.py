@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import ray
 import torch
 from providers import (
     ArrayProvider,
@@ -357,3 +358,51 @@ def test_preload_metrics_are_written(ray_address, cache_name, tmp_path):
     raycache.drop_cache(cache_name)  # the actor closes its event file when dropped
     blob = b"".join(p.read_bytes() for p in tmp_path.rglob("events.out.tfevents*"))
     assert b"DataCache/preload_1k_obj_s" in blob
+
+
+def test_preload_sizes_chunks_by_bytes_when_chunk_size_is_unset(ray_address, cache_name):
+    # make_item is ~800 bytes; 64 KiB chunks hold ~80 items whatever the item count.
+    provider = ArrayProvider(2000)
+    config = cfg(cache_name, preload_cache=True, chunk_bytes=64 * 1024, preload_threads=4)
+    ds = CachedDataset(provider, config)
+    assert ds.cache.wait_for_preload(timeout=120)
+    stats = ds.cache.stats()
+    assert stats["items"] == 2000 and stats["preload_errors"] == []
+    assert stats["preload"]["units"] == stats["chunks"]
+    # Never more than a chunk's bytes per chunk: at least 2000 / 82 chunks ...
+    assert stats["chunks"] >= 2000 // 82
+    # ... and few small ones: the probe units and a shrinking tail.
+    assert stats["chunks"] <= 2000 // 64 + 16
+    for i in (0, 81, 82, 1999):
+        assert_same(ds[i], make_item(i))
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_preload_cpus_lets_preload_run_beside_trainers_holding_cpus(ray_address, cache_name):
+    # Hold every CPU of the local Ray, as Ray Train workers would.
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    holders = [Holder.remote() for _ in range(cpus)]
+    ray.get([h.ready.remote() for h in holders], timeout=60)
+    try:
+        config = cfg(cache_name, preload_cache=True, preload_cpus=0, chunk_size=50)
+        ds = CachedDataset(ArrayProvider(200), config)
+        assert ds.cache.wait_for_preload(timeout=60)
+        assert ds.cache.stats()["items"] == 200
+        ds.cache.close()
+    finally:
+        for h in holders:
+            ray.kill(h)
+        raycache.drop_cache(cache_name)
+
+
+def test_preload_cpus_is_validated():
+    with pytest.raises(raycache.ConfigError, match="preload_cpus"):
+        DataCache({"raycache": {"preload_cpus": -1}}, ArrayProvider(3))
+    with pytest.raises(raycache.ConfigError, match="preload_cpus"):
+        DataCache({"raycache": {"preload_cpus": "all"}}, ArrayProvider(3))
