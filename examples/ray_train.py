@@ -10,7 +10,8 @@ runs, and the training loop is the one the torchrun example runs.
 Preload tasks need a CPU of their own: with ``--cpus-per-worker 1`` on a node with as
 many CPUs as workers, the workers hold every CPU and the preload cannot run (measured:
 an epoch of 256 items took 254 s instead of ~2 s, each miss waiting on a unit that
-never started), so give the workers less (the default, 0.5) or the node more CPUs.
+never started), so give the workers less (the default, 0.5), the node more CPUs, or the
+preload less with ``raycache.preload_cpus`` (for example 0.25).
 """
 
 from __future__ import annotations
