@@ -31,8 +31,9 @@ from raycache.chunk import Chunk, chunk_rows
 from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
 from raycache.errors import CacheUnavailableError
+from raycache.relay import InsertRelay
 from raycache.runtime import ensure_ray, in_forked_child
-from raycache.values import copy_item
+from raycache.values import check_item, copy_item
 
 __all__ = ["CacheClient", "directory_actor"]
 
@@ -148,6 +149,7 @@ class CacheClient:
         self.closed = False
         self.forked = False
         self._warned_fork = False
+        self._relay: InsertRelay | None = None  # made at the first fork (see prepare_fork)
         self._chunk_bytes = int(self.settings["chunk_bytes"])
         self._flush_rows = chunk_rows(self.settings["chunk_size"], self._chunk_bytes, None)
         self.sync(force=True)
@@ -328,30 +330,52 @@ class CacheClient:
         self.sync(force=True)
         for cid in list(self._refs):
             self._view(cid)
+        # The child cannot call Ray: it sends what it reads to this process instead.
+        if self._relay is None:
+            self._relay = InsertRelay(self._buffer, self.name)
+        self._relay.before_fork()
+
+    def after_fork_in_parent(self) -> None:
+        """Start reading the inserts of the child just forked."""
+        if self._relay is not None:
+            self._relay.after_fork_in_parent()
 
     # ------------------------------------------------------------------ writes
     def put(self, idx: int, item: Any) -> None:
         """Buffer ``item`` (validated and copied) for index ``idx``."""
+        if self.forked:
+            self._put_from_child(idx, item)
+            return
         copied = copy_item(item)
-        if self.forked and not self._warned_fork:
+        if self.dead or self.closed:
+            return
+        self._buffer(idx, copied)
+
+    def _put_from_child(self, idx: int, item: Any) -> None:
+        check_item(item)  # a bad item fails here, as in the parent; pickling copies it
+        if self._relay is not None and self._relay.send(idx, item):
+            return
+        if not self._warned_fork:
             self._warned_fork = True
             logger.warning(
-                "raycache %s: a forked DataLoader worker cannot insert into the cache "
-                "(Ray is not fork-safe); misses here are read from the provider and not "
-                "cached. Preload the cache, or use multiprocessing_context='spawn'.",
+                "raycache %s: this forked process cannot insert into the cache (Ray is not "
+                "fork-safe) and has no pipe to its parent; misses here are read from the "
+                "provider and not cached. Preload the cache, or use "
+                "multiprocessing_context='spawn'.",
                 self.name,
             )
-        if self.forked or self.dead or self.closed:
-            return
-        if self._loc[idx] >= 0:
+
+    def _buffer(self, idx: int, item: Any) -> None:
+        """Queue a validated private copy for the next flush (parent side)."""
+        if self.dead or self.closed or self._loc[idx] >= 0:
             return  # cached already; the first value wins, as in the actor
-        size = _approx_nbytes(copied)
+        size = _approx_nbytes(item)
         with self._cond:
             if idx in self._pending:
                 return
             if not self._pending:
                 self._first_pending = time.monotonic()
-            self._pending[idx] = copied
+            self._pending[idx] = item
             self._pending_bytes += size
             if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= self._flush_rows:
                 self._cond.notify_all()
@@ -360,6 +384,8 @@ class CacheClient:
         """Send buffered items now; True when the buffer is empty within ``timeout``."""
         if self.forked or self.dead:
             return not self._pending
+        if self._relay is not None:
+            self._relay.drain()  # what forked workers have sent so far
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._cond:
             if not self._pending and not self._sending:
@@ -490,6 +516,8 @@ class CacheClient:
             return
         if not self.forked and not self.dead:
             self.flush()
+        if self._relay is not None:
+            self._relay.close()
         with self._cond:
             self.closed = True
             self._cond.notify_all()
@@ -510,6 +538,8 @@ class CacheClient:
         self._cond = threading.Condition()
         self._sync_lock = threading.Lock()
         self._pending = {}
+        if self._relay is not None:
+            self._relay.after_fork_in_child()
 
 
 def _approx_nbytes(item: Any) -> int:
@@ -533,9 +563,19 @@ def _before_fork() -> None:
             logger.exception("raycache: preparing cache %s for fork failed", client.name)
 
 
+def _after_fork_in_parent() -> None:
+    for client in list(_live_clients):
+        if client.pid == os.getpid():
+            client.after_fork_in_parent()
+
+
 def _after_fork_in_child() -> None:
     for client in list(_live_clients):
         client.after_fork_in_child()
 
 
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -79,3 +80,26 @@ class CountingProvider(ArrayProvider):
     def __getitem__(self, i: int) -> dict:
         self.reads += 1
         return super().__getitem__(i)
+
+
+class LoggedReadsProvider(ArrayProvider):
+    """Appends each index it reads to a file, so reads in every process are counted."""
+
+    def __init__(self, n: int, log_path: str):
+        super().__init__(n)
+        self.log_path = log_path
+
+    def __getitem__(self, i: int) -> dict:
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{i}\n".encode())
+        finally:
+            os.close(fd)
+        return super().__getitem__(i)
+
+    def reads(self) -> list[int]:
+        """Every index read so far, by any process."""
+        if not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path) as f:
+            return [int(line) for line in f if line.strip()]

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from conftest import local_ray
+from providers import LoggedReadsProvider
 from torch.utils.data import DistributedSampler
 
 from raycache import CachedDataset, cache_stats, drop_cache, list_caches
@@ -141,11 +143,39 @@ def test_forked_dataloader_workers(ray_address, preload):
             assert ds.cache.wait_for_preload(timeout=120)
             assert ds.cache.stats()["items"] == ITEMS
         else:
-            # Forked workers cannot insert (no Ray calls): the misses were read from
-            # the provider and dropped; docs/multi-trainer.md says to preload or spawn.
-            assert stats["items"] == 0
+            # Forked workers make no Ray call; the items they read reached the cache
+            # through this process (raycache.relay).
+            assert stats["items"] == ITEMS
         ds.cache.close()
     finally:
+        drop_cache(name)
+
+
+def test_forked_workers_fill_the_cache_and_next_epoch_reads_it(ray_address, tmp_path):
+    name = "mt-fork-relay"
+    provider = LoggedReadsProvider(300, str(tmp_path / "reads.log"))
+    ds = CachedDataset(provider, {"raycache": {"name": name, "timeout_s": 120}})
+    ds.cache.stats()  # attached before the fork, as a training script is after its first use
+    try:
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=16, shuffle=True, num_workers=2, multiprocessing_context="fork"
+        )
+        for epoch in range(2):
+            seen = []
+            for batch in loader:
+                labels = batch["data"]["label"].tolist()
+                assert batch["data"]["image"][:, 0, 0, 0].tolist() == [float(x) for x in labels]
+                seen += labels
+            assert sorted(seen) == list(range(300)), epoch
+            if epoch == 0:
+                assert sorted(provider.reads()) == list(range(300))  # epoch 1: all misses
+                assert ds.cache.flush(timeout=60)
+                assert ds.cache.stats()["items"] == 300
+        # Epoch 2's workers, forked after the parent mapped the new chunks, read none.
+        assert len(provider.reads()) == 300
+        _ray_alive()
+    finally:
+        ds.cache.close()
         drop_cache(name)
 
 
