@@ -11,7 +11,9 @@ Units are sized for the run, not only for storage: a unit holds at most one chun
 worth of items, and fewer as the run nears its end (each is a share of what is left),
 so that the tasks finish together and a trainer that needs an item being read waits
 for a short unit. When ``chunk_size`` is unset, the first unit of each task slot is a
-small probe that tells how many bytes an item takes.
+small probe that tells how many bytes an item takes; the largest mean item size of any
+unit read so far sizes the next units, so items that grow along the dataset overfill a
+chunk by at most their growth within one unit.
 
 Reader processes kept as actors for the run and killed after it (which returns the
 memory a provider costs a process) were tried and measured slower: starting an actor
@@ -195,6 +197,7 @@ class PreloadRun:
         self.errors: list[dict] = []
         self.loaded = 0
         self.units = 0
+        self._item_bytes = 0.0  # largest mean item size of a unit so far
         self.started = time.time()
         self.finished: float | None = None
         self.inflight: dict[int, tuple[int, Any]] = {}  # unit start -> (stop, summary ref)
@@ -300,9 +303,9 @@ class PreloadRun:
             logger.error("raycache preload could not read index %s: %s", idx, detail)
             self.errors.append({"index": idx, "error": detail})
         count = len(summary["indices"])
-        if self.unit_rows is None and count:
-            per_item = summary["nbytes"] / count
-            self.unit_rows = chunk_rows(self.chunk_size, self.chunk_bytes, per_item)
+        if count:  # items may differ in size: the largest unit mean so far sizes the next
+            self._item_bytes = max(self._item_bytes, summary["nbytes"] / count)
+            self.unit_rows = chunk_rows(self.chunk_size, self.chunk_bytes, self._item_bytes)
         if not count or self._stop.is_set():
             return True
         room = self._add_chunk(chunk_ref, summary)

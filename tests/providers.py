@@ -103,3 +103,15 @@ class LoggedReadsProvider(ArrayProvider):
             return []
         with open(self.log_path) as f:
             return [int(line) for line in f if line.strip()]
+
+
+class SizeStepProvider(ArrayProvider):
+    """Items of 8 floats up to index ``step``, of 512 after: the probe sees only small ones."""
+
+    def __init__(self, n: int, step: int):
+        super().__init__(n)
+        self.step = step
+
+    def __getitem__(self, i: int) -> dict:
+        size = 8 if i < self.step else 512
+        return {"image": np.full(size, i, dtype=np.float64), "label": i}

@@ -12,6 +12,7 @@ from providers import (
     ArrayProvider,
     CountingProvider,
     HyraxStyleProvider,
+    SizeStepProvider,
     UnpicklableProvider,
     make_item,
 )
@@ -406,3 +407,26 @@ def test_preload_cpus_is_validated():
         DataCache({"raycache": {"preload_cpus": -1}}, ArrayProvider(3))
     with pytest.raises(raycache.ConfigError, match="preload_cpus"):
         DataCache({"raycache": {"preload_cpus": "all"}}, ArrayProvider(3))
+
+
+def test_chunk_bytes_holds_once_bigger_items_are_seen(ray_address, cache_name):
+    # The probe units see 80-byte items; from index 100 on items take 4 KiB.
+    provider = SizeStepProvider(600, step=100)
+    limit = 64 * 1024
+    config = cfg(cache_name, preload_cache=True, chunk_bytes=limit, preload_threads=2)
+    ds = CachedDataset(provider, config)
+    assert ds.cache.wait_for_preload(timeout=120)
+    assert ds.cache.stats()["items"] == 600
+    client = ds.cache._client
+    client.sync(force=True)
+    chunks = [client._view(c) for c in client._refs]
+    assert sum(len(chunk) for chunk in chunks) == 600
+    # Units sized before a unit of big items came back can be too big (at most one per
+    # task slot: 2 here, plus the one that was being submitted); all later ones fit.
+    oversized = [chunk for chunk in chunks if chunk.nbytes > 1.1 * limit]
+    assert len(oversized) <= 3, [(c.indices[[0, -1]], c.nbytes) for c in oversized]
+    for i in (0, 99, 100, 599):
+        got = ds[i]
+        assert got["label"] == i and got["image"].shape == ((8,) if i < 100 else (512,))
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
