@@ -8,12 +8,15 @@ threads in one trainer process cannot give) and each reads its unit with a few t
 flight over all tasks together, the meaning Hyrax gives the knob.
 
 Units are sized for the run, not only for storage: a unit holds at most one chunk's
-worth of items, and fewer as the run nears its end (each is a share of what is left),
-so that the tasks finish together and a trainer that needs an item being read waits
-for a short unit. When ``chunk_size`` is unset, the first unit of each task slot is a
-small probe that tells how many bytes an item takes; the largest mean item size of any
-unit read so far sizes the next units, so items that grow along the dataset overfill a
-chunk by at most their growth within one unit.
+worth of items, and fewer as the run nears its end (each is a share of what is left,
+but not less than ~0.2 s of reading at the last unit's pace), so that the tasks finish
+together and a trainer that needs an item being read waits for a short unit, while a
+fast provider still fills whole chunks (fewer chunks: faster shuffled reads).
+
+When ``chunk_size`` is unset, the first unit of each task slot is a small probe that
+tells how many bytes an item takes; the largest mean item size of any unit read so far
+sizes the next units, so items that grow along the dataset overfill only the units
+sized before a unit of bigger items came back.
 
 Reader processes kept as actors for the run and killed after it (which returns the
 memory a provider costs a process) were tried and measured slower: starting an actor
@@ -49,7 +52,8 @@ logger = logging.getLogger(__name__)
 INLINE_LIMIT = 100 * 1024
 PROBE_ITEMS = 32  # first unit of each task slot when the chunk size is learned from bytes
 MIN_UNIT_ITEMS = 64  # below this a unit's fixed cost (a call, a chunk) dominates
-UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left
+UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left ...
+MIN_UNIT_S = 0.2  # ... unless that would take less than this to read
 STARTUP_WARNING_S = 30.0  # no unit back after this long: say why it may be stuck
 
 
@@ -198,6 +202,7 @@ class PreloadRun:
         self.loaded = 0
         self.units = 0
         self._item_bytes = 0.0  # largest mean item size of a unit so far
+        self._rows_per_s = 0.0  # how fast the last unit was read
         self.started = time.time()
         self.finished: float | None = None
         self.inflight: dict[int, tuple[int, Any]] = {}  # unit start -> (stop, summary ref)
@@ -240,7 +245,9 @@ class PreloadRun:
         if self.unit_rows is None:
             return min(remaining, PROBE_ITEMS)
         share = math.ceil(remaining / (self.tasks * UNITS_PER_SLOT))
-        return min(remaining, self.unit_rows, max(share, min(MIN_UNIT_ITEMS, self.unit_rows)))
+        # Shrinking pays only where a unit takes long: a fast provider keeps full chunks.
+        floor = max(MIN_UNIT_ITEMS, int(self._rows_per_s * MIN_UNIT_S))
+        return min(remaining, self.unit_rows, max(share, floor))
 
     def _drive(self) -> None:
         next_start = 0
@@ -303,7 +310,9 @@ class PreloadRun:
             logger.error("raycache preload could not read index %s: %s", idx, detail)
             self.errors.append({"index": idx, "error": detail})
         count = len(summary["indices"])
-        if count:  # items may differ in size: the largest unit mean so far sizes the next
+        if count:
+            self._rows_per_s = count / max(summary["seconds"], 1e-3)
+            # Items may differ in size: the largest unit mean so far sizes the next units.
             self._item_bytes = max(self._item_bytes, summary["nbytes"] / count)
             self.unit_rows = chunk_rows(self.chunk_size, self.chunk_bytes, self._item_bytes)
         if not count or self._stop.is_set():
