@@ -989,15 +989,16 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   DataLoader's own ~20-30 us.
 - **First epoch with preload, I/O-bound**: 2 tasks of 4 threads (`preload_threads=8`, 2
   CPUs). Units are a probe of 32 items per task, then shares of what is left (~1,000, ~750,
-  ... items; at least ~0.2 s of reading each). The cache is full after ~1.4-1.7 s where the
+  ... items; at least ~0.05 s of reading each). The cache is full after ~1.4-1.7 s where the
   8 pool threads finish in ~1.05-1.2 s. One unit of 1,008 items read alone took 0.61 s
   against 0.50 s of sleeping: each 2 ms sleep in a thread takes ~2.3 ms (the pool pays the
   same), then `np.stack` into the chunk takes ~54 ms and the task's return is written into
   the object store; the pool's items go into a dict without a copy, and its trainer thread
   reads misses as a ninth reader. Before the unit change (units of 1,024 items): 0.61-0.74x.
-- **First epoch with preload, CPU-bound**: met in the runs since units shrink towards the
-  end (1.66x, 1.89x; 1.40-1.45x before): with whole-chunk units, one task read the last
-  unit alone while the other core idled. The two preload workers, the trainer (reading
+- **First epoch with preload, CPU-bound**: 1.66x, 1.89x and 1.68x in runs since units
+  shrink towards the end (1.40-1.45x before: with whole-chunk units, one task read the last
+  unit alone while the other core idled); 1.34x and 1.42x with tail units of at least 0.2 s
+  of reading (200 items here), hence the 0.05 s floor. The two preload workers, the trainer (reading
   misses the preload has not reached) and the directory actor share 2 cores with the other
   jobs on this machine.
 - **Start-up** (not in the first-epoch rows): a new cache's actor takes ~0.3-0.4 s since

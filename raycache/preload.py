@@ -9,7 +9,7 @@ flight over all tasks together, the meaning Hyrax gives the knob.
 
 Units are sized for the run, not only for storage: a unit holds at most one chunk's
 worth of items, and fewer as the run nears its end (each is a share of what is left,
-but not less than ~0.2 s of reading at the last unit's pace), so that the tasks finish
+but not less than ~0.05 s of reading at the last unit's pace), so that the tasks finish
 together and a trainer that needs an item being read waits for a short unit, while a
 fast provider still fills whole chunks (fewer chunks: faster shuffled reads).
 
@@ -53,7 +53,7 @@ INLINE_LIMIT = 100 * 1024
 PROBE_ITEMS = 32  # first unit of each task slot when the chunk size is learned from bytes
 MIN_UNIT_ITEMS = 64  # below this a unit's fixed cost (a call, a chunk) dominates
 UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left ...
-MIN_UNIT_S = 0.2  # ... unless that would take less than this to read
+MIN_UNIT_S = 0.05  # ... unless that would take less than this to read
 STARTUP_WARNING_S = 30.0  # no unit back after this long: say why it may be stuck
 
 
