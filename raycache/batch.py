@@ -6,6 +6,13 @@ item; its arrays are views into one private gathered array per field), and
 ``collate`` recognises a ``GatheredBatch`` and turns each gathered array into a
 tensor without touching the items, which is where the speed comes from.
 
+The stock ``default_collate`` would stack the rows again: a second copy of the batch.
+torch dispatches it on the element type through ``default_collate_fn_map``, which it
+documents as the way to extend it; raycache wraps the entries for numpy arrays and
+tensors so that a list that is exactly the rows of one gathered array, in order, is
+answered with that array (it already is the stacked batch). Anything else goes to
+torch's own function, so other arrays collate as before.
+
 A shuffled batch of 64 touches nearly as many chunks as it has rows, so every cost
 paid per chunk is paid per row: what a chunk's columns look like is worked out once
 per mapped chunk (``_layout``), not once per batch.
@@ -13,12 +20,14 @@ per mapped chunk (``_layout``), not once per batch.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data._utils.collate import default_collate_fn_map
 
 from raycache.chunk import Chunk, _Numbers, _Stacked
 
@@ -58,6 +67,68 @@ class GatheredBatch(list):
 
     template: Any = None
     columns: list = []
+    # id(base) -> the row views handed out in the items, for ``default_collate``.
+    rows_of: dict = {}
+
+
+# id of a gathered array (or tensor) -> weak reference to the GatheredBatch whose items
+# view it. Weak, so a batch nobody holds frees its arrays; the entry goes with it.
+_GATHERED: dict[int, weakref.ref] = {}
+
+
+def _register_rows(batch: GatheredBatch, base: Any, rows: list) -> None:
+    """Record that ``rows`` (in this order) are all the rows of ``base``."""
+    key = id(base)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        if _GATHERED.get(key) is ref:
+            del _GATHERED[key]
+
+    if not batch.rows_of:
+        batch.rows_of = {}
+    batch.rows_of[key] = rows
+    _GATHERED[key] = weakref.ref(batch, forget)
+
+
+def _joined(elements: Sequence[Any], base: Any) -> bool:
+    """Return True if ``elements`` are the rows of gathered ``base``, each once, in order.
+
+    The check is by identity against the views ``gather`` made, so a reordered, partial
+    or mixed list, or arrays derived from the rows, never qualify. ``base`` is handed
+    out at most once: collating the same items again stacks a fresh copy.
+    """
+    ref = _GATHERED.get(id(base))
+    owner = None if ref is None else ref()
+    rows = None if owner is None else owner.rows_of.get(id(base))
+    if rows is None or len(rows) != len(elements) or not all(map(is_, elements, rows)):
+        return False
+    del owner.rows_of[id(base)]
+    return True
+
+
+def _wrap_stock_collate(kind: type, base_of: Callable[[Any], Any]) -> None:
+    """Put a joined-rows fast path in front of torch's collate function for ``kind``."""
+    stock = default_collate_fn_map[kind]
+    if getattr(stock, "_raycache_stock", None) is not None:
+        return  # wrapped already (the module was reloaded)
+
+    def collate_rows(batch: Sequence[Any], *, collate_fn_map: dict | None = None) -> Any:
+        base = base_of(batch[0])
+        if base is not None and _joined(batch, base):
+            return torch.from_numpy(base) if isinstance(base, np.ndarray) else base
+        return stock(batch, collate_fn_map=collate_fn_map)
+
+    collate_rows._raycache_stock = stock
+    default_collate_fn_map[kind] = collate_rows
+
+
+def _numpy_base(row: np.ndarray) -> np.ndarray | None:
+    base = row.base
+    return base if type(base) is np.ndarray and _tensor_ok(base.dtype) else None
+
+
+_wrap_stock_collate(np.ndarray, _numpy_base)
+_wrap_stock_collate(torch.Tensor, attrgetter("_base"))
 
 
 def _column_kind(column: Any) -> tuple:
@@ -188,14 +259,26 @@ def _take_mixed(chunks: dict, layouts: dict, cids: np.ndarray, rows: np.ndarray)
     return out
 
 
-def _leaf_values(kind: str, values: Any) -> Any:
-    """One value per item for a gathered leaf (views of the gathered array)."""
+def _leaf_values(kind: str, values: Any, batch: GatheredBatch | None = None) -> Any:
+    """One value per item for a gathered leaf (views of the gathered array).
+
+    With ``batch``, array and tensor rows are registered so that ``default_collate``
+    can return the gathered array instead of stacking the rows again.
+    """
     if kind == "array":
         if values.ndim > 1:
-            return list(values)
-        return [values[p, ...] for p in range(len(values))]  # 0-d arrays, not scalars
+            rows = list(values)
+        else:
+            rows = [values[p, ...] for p in range(len(values))]  # 0-d arrays, not scalars
+        if batch is not None:
+            _register_rows(batch, values, rows)
+        return rows
     if kind == "tensor":
-        return torch.from_numpy(values).unbind(0)
+        base = torch.from_numpy(values)
+        rows = list(base.unbind(0))
+        if batch is not None:
+            _register_rows(batch, base, rows)
+        return rows
     if kind == "numbers":
         return values.tolist()
     return values
@@ -264,8 +347,9 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
         columns = _take_uniform(first[2], sources_of, cids, rows)
     else:
         columns = _take_mixed(chunks, layouts, cids, rows)
-    leaves = iter([_leaf_values(kind, values) for kind, values in columns])
-    batch = GatheredBatch(_assemble(template, leaves, len(loc)))
+    batch = GatheredBatch()
+    leaves = iter([_leaf_values(kind, values, batch) for kind, values in columns])
+    batch.extend(_assemble(template, leaves, len(loc)))
     batch.template = template
     batch.columns = columns
     return batch
@@ -344,6 +428,7 @@ def collate(batch: Sequence[Any]) -> Any:
         The collated batch.
     """
     if isinstance(batch, GatheredBatch) and batch.template is not None:
+        batch.rows_of = {}  # these arrays are handed out now: default_collate must copy
         return _collate_gathered(batch.template, iter(batch.columns))
     if not len(batch):
         return []

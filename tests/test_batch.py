@@ -247,3 +247,63 @@ def test_partly_cached_batch_reads_misses_from_provider(ray_address, cache_name)
     finally:
         ds.cache.close()
         raycache.drop_cache(cache_name)
+
+
+def shares_memory(tensor, array):
+    return tensor.untyped_storage().data_ptr() == array.__array_interface__["data"][0]
+
+
+def test_default_collate_returns_the_gathered_arrays_without_stacking_again(plain, grouping):
+    for path, idx in batches_for_every_path(plain).items():
+        batch = plain.__getitems__(idx.tolist())
+        images = [item["image"] for item in batch]
+        stacked = torch.from_numpy(np.stack(images))
+        tensors = torch.stack([item["tensor"] for item in batch])
+        out = default_collate(batch)
+        assert_collated_equal(out, default_collate([plain_item(int(i)) for i in idx]))
+        # The fast path: the batch tensor is the array the items are rows of.
+        assert shares_memory(out["image"], images[0]), path
+        assert torch.equal(out["image"], stacked) and torch.equal(out["tensor"], tensors)
+        out["image"].fill_(-5)  # private memory: the cache is untouched
+        assert_same(plain[int(idx[0])], plain_item(int(idx[0])))
+
+
+def test_default_collate_copies_rows_that_are_not_one_whole_batch_in_order(plain):
+    idx = batches_for_every_path(plain)["shuffled"].tolist()
+    batch = plain.__getitems__(idx)
+    for items, which in ((batch[::-1], idx[::-1]), (batch[:10], idx[:10])):
+        out = default_collate(items)
+        assert_collated_equal(out, default_collate([plain_item(i) for i in which]))
+        assert not shares_memory(out["image"], batch[0]["image"])
+    other = plain.__getitems__(idx)
+    mixed = batch[:32] + other[32:]
+    assert_collated_equal(default_collate(mixed), default_collate([plain_item(i) for i in idx]))
+    derived = [{**item, "image": item["image"] * 2} for item in batch]
+    out = default_collate(derived)
+    assert torch.equal(out["image"][:, 0, 0, 0], 2 * torch.tensor(idx, dtype=torch.float32))
+
+
+def test_default_collate_hands_the_gathered_array_out_once(plain):
+    idx = batches_for_every_path(plain)["rows"].tolist()
+    batch = plain.__getitems__(idx)
+    first, second = default_collate(batch), default_collate(batch)
+    first["image"].fill_(-1)
+    first["tensor"].fill_(-1)
+    assert torch.equal(second["image"][:, 0, 0, 0], torch.tensor(idx, dtype=torch.float32))
+    assert second["tensor"][:, 0].tolist() == idx
+    batch = plain.__getitems__(idx)
+    fast = plain.collate(batch)
+    stock = default_collate(batch)
+    fast["image"].fill_(-1)
+    assert torch.equal(stock["image"][:, 0, 0, 0], torch.tensor(idx, dtype=torch.float32))
+
+
+def test_stock_collate_of_other_arrays_is_unchanged():
+    arrays = [np.full((2, 2), i, dtype=np.float32) for i in range(4)]
+    views = list(np.arange(12.0).reshape(3, 4))  # rows of an array raycache did not gather
+    assert torch.equal(default_collate(arrays), torch.from_numpy(np.stack(arrays)))
+    out = default_collate(views)
+    assert torch.equal(out, torch.arange(12.0, dtype=torch.float64).reshape(3, 4))
+    assert not shares_memory(out, views[0])
+    with pytest.raises(TypeError):
+        default_collate([np.array(["a"]), np.array(["b"])])
