@@ -137,6 +137,7 @@ class CacheClient:
         self._force_sync = True
         self._sync_lock = threading.Lock()
         self._pending: dict[int, Any] = {}
+        self._outgoing: dict[int, Any] = {}  # the batch being sent, until the map has it
         self._pending_bytes = 0
         self._first_pending = 0.0
         self._flush_requested = False
@@ -181,6 +182,8 @@ class CacheClient:
         if item is not None:
             return item
         pending = self._pending.get(idx)
+        if pending is None:
+            pending = self._outgoing.get(idx)
         if pending is not None:
             return copy_item(pending)
         if self._refresh(idx):
@@ -294,28 +297,32 @@ class CacheClient:
             except Exception as exc:
                 self._lost(exc)
                 return
-            self._last_sync = time.monotonic()
-            if reply[0] == "snapshot":
-                _, version, chunk_of, row_of, refs, inflight = reply
-                loc = np.where(
-                    chunk_of >= 0, (chunk_of.astype(np.int64) << 32) | row_of.astype(np.int64), -1
-                )
-                self._refs = dict(refs)
-                self._views = {c: v for c, v in self._views.items() if c in self._refs}
-                self._loc = loc
-            else:
-                _, version, events, refs, inflight = reply
-                self._refs.update(refs)
-                for event in events:
-                    if event[0] == "add":
-                        _, cid, idx, rows = event
-                        self._loc[idx] = (np.int64(cid) << 32) | rows.astype(np.int64)
-                    else:
-                        for cid in event[1]:
-                            self._refs.pop(cid, None)
-                            self._views.pop(cid, None)
-            self._version = version
-            self._inflight = inflight
+            self._apply(reply)
+
+    def _apply(self, reply: tuple) -> None:
+        """Apply a ``CacheDirectory.sync`` reply (the caller holds ``_sync_lock``)."""
+        self._last_sync = time.monotonic()
+        if reply[0] == "snapshot":
+            _, version, chunk_of, row_of, refs, inflight = reply
+            loc = np.where(
+                chunk_of >= 0, (chunk_of.astype(np.int64) << 32) | row_of.astype(np.int64), -1
+            )
+            self._refs = dict(refs)
+            self._views = {c: v for c, v in self._views.items() if c in self._refs}
+            self._loc = loc
+        else:
+            _, version, events, refs, inflight = reply
+            self._refs.update(refs)
+            for event in events:
+                if event[0] == "add":
+                    _, cid, idx, rows = event
+                    self._loc[idx] = (np.int64(cid) << 32) | rows.astype(np.int64)
+                else:
+                    for cid in event[1]:
+                        self._refs.pop(cid, None)
+                        self._views.pop(cid, None)
+        self._version = version
+        self._inflight = inflight
 
     def prepare_fork(self) -> None:
         """Send buffered items, catch up and map every chunk, for children forked next.
@@ -428,6 +435,7 @@ class CacheClient:
                 batch_bytes = self._pending_bytes
                 if batch:
                     self._pending = {}
+                    self._outgoing = batch
                     self._pending_bytes = 0
                     self._sending = True
                 stop = self.closed and not batch
@@ -451,6 +459,7 @@ class CacheClient:
                 last_beat = time.monotonic()
             with self._cond:
                 self._sending = False
+                self._outgoing = {}
                 if not self._pending:
                     self._flush_requested = False
                 self._cond.notify_all()
@@ -469,13 +478,23 @@ class CacheClient:
                 Chunk.from_rows(indices[i : i + step], [batch[j] for j in indices[i : i + step]])
                 for i in range(0, len(indices), step)
             ]
-            ray.get(self.actor.insert.remote(chunks), timeout=self.timeout)
+            since = self._version
+            reply = ray.get(
+                self.actor.insert.remote(chunks, self.client_id, since), timeout=self.timeout
+            )
         except Exception as exc:
             self._lost(exc)
             logger.warning("raycache %s: %d inserted items were not cached", self.name, len(batch))
             return
-        # The actor has them now; the next miss must ask it (not wait MIN_SYNC_S).
-        self._force_sync = True
+        # The reply holds the map's changes since ``since``, these items' places among
+        # them: applying it here spares the trainer's next miss a sync of its own (a
+        # round trip to an actor that is busy storing). If a sync on another thread
+        # moved the map on meanwhile, these events are stale: the next miss asks.
+        with self._sync_lock:
+            if self._version == since:
+                self._apply(reply["sync"])
+            else:
+                self._force_sync = True
         self.flush_seconds = time.monotonic() - start
 
     def _counter_deltas(self) -> tuple[int, int]:
@@ -538,6 +557,7 @@ class CacheClient:
         self._cond = threading.Condition()
         self._sync_lock = threading.Lock()
         self._pending = {}
+        self._outgoing = {}
         if self._relay is not None:
             self._relay.after_fork_in_child()
 

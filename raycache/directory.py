@@ -64,6 +64,7 @@ class CacheDirectory:
         self._bytes = 0
         self._items = 0
         self._rejected = 0
+        self._inserted = 0  # items stored from clients' inserts (not the preload)
         self._hits = 0
         self._misses = 0
         self._clients: dict[str, dict] = {}
@@ -209,7 +210,7 @@ class CacheDirectory:
         self._events.append(("retire", list(cids)))
 
     # ----------------------------------------------------------------- writes
-    def insert(self, chunks: list[Chunk]) -> dict:
+    def insert(self, chunks: list[Chunk], client_id: str | None = None, since: int = -1) -> dict:
         """Store the items of ``chunks`` that are not cached yet.
 
         The client's chunk arrives as an argument (its bytes owned by the client);
@@ -221,36 +222,50 @@ class CacheDirectory:
         -------
         dict
             ``{"added": n, "rejected": n}``: rejected items did not fit ``max_bytes``.
+            With ``client_id``, also ``"sync"``: what ``sync(client_id, since)`` would
+            return after the insert, which saves the client a second call.
         """
         added = rejected = 0
         for chunk in chunks:
             result = self._insert_one(chunk)
             added += result["added"]
             rejected += result["rejected"]
-        return {"added": added, "rejected": rejected}
+        out = {"added": added, "rejected": rejected}
+        if client_id is not None:
+            out["sync"] = self.sync(client_id, since)
+        return out
 
     def _insert_one(self, chunk: Chunk) -> dict:
+        result, full = self._store_inserted(chunk)
+        if full:
+            self._compact(full)
+        return result
+
+    def _store_inserted(self, chunk: Chunk) -> tuple[dict, list[int]]:
+        """Store one inserted chunk; return the result and the segments due to be merged."""
         with self._lock:
             if self._dropped:
-                return {"added": 0, "rejected": len(chunk)}
+                return {"added": 0, "rejected": len(chunk)}, []
             idx = chunk.indices
             _, first = np.unique(idx, return_index=True)
             keep = np.zeros(len(idx), dtype=bool)
             keep[first] = True
             keep &= self._chunk_of[idx] < 0
             if not keep.any():
-                return {"added": 0, "rejected": 0}
+                return {"added": 0, "rejected": 0}, []
             if not keep.all():
                 chunk = chunk.take(np.flatnonzero(keep))
             chunk, rejected = self._fit_budget(chunk)
             if not len(chunk):
-                return {"added": 0, "rejected": rejected}
+                return {"added": 0, "rejected": rejected}, []
             cid, added = self._register(ray.put(chunk), chunk.indices, chunk.nbytes)
+            self._inserted += added
             rows, nbytes = self._sizes[cid]
+            full: list[int] = []
             if rows < self._chunk_rows // 2 and nbytes < self.spec["chunk_bytes"] // 2:
                 self._open.append(cid)
-                self._maybe_compact()
-            return {"added": added, "rejected": rejected}
+                full = self._due_for_compaction()
+            return {"added": added, "rejected": rejected}, full
 
     def _fit_budget(self, chunk: Chunk) -> tuple[Chunk, int]:
         room = self._max_bytes - self._bytes
@@ -268,34 +283,40 @@ class CacheDirectory:
         )
         return chunk.take(np.arange(fits)), rejected
 
-    def _maybe_compact(self) -> None:
-        """Merge small segments into one chunk once they would fill one.
+    def _due_for_compaction(self) -> list[int]:
+        """Take the small segments once they would fill a chunk (under the lock).
 
         Items inserted one by one on epoch-1 misses arrive in small segments; readers
         want few large chunks. Segments are gathered until they hold ``chunk_size``
-        items or ``chunk_bytes`` bytes, then rewritten as one chunk and freed.
+        items or ``chunk_bytes`` bytes; then they are handed to ``_compact``.
         """
         rows = sum(self._sizes[c][0] for c in self._open)
         nbytes = sum(self._sizes[c][1] for c in self._open)
         if rows < self._chunk_rows and nbytes < self.spec["chunk_bytes"]:
-            return
-        self._compact()
-
-    def _compact(self) -> None:
-        if len(self._open) < 2:
-            self._open.clear()
-            return
+            return []
         cids, self._open = self._open, []
-        parts = ray.get([self._refs[c] for c in cids])
-        # Only rows the map still points at are kept (all of them, for inserted segments).
-        kept = []
-        for cid, part in zip(cids, parts):
-            live = self._chunk_of[part.indices] == cid
-            kept.append(part if live.all() else part.take(np.flatnonzero(live)))
-        merged = Chunk.concat(kept)
-        del parts, kept
-        self._register(ray.put(merged), merged.indices, merged.nbytes, replace=True)
-        self._retire(cids)
+        return cids if len(cids) > 1 else []
+
+    def _compact(self, cids: list[int]) -> None:
+        """Rewrite segments ``cids`` as one chunk and free them.
+
+        Fetching, concatenating and storing a chunk's worth of bytes takes tens of
+        milliseconds; it runs outside the lock so that clients' syncs and inserts do
+        not wait for it. Segments are only ever retired here or by ``drop``, and
+        inserts never remap a cached index, so the rows read outside the lock are
+        still the ones the map points at, unless the cache was dropped meanwhile.
+        """
+        with self._lock:
+            refs = [self._refs.get(c) for c in cids]
+        if any(r is None for r in refs):
+            return  # dropped meanwhile
+        merged = Chunk.concat(ray.get(refs))
+        ref = ray.put(merged)
+        with self._lock:
+            if self._dropped:
+                return
+            self._register(ref, merged.indices, merged.nbytes, replace=True)
+            self._retire(cids)
 
     def add_preloaded(self, chunk_ref: Any, summary: dict) -> bool:
         """Register a chunk returned by a preload task; False once the budget is full."""
@@ -364,6 +385,7 @@ class CacheDirectory:
                 "hits": self._hits,
                 "misses": self._misses,
                 "rejected_items": self._rejected,
+                "inserted_items": self._inserted,
                 "clients": len(self._clients),
                 "detached": bool(self.spec["detached"]),
                 "fingerprint": self.spec["fingerprint"],
