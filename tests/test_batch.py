@@ -307,3 +307,18 @@ def test_stock_collate_of_other_arrays_is_unchanged():
     assert not shares_memory(out, views[0])
     with pytest.raises(TypeError):
         default_collate([np.array(["a"]), np.array(["b"])])
+
+
+def test_stock_collate_in_forked_workers_matches_the_main_process(plain):
+    def loader(**kw):
+        g = torch.Generator().manual_seed(11)
+        return DataLoader(plain, batch_size=32, shuffle=True, generator=g, **kw)
+
+    batches = 0
+    ctx = torch.multiprocessing.get_context("fork")
+    for mine, theirs in zip(loader(), loader(num_workers=2, multiprocessing_context=ctx)):
+        assert_collated_equal(mine, theirs)
+        for i, image in zip(theirs["label"].tolist(), theirs["image"]):
+            assert torch.equal(image, torch.full((3, 4, 4), float(i)))
+        batches += 1
+    assert batches == 7
