@@ -973,11 +973,14 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   (locate, `np.unique`, one `_view` per chunk) ~30-60 us, the DataLoader ~20 us. The numpy
   limit reads one huge-page array in the trainer (~15 GB/s). With the dict at ~75-100k
   items/s, 1.4x needs <= ~450 us per batch: reached in quiet runs, missed in loaded ones.
-- **Warm with the stock `default_collate`**: structural. The stock collate stacks (copies)
-  every item again, so a safe read from the cache costs two copies (the private gather,
-  then `torch.stack`) against the dict's one; `default_collate` itself costs the same on
-  both. Handing out read-only views of shared memory instead would save the first copy but
-  let `torch.from_numpy` write into every process's cache (`raycache.zero_copy` opts in).
+  Copying the rows with two threads (numpy copies without the GIL) was tried on 2026-12-01:
+  ~15% faster in a copy-only loop, but slower in the epoch (1.41x against 1.54x the dict,
+  paired over 5 rounds in one process): the second core is busy with Ray's own processes.
+- **Warm with the stock `default_collate`** (met since 2026-12-01): the stock collate used
+  to stack every item again, so a safe read cost two copies against the dict's one (0.74x
+  and 0.85x the dict). raycache now extends `default_collate_fn_map` so that the rows of a
+  gathered batch, exactly and in order, collate to the gathered array itself: 1.36x (48
+  KiB) and 1.57x (1 KiB) in the first run after the change.
 - **Warm 1 KiB**: fixed costs per batch. With `chunk_size` unset (the default) chunks are
   sized by bytes and 200,000 items of 1 KiB fill ~15 chunks; with `chunk_size = 1024` they
   fill 196 and a shuffled batch touches ~55 of them (the `chunk_size=1,024` rows). In the
@@ -989,12 +992,18 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   DataLoader's own ~20-30 us.
 - **First epoch with preload, I/O-bound**: 2 tasks of 4 threads (`preload_threads=8`, 2
   CPUs). Units are a probe of 32 items per task, then shares of what is left (~1,000, ~750,
-  ... items; at least ~0.05 s of reading each). The cache is full after ~1.4-1.7 s where the
+  ... items; at least ~0.05 s of reading each). The cache is full after ~1.4-1.9 s where the
   8 pool threads finish in ~1.05-1.2 s. One unit of 1,008 items read alone took 0.61 s
   against 0.50 s of sleeping: each 2 ms sleep in a thread takes ~2.3 ms (the pool pays the
   same), then `np.stack` into the chunk takes ~54 ms and the task's return is written into
   the object store; the pool's items go into a dict without a copy, and its trainer thread
   reads misses as a ninth reader. Before the unit change (units of 1,024 items): 0.61-0.74x.
+  Timeline of the preload alone (2026-12-01, 4,096 items, no trainer reading): the two large
+  units ended at 0.70 s and 1.18 s, then ~10 shrinking units took 0.93 s for the last 2,268
+  items where 8 busy readers need ~0.57 s. At each unit's end its slot is idle while the chunk
+  is stacked and written, the actor sees the result and the next task is leased and started.
+  Closing the gap needs a reader per slot that keeps its threads reading across units and
+  streams finished chunks back (a Ray generator task), not built yet.
 - **First epoch with preload, CPU-bound**: 1.66x, 1.89x and 1.68x in runs since units
   shrink towards the end (1.40-1.45x before: with whole-chunk units, one task read the last
   unit alone while the other core idled); 1.34x and 1.42x with tail units of at least 0.2 s
@@ -1008,12 +1017,15 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
 - **Fill on miss** (the CPU-bound row when it misses, and the no-cost provider, which has
   no target): for 20,000 items of 48 KiB the trainer's main thread used 1.5 s of CPU in a
   3.7 s epoch; per item `data_size` ~43 us and `copy_item` ~34 us (cProfile), and the
-  flush thread (building chunks, sending them) used ~0.8 s more of the same process. Misses
-  also wait on `sync` calls to an actor busy storing and compacting. A/B in one process
-  (3 rounds, loaded machine): with the CPU-bound provider, misses that do not wait for
-  `sync` and a size taken from the arrays' `nbytes` instead of `data_size` took the epoch
-  from 1.72x to 1.61x to 1.28x the no-cache time; with the no-cost provider the `sync`
-  change alone gained nothing (the trainer process's GIL and the 2 shared cores limit it).
+  flush thread (building chunks, sending them) used ~0.8 s more of the same process.
+  Until 2026-12-01 every flush also made the trainer's next miss sync with an actor busy
+  storing or compacting (2,048 items, 2 ms I/O: ~36 syncs, 0.24-0.34 s on the trainer's
+  thread). Inserts now get the map's changes in their reply and compaction runs outside the
+  actor's lock: ~20 syncs, 0.08-0.09 s, and the I/O-bound epoch went from 1.13-1.16x to
+  1.08x the no-cache time in one process, same quiet machine. The CPU-bound provider holds
+  the trainer's GIL, which the flush thread needs to build and send chunks (its sends took
+  ~2.5-3.4 s of wall time in a 2.7-3.8 s epoch): 1.24-1.48x the no-cache time in the same
+  A/B, and the remaining cost is that contention on 2 shared cores.
 """
 
 

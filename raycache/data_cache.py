@@ -388,9 +388,9 @@ class DataCache:
         dict
             ``name``, ``length``, ``items`` (cached), ``bytes``, ``max_bytes``,
             ``chunks``, ``hits``, ``misses`` (over all clients), ``rejected_items``,
-            ``inserted_items`` (stored from inserts; the preload's are
-            ``preload["loaded"]``), ``clients``, ``preload`` (state, loaded,
-            seconds), ``preload_errors``
+            ``inserted_items`` and ``preloaded_items`` (how many of ``items`` were
+            stored from inserts and from the preload), ``clients``, ``preload``
+            (state, ``loaded``: items its tasks read, seconds), ``preload_errors``
             (``[{"index", "error"}]``), and ``client`` (this process's hits, misses
             and buffered items). With ``use_cache`` off: ``length``, zero counts.
         """

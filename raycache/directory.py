@@ -64,7 +64,8 @@ class CacheDirectory:
         self._bytes = 0
         self._items = 0
         self._rejected = 0
-        self._inserted = 0  # items stored from clients' inserts (not the preload)
+        self._inserted = 0  # items stored from clients' inserts
+        self._preloaded = 0  # items stored from preload tasks
         self._hits = 0
         self._misses = 0
         self._clients: dict[str, dict] = {}
@@ -326,13 +327,16 @@ class CacheDirectory:
             if summary["nbytes"] > self._max_bytes - self._bytes:
                 chunk, _ = self._fit_budget(ray.get(chunk_ref))
                 if len(chunk):
-                    self._register(ray.put(chunk), chunk.indices, chunk.nbytes)
+                    _, added = self._register(ray.put(chunk), chunk.indices, chunk.nbytes)
+                    self._preloaded += added
                 return False
             if summary["nbytes"] < INLINE_LIMIT:
                 # Small task returns live in this actor's heap and are copied into each
                 # reader; put them into the shared store instead.
                 chunk_ref = ray.put(ray.get(chunk_ref))
-            self._register(chunk_ref, summary["indices"], summary["nbytes"])
+            # Indices a trainer inserted while the unit was read stay as they are.
+            _, added = self._register(chunk_ref, summary["indices"], summary["nbytes"])
+            self._preloaded += added
             return True
 
     def _missing(self, indices: np.ndarray) -> np.ndarray:
@@ -386,6 +390,7 @@ class CacheDirectory:
                 "misses": self._misses,
                 "rejected_items": self._rejected,
                 "inserted_items": self._inserted,
+                "preloaded_items": self._preloaded,
                 "clients": len(self._clients),
                 "detached": bool(self.spec["detached"]),
                 "fingerprint": self.spec["fingerprint"],

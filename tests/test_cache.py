@@ -91,6 +91,29 @@ def test_preload_fills_every_item(ray_address, cache_name):
     raycache.drop_cache(cache_name)
 
 
+def test_stats_say_who_stored_each_item(ray_address, cache_name):
+    provider = ArrayProvider(200)
+    ds = CachedDataset(provider, cfg(cache_name, chunk_size=64))
+    try:
+        for i in range(0, 200, 5):  # 40 items filled on miss, before any preload
+            ds[i]
+        assert ds.cache.flush(timeout=30)
+        # Another process's view of the same cache starts the preload (as a rank would).
+        loader = DataCache(cfg(cache_name, preload_cache=True, chunk_size=64), provider)
+        loader.start_preload_thread()
+        assert loader.wait_for_preload(timeout=120)
+        loader.close()
+        stats = ds.cache.stats()
+        assert stats["items"] == 200
+        assert stats["inserted_items"] == 40
+        assert stats["preloaded_items"] == 160 == stats["preload"]["loaded"]
+        for i in (0, 1, 199):
+            assert_same(ds.cache.try_fetch(i), make_item(i))
+    finally:
+        ds.cache.close()
+        raycache.drop_cache(cache_name)
+
+
 def test_preload_reports_failing_index_and_does_not_hang(ray_address, cache_name):
     provider = ArrayProvider(120, fail_at=(13, 77))
     cache = DataCache(cfg(cache_name, preload_cache=True, chunk_size=50), provider)
