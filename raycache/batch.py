@@ -84,8 +84,6 @@ def _register_rows(batch: GatheredBatch, base: Any, rows: list) -> None:
         if _GATHERED.get(key) is ref:
             del _GATHERED[key]
 
-    if not batch.rows_of:
-        batch.rows_of = {}
     batch.rows_of[key] = rows
     _GATHERED[key] = weakref.ref(batch, forget)
 
@@ -348,6 +346,7 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
     else:
         columns = _take_mixed(chunks, layouts, cids, rows)
     batch = GatheredBatch()
+    batch.rows_of = {}
     leaves = iter([_leaf_values(kind, values, batch) for kind, values in columns])
     batch.extend(_assemble(template, leaves, len(loc)))
     batch.template = template
