@@ -85,7 +85,8 @@ def directory_actor(name: str, namespace: str, spec: dict | None = None) -> Any:
         namespace=namespace,
         lifetime="detached",
         get_if_exists=True,
-        max_concurrency=16,
+        # Trainers block a thread each in wait_cached; preload tasks' claims need one.
+        max_concurrency=64,
         num_cpus=0,
         max_restarts=0,
     ).remote(spec)
@@ -131,7 +132,7 @@ class CacheClient:
         self._version = 0
         self._refs: dict[int, Any] = {}
         self._views: dict[int, Chunk] = {}
-        self._inflight: dict[int, tuple[int, Any]] = {}  # unit start -> (stop, ref)
+        self._inflight: dict[int, int] = {}  # preload unit being read: start -> stop
         self._stalled: set[int] = set()  # units whose preload reader did not end in time
         self._last_sync = 0.0
         self._force_sync = True
@@ -245,18 +246,17 @@ class CacheClient:
         if self._loc[idx] >= 0:
             return True
         # A preload reader is reading idx right now: wait for it instead of reading it too.
-        unit = ref = None
-        for start, (stop, summary_ref) in self._inflight.items():
-            if start <= idx < stop:
-                unit, ref = start, summary_ref
-                break
-        if ref is not None and unit not in self._stalled:
+        unit = next((a for a, b in self._inflight.items() if a <= idx < b), None)
+        if unit is not None and unit not in self._stalled:
+            wait = min(self.timeout, INFLIGHT_WAIT_S)
             try:
-                ready, _ = ray.wait([ref], timeout=min(self.timeout, INFLIGHT_WAIT_S))
+                cached = ray.get(
+                    self.actor.wait_cached.remote(idx, wait), timeout=wait + self.timeout
+                )
             except Exception as exc:
                 self._lost(exc)
                 return False
-            if not ready:
+            if not cached:
                 self._stalled.add(unit)
                 return False
             self.sync(force=True)

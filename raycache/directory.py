@@ -54,6 +54,7 @@ class CacheDirectory:
         self.spec = dict(spec)
         length = int(spec["length"])
         self._lock = threading.RLock()
+        self._added = threading.Condition(self._lock)  # notified when indices are mapped
         self._chunk_of = np.full(length, -1, dtype=np.int32)
         self._row_of = np.zeros(length, dtype=np.int32)
         self._refs: dict[int, Any] = {}  # chunk id -> ObjectRef (the actor's own)
@@ -151,7 +152,8 @@ class CacheDirectory:
             ``("events", version, events, refs, inflight)`` or, for a new or far
             behind client, ``("snapshot", version, chunk_of, row_of, refs, inflight)``.
             ``refs`` holds the ObjectRefs of chunks added (all live ones in a snapshot);
-            ``inflight`` maps preload unit numbers to the refs that finish with them.
+            ``inflight`` maps the first index of each preload unit being read to its
+            end (``wait_cached`` waits for one).
         """
         self.touch(client_id, hits, misses)
         with self._lock:
@@ -201,6 +203,7 @@ class CacheDirectory:
         if not replace:
             self._items += len(idx)
         self._events.append(("add", cid, idx, rows))
+        self._added.notify_all()
         return cid, len(idx)
 
     def _retire(self, cids: list[int]) -> None:
@@ -355,11 +358,38 @@ class CacheDirectory:
                     chunk_size=self.spec["chunk_size"],
                     chunk_bytes=int(self.spec["chunk_bytes"]),
                     cpus_per_task=float(cpus_per_task),
+                    directory=ray.get_runtime_context().current_actor,
                     missing=self._missing,
                     add_chunk=self.add_preloaded,
                     on_progress=self._log_preload,
                 )
             return self._preload.status() if self._preload is not None else {"state": "idle"}
+
+    def preload_claim(self, key: str, done: tuple | None) -> tuple | None:
+        """Hand the calling preload task its next unit (see ``PreloadRun.claim``)."""
+        run = self._preload
+        if run is None or run.key != key or self._dropped:
+            return None
+        return run.claim(done)
+
+    def wait_cached(self, idx: int, timeout: float) -> bool:
+        """Block until ``idx`` is cached, or up to ``timeout`` s; True if it is.
+
+        A trainer that misses an index the preload is reading waits here instead of
+        reading the item a second time. It returns early, False, once no preload unit
+        holds ``idx`` any more (read with an error, or the run stopped).
+        """
+        deadline = time.monotonic() + timeout
+        with self._added:
+            while self._chunk_of[idx] < 0:
+                run = self._preload
+                left = deadline - time.monotonic()
+                if run is None or left <= 0 or not run.is_reading(idx):
+                    return False
+                # Woken by every registration; the slice re-checks units that ended
+                # without one (all their items failed).
+                self._added.wait(min(left, 0.1))
+            return True
 
     def wait_preload(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds for the preload to end; True if it has."""

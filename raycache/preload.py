@@ -1,11 +1,19 @@
 """Preloading: Ray tasks read provider items into chunks that the cache owns.
 
-The directory actor submits the tasks, a range of indices (a unit) each, and registers
-the chunk each returns; it owns the returns, so they outlive the trainer that asked for
-the preload. Several tasks run at once (CPU-bound providers need every core, which
-threads in one trainer process cannot give) and each reads its unit with a few threads
-(I/O-bound providers need many reads in flight). ``preload_threads`` bounds the reads in
-flight over all tasks together, the meaning Hyrax gives the knob.
+The directory actor starts one generator task per slot. Each task asks the actor for a
+range of indices (a unit) at a time, reads it with a few threads and yields its chunk;
+the actor registers each chunk as it arrives and owns what the tasks yield, so the
+chunks outlive the trainer that asked for the preload. Several tasks run at once
+(CPU-bound providers need every core, which threads in one trainer process cannot give)
+and each keeps a few reads in flight (I/O-bound providers need many).
+``preload_threads`` bounds the reads in flight over all tasks together, the meaning
+Hyrax gives the knob.
+
+A task claims its next unit and queues its reads before the current unit is done, so
+its threads go straight on while the finished unit is packed and sent. Tasks that read
+one unit each (the design before 2026-12-01) left their slot idle at every unit's end
+while the chunk was stacked and stored, the actor saw the result and the next task was
+leased: the tail of a preload took ~1.6x as long as its reads.
 
 Units are sized for the run, not only for storage: a unit holds at most one chunk's
 worth of items, and fewer as the run nears its end (each is a share of what is left,
@@ -13,10 +21,10 @@ but not less than ~0.05 s of reading at the last unit's pace), so that the tasks
 together and a trainer that needs an item being read waits for a short unit, while a
 fast provider still fills whole chunks (fewer chunks: faster shuffled reads).
 
-When ``chunk_size`` is unset, the first unit of each task slot is a small probe that
-tells how many bytes an item takes; the largest mean item size of any unit read so far
-sizes the next units, so items that grow along the dataset overfill only the units
-sized before a unit of bigger items came back.
+When ``chunk_size`` is unset, the first units (two per slot: each claims one ahead)
+are small probes that tell how many bytes an item takes; the largest mean item size of
+any unit read so far sizes the next units, so items that grow along the dataset
+overfill only the units sized before a unit of bigger items came back.
 
 Reader processes kept as actors for the run and killed after it (which returns the
 memory a provider costs a process) were tried and measured slower: starting an actor
@@ -32,7 +40,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,7 +51,7 @@ from raycache.chunk import Chunk, chunk_rows
 from raycache.provider import load_provider, read_raw
 from raycache.values import check_item
 
-__all__ = ["PreloadRun", "read_unit", "read_unit_task"]
+__all__ = ["PreloadRun", "read_units", "read_units_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +83,8 @@ def _release_heap() -> None:
         pass
 
 
-def read_unit(provider: Any, indices: np.ndarray, threads: int) -> tuple[Chunk, dict]:
-    """Read ``indices`` from the provider and return them as one chunk.
-
-    Parameters
-    ----------
-    provider : Any
-        The provider.
-    indices : np.ndarray
-        Provider indices to read.
-    threads : int
-        Reads in flight at once.
-
-    Returns
-    -------
-    tuple[Chunk, dict]
-        The chunk, and a small summary ``{"indices", "nbytes", "errors", "seconds"}``
-        that the directory actor reads without fetching the chunk.
-    """
-    start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(lambda i: _read_one(provider, int(i)), indices))
+def _build_chunk(results: list, start: float) -> tuple[Chunk, dict]:
+    """Pack one unit's read results into a chunk and the summary the actor reads."""
     good = [(i, item) for i, item, err in results if err is None]
     errors = [(i, err) for i, _, err in results if err is not None]
     try:
@@ -117,11 +106,62 @@ def read_unit(provider: Any, indices: np.ndarray, threads: int) -> tuple[Chunk, 
     return chunk, summary
 
 
-@ray.remote(num_returns=2, max_retries=0)
-def read_unit_task(
-    provider_blob: bytes, provider_key: str, indices: np.ndarray, threads: int
-) -> tuple[Chunk, dict]:
-    """Ray task: unpickle the provider (once per worker process and run), read a unit.
+def read_units(
+    provider: Any, claim: Callable[[tuple | None], tuple | None], threads: int
+) -> Iterator[Chunk | dict]:
+    """Read the units ``claim`` hands out, yielding a chunk and its summary for each.
+
+    The next unit is claimed and its reads queued while the current one is still being
+    read, so the reader threads never wait at a unit's end: they go on with the next
+    unit while the finished one is packed into a chunk and sent.
+
+    Parameters
+    ----------
+    provider : Any
+        The provider.
+    claim : Callable
+        Called with ``(rows, nbytes, seconds)`` of the last finished unit (None before
+        the first); returns ``(start, indices)`` of the next unit, or None when there
+        is no more work.
+    threads : int
+        Reads in flight at once.
+
+    Yields
+    ------
+    Chunk or dict
+        For each unit, its chunk, then its summary ``{"start", "indices", "nbytes",
+        "errors", "seconds"}``, which the directory actor reads without the chunk.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+
+        def queue(unit: tuple | None) -> tuple | None:
+            if unit is None:
+                return None
+            start, indices = unit
+            reads = [pool.submit(_read_one, provider, int(i)) for i in indices]
+            return start, reads
+
+        current = queue(claim(None))
+        upcoming = queue(claim(None)) if current is not None else None
+        began = time.monotonic()
+        while current is not None:
+            start, reads = current
+            chunk, summary = _build_chunk([r.result() for r in reads], began)
+            began = time.monotonic()  # the next unit's reads run from here on
+            summary["start"] = start
+            done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
+            yield chunk
+            del chunk
+            yield summary
+            current = upcoming
+            upcoming = queue(claim(done)) if current is not None else None
+
+
+@ray.remote(max_retries=0)
+def read_units_task(
+    provider_blob: bytes, provider_key: str, directory: Any, threads: int
+) -> Iterator[Chunk | dict]:
+    """Ray generator task: one preload slot, reading units until none is left.
 
     Parameters
     ----------
@@ -129,21 +169,29 @@ def read_unit_task(
         The pickled provider.
     provider_key : str
         Identifies the preload run (see ``raycache.provider.load_provider``).
-    indices : np.ndarray
-        Provider indices to read.
+    directory : ray.actor.ActorHandle
+        The cache's directory actor, which hands out the units (``preload_claim``).
     threads : int
         Reads in flight at once.
 
-    Returns
-    -------
-    tuple[Chunk, dict]
-        See ``read_unit``.
+    Yields
+    ------
+    Chunk or dict
+        See ``read_units``. The directory actor owns what is yielded.
     """
-    return read_unit(load_provider(provider_key, provider_blob), indices, threads)
+    provider = load_provider(provider_key, provider_blob)
+
+    def claim(done: tuple | None) -> tuple | None:
+        return ray.get(directory.preload_claim.remote(provider_key, done))
+
+    yield from read_units(provider, claim, threads)
 
 
 class PreloadRun:
     """One preload of a cache, driven by a thread inside the directory actor.
+
+    ``tasks`` generator tasks (one per slot) each read units that ``claim`` hands out
+    and yield a chunk per unit; the driving thread registers each chunk as it comes.
 
     Parameters
     ----------
@@ -159,6 +207,8 @@ class PreloadRun:
         ``raycache.chunk_bytes``: most bytes per unit (and chunk).
     cpus_per_task : float
         ``raycache.preload_cpus``: CPUs each task reserves.
+    directory : ray.actor.ActorHandle
+        The directory actor, whose ``preload_claim`` the tasks call (it calls ``claim``).
     missing : Callable[[np.ndarray], np.ndarray]
         Returns the subset of indices not cached yet (called under the actor's lock).
     add_chunk : Callable[[ray.ObjectRef, dict], bool]
@@ -175,6 +225,7 @@ class PreloadRun:
         chunk_size: int | None,
         chunk_bytes: int,
         cpus_per_task: float,
+        directory: Any,
         missing: Callable[[np.ndarray], np.ndarray],
         add_chunk: Callable[[Any, dict], bool],
         on_progress: Callable[[int, float], None] | None = None,
@@ -193,7 +244,8 @@ class PreloadRun:
             None if chunk_size is None else chunk_rows(chunk_size, chunk_bytes, None)
         )
         self._blob_ref = ray.put(provider_blob)
-        self._key = uuid.uuid4().hex
+        self.key = uuid.uuid4().hex
+        self._directory = directory
         self._missing = missing
         self._add_chunk = add_chunk
         self._on_progress = on_progress
@@ -202,18 +254,25 @@ class PreloadRun:
         self.loaded = 0
         self.units = 0
         self._item_bytes = 0.0  # largest mean item size of a unit so far
-        self._rows_per_s = 0.0  # how fast the last unit was read
+        self._rows_per_s = 0.0  # how fast a slot read its last unit
+        self._next_start = 0
+        self._claim_lock = threading.Lock()
+        self._claimed: dict[int, np.ndarray] = {}  # unit start -> indices, until registered
         self.started = time.time()
         self.finished: float | None = None
-        self.inflight: dict[int, tuple[int, Any]] = {}  # unit start -> (stop, summary ref)
+        self.inflight: dict[int, int] = {}  # unit start -> stop, for trainers to wait on
         self.done_event = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycache-preload", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop submitting units; units in flight finish and are discarded."""
+        """Hand out no more units; units being read finish and are discarded."""
         self._stop.set()
+
+    def is_reading(self, idx: int) -> bool:
+        """Return True if ``idx`` belongs to a unit handed out and not registered yet."""
+        return any(start <= idx < stop for start, stop in list(self.inflight.items()))
 
     def status(self) -> dict:
         """Return the run's progress, errors and timing."""
@@ -249,33 +308,49 @@ class PreloadRun:
         floor = max(MIN_UNIT_ITEMS, int(self._rows_per_s * MIN_UNIT_S))
         return min(remaining, self.unit_rows, max(share, floor))
 
+    def claim(self, done: tuple | None) -> tuple | None:
+        """Hand a slot its next unit: ``(start, indices)``, or None when none is left.
+
+        Parameters
+        ----------
+        done : tuple or None
+            ``(rows, nbytes, seconds)`` of the slot's last finished unit, which sizes
+            the next units (None before the slot's first).
+
+        Returns
+        -------
+        tuple or None
+            The unit's first index and the indices in it not cached yet.
+        """
+        with self._claim_lock:
+            if done is not None and done[0]:
+                rows, nbytes, seconds = done
+                self._rows_per_s = rows / max(seconds, 1e-3)
+                # Items may differ in size: the largest unit mean so far sizes the next.
+                self._item_bytes = max(self._item_bytes, nbytes / rows)
+                self.unit_rows = chunk_rows(self.chunk_size, self.chunk_bytes, self._item_bytes)
+            while not self._stop.is_set() and self._next_start < self.length:
+                start = self._next_start
+                stop = start + self._unit_size(self.length - start)
+                self._next_start = stop
+                todo = self._missing(np.arange(start, stop))
+                if len(todo):
+                    self._claimed[start] = todo
+                    self.inflight[start] = stop
+                    self.units += 1
+                    return start, todo
+            return None
+
     def _drive(self) -> None:
-        next_start = 0
-        pending: dict[Any, tuple[int, Any, np.ndarray]] = {}  # summary ref -> unit
-        budget_full = False
+        task = read_units_task.options(num_cpus=self.cpus_per_task)
+        slots = [
+            task.remote(self._blob_ref, self.key, self._directory, self.threads_per_task)
+            for _ in range(self.tasks)
+        ]
         last_news = time.monotonic()
         warned = False
-        task = read_unit_task.options(num_cpus=self.cpus_per_task)
-        while True:
-            while len(pending) < self.tasks and not self._stop.is_set() and not budget_full:
-                if next_start >= self.length:
-                    break
-                if self.unit_rows is None and pending and self.units >= self.tasks:
-                    break  # the probes are out: size the next units from their bytes
-                stop = next_start + self._unit_size(self.length - next_start)
-                todo = self._missing(np.arange(next_start, stop))
-                start, next_start = next_start, stop
-                if not len(todo):
-                    continue
-                chunk_ref, summary_ref = task.remote(
-                    self._blob_ref, self._key, todo, self.threads_per_task
-                )
-                pending[summary_ref] = (start, chunk_ref, todo)
-                self.inflight[start] = (stop, summary_ref)
-                self.units += 1
-            if not pending:
-                return
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        while slots:
+            ready, _ = ray.wait(slots, num_returns=1, timeout=1.0)
             if not ready and not warned and time.monotonic() - last_news > STARTUP_WARNING_S:
                 warned = True
                 logger.warning(
@@ -284,37 +359,52 @@ class PreloadRun:
                     STARTUP_WARNING_S,
                     self.cpus_per_task,
                 )
-            for summary_ref in ready:
+            for slot in ready:
                 last_news = time.monotonic()
-                start, chunk_ref, todo = pending.pop(summary_ref)
-                if not self._finish(chunk_ref, summary_ref, todo):
-                    budget_full = True
-                self.inflight.pop(start, None)
+                if not self._take(slot):
+                    slots.remove(slot)
+        # Units handed out but never reported: their slot's task died.
+        with self._claim_lock:
+            lost, self._claimed = self._claimed, {}
+            self.inflight.clear()
+        for todo in lost.values():
+            self._lost_unit(todo, "the preload task reading it ended early")
 
-    def _finish(self, chunk_ref: Any, summary_ref: Any, todo: np.ndarray) -> bool:
-        """Record one unit's result; False once the byte budget is full."""
+    def _take(self, slot: Any) -> bool:
+        """Register the next unit a slot yielded; False once the slot has ended."""
         try:
-            summary = ray.get(summary_ref)
+            chunk_ref = next(slot)
+        except StopIteration:
+            return False
+        try:
+            summary = ray.get(next(slot))
         except Exception as exc:  # the task died (worker crash, out of memory, cancelled)
             detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            logger.error(
-                "raycache preload could not read indices %d..%d (%d items): %s",
-                todo[0],
-                todo[-1],
-                len(todo),
-                detail,
-            )
-            self.errors += [{"index": int(i), "error": detail} for i in todo]
-            return True
+            logger.error("raycache preload task failed: %s", detail)
+            return False  # its units are reported when the run ends
+        if not self._finish(chunk_ref, summary):
+            self._stop.set()  # the byte budget is full: hand out no more units
+        with self._claim_lock:
+            self._claimed.pop(summary["start"], None)
+            self.inflight.pop(summary["start"], None)
+        return True
+
+    def _lost_unit(self, todo: np.ndarray, detail: str) -> None:
+        logger.error(
+            "raycache preload could not read indices %d..%d (%d items): %s",
+            todo[0],
+            todo[-1],
+            len(todo),
+            detail,
+        )
+        self.errors += [{"index": int(i), "error": detail} for i in todo]
+
+    def _finish(self, chunk_ref: Any, summary: dict) -> bool:
+        """Record one unit's result; False once the byte budget is full."""
         for idx, detail in summary["errors"]:
             logger.error("raycache preload could not read index %s: %s", idx, detail)
             self.errors.append({"index": idx, "error": detail})
         count = len(summary["indices"])
-        if count:
-            self._rows_per_s = count / max(summary["seconds"], 1e-3)
-            # Items may differ in size: the largest unit mean so far sizes the next units.
-            self._item_bytes = max(self._item_bytes, summary["nbytes"] / count)
-            self.unit_rows = chunk_rows(self.chunk_size, self.chunk_bytes, self._item_bytes)
         if not count or self._stop.is_set():
             return True
         room = self._add_chunk(chunk_ref, summary)

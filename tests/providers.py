@@ -85,8 +85,8 @@ class CountingProvider(ArrayProvider):
 class LoggedReadsProvider(ArrayProvider):
     """Appends each index it reads to a file, so reads in every process are counted."""
 
-    def __init__(self, n: int, log_path: str):
-        super().__init__(n)
+    def __init__(self, n: int, log_path: str, latency_s: float = 0.0):
+        super().__init__(n, latency_s=latency_s)
         self.log_path = log_path
 
     def __getitem__(self, i: int) -> dict:

@@ -12,6 +12,7 @@ from providers import (
     ArrayProvider,
     CountingProvider,
     HyraxStyleProvider,
+    LoggedReadsProvider,
     SizeStepProvider,
     UnpicklableProvider,
     make_item,
@@ -127,6 +128,28 @@ def test_preload_reports_failing_index_and_does_not_hang(ray_address, cache_name
     assert cache.try_fetch(14) is not None
     cache.close()
     raycache.drop_cache(cache_name)
+
+
+def test_a_miss_on_an_item_being_preloaded_waits_instead_of_reading_it(
+    ray_address, cache_name, tmp_path
+):
+    # One task, two threads, units of 32 items of 50 ms: unit 0 takes ~0.8 s to read.
+    provider = LoggedReadsProvider(64, str(tmp_path / "reads.log"), latency_s=0.05)
+    config = cfg(cache_name, preload_cache=True, preload_threads=2, chunk_size=32)
+    cache = DataCache(config, provider)
+    try:
+        cache.start_preload_thread()
+        deadline = time.monotonic() + 60
+        while 2 not in provider.reads():  # unit 0 is being read (its second pair, even)
+            assert time.monotonic() < deadline, "the preload never started"
+            time.sleep(0.01)
+        assert_same(cache.try_fetch(31), make_item(31))  # waited for unit 0: a hit
+        assert cache.wait_for_preload(timeout=60)
+        assert sorted(provider.reads()) == list(range(64))  # every index read once
+        assert cache.stats()["preloaded_items"] == 64
+    finally:
+        cache.close()
+        raycache.drop_cache(cache_name)
 
 
 def test_wait_for_preload_times_out_then_finishes(ray_address, cache_name):
