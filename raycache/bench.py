@@ -1000,10 +1000,14 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   reads misses as a ninth reader. Before the unit change (units of 1,024 items): 0.61-0.74x.
   Timeline of the preload alone (2026-12-01, 4,096 items, no trainer reading): the two large
   units ended at 0.70 s and 1.18 s, then ~10 shrinking units took 0.93 s for the last 2,268
-  items where 8 busy readers need ~0.57 s. At each unit's end its slot is idle while the chunk
-  is stacked and written, the actor sees the result and the next task is leased and started.
-  Closing the gap needs a reader per slot that keeps its threads reading across units and
-  streams finished chunks back (a Ray generator task), not built yet.
+  items where 8 busy readers need ~0.57 s. At each unit's end its slot was idle while the
+  chunk was stacked and written, the actor saw the result and the next task was leased.
+  Since then each slot is one generator task that claims its next unit before the current
+  one ends and streams chunks back: the preload alone took 1.5-1.8 s, and this row went to
+  0.76-0.90x. What is left: the 2 slots, the trainer and the actor share 2 cores; stacking a
+  unit into its chunk (~50 ms per 1,000 items) holds the task's GIL, which its reader
+  threads need between sleeps; and the trainer waits for the preload where the pool's
+  trainer reads its misses itself, a ninth reader.
 - **First epoch with preload, CPU-bound**: 1.66x, 1.89x and 1.68x in runs since units
   shrink towards the end (1.40-1.45x before: with whole-chunk units, one task read the last
   unit alone while the other core idled); 1.34x and 1.42x with tail units of at least 0.2 s
