@@ -115,3 +115,17 @@ class SizeStepProvider(ArrayProvider):
     def __getitem__(self, i: int) -> dict:
         size = 8 if i < self.step else 512
         return {"image": np.full(size, i, dtype=np.float64), "label": i}
+
+
+class CrashingProvider(ArrayProvider):
+    """Ends the process that reads index ``crash_at``, unless it is process ``safe_pid``."""
+
+    def __init__(self, n: int, crash_at: int, safe_pid: int):
+        super().__init__(n)
+        self.crash_at = crash_at
+        self.safe_pid = safe_pid
+
+    def __getitem__(self, i: int) -> dict:
+        if i == self.crash_at and os.getpid() != self.safe_pid:
+            os._exit(1)  # a preload worker dying mid-unit, as with a segfault or OOM kill
+        return super().__getitem__(i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from providers import (
     ArrayProvider,
     CountingProvider,
+    CrashingProvider,
     HyraxStyleProvider,
     LoggedReadsProvider,
     SizeStepProvider,
@@ -147,6 +149,26 @@ def test_a_miss_on_an_item_being_preloaded_waits_instead_of_reading_it(
         assert cache.wait_for_preload(timeout=60)
         assert sorted(provider.reads()) == list(range(64))  # every index read once
         assert cache.stats()["preloaded_items"] == 64
+    finally:
+        cache.close()
+        raycache.drop_cache(cache_name)
+
+
+def test_a_preload_task_that_dies_reports_its_units_and_the_rest_is_cached(ray_address, cache_name):
+    provider = CrashingProvider(128, crash_at=70, safe_pid=os.getpid())
+    config = cfg(cache_name, preload_cache=True, preload_threads=2, chunk_size=16)
+    cache = DataCache(config, provider)
+    try:
+        cache.start_preload_thread()
+        assert cache.wait_for_preload(timeout=120)
+        stats = cache.stats()
+        assert stats["preload"]["state"] == "done_with_errors"
+        failed = {e["index"] for e in stats["preload_errors"]}
+        assert 70 in failed
+        cached = {i for i in range(128) if cache.try_fetch(i) is not None}
+        assert cached | failed == set(range(128)) and not cached & failed
+        assert len(cached) == stats["items"] >= 128 - 3 * 16  # one slot's claimed units lost
+        assert_same(cache.try_fetch(min(cached)), make_item(min(cached)))
     finally:
         cache.close()
         raycache.drop_cache(cache_name)
