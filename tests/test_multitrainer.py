@@ -86,10 +86,11 @@ def test_torchrun_ddp_two_ranks_share_one_cache(ray_address, tmp_path):
         stats = cache_stats(name)
         assert stats["preload"]["state"] == "done"
         # Each item was stored once: by the one preload, or by the rank that needed it
-        # before the preload reached it (the preload skips what is cached by then).
+        # before the preload reached it (the preload skips what is cached by then). How
+        # the items split between the two is timing: on a loaded machine the ranks can
+        # read every item before the preload's first task is scheduled.
         assert stats["items"] == ITEMS
         assert stats["preloaded_items"] + stats["inserted_items"] == ITEMS
-        assert stats["preloaded_items"] > 0
         assert stats["preloaded_items"] <= stats["preload"]["loaded"] <= ITEMS
     finally:
         drop_cache(name)
