@@ -50,10 +50,12 @@ def item_template(item: Any) -> Any:
 
 
 def _leaves(item: Any, out: list) -> None:
+    # The same containers as ``item_template``: a tuple subclass (a namedtuple) is a
+    # leaf there, so it must be one here, or the columns would not line up.
     if isinstance(item, dict):
         for v in item.values():
             _leaves(v, out)
-    elif isinstance(item, (list, tuple)):
+    elif type(item) is list or type(item) is tuple:
         for v in item:
             _leaves(v, out)
     else:
@@ -185,8 +187,10 @@ def _copy_leaves(value: Any, copy: bool) -> Any:
         return {k: _copy_leaves(v, copy) for k, v in value.items()}
     if type(value) is list:
         return [_copy_leaves(v, copy) for v in value]
-    if type(value) is tuple:
-        return tuple(_copy_leaves(v, copy) for v in value)
+    if isinstance(value, tuple):
+        values = [_copy_leaves(v, copy) for v in value]
+        make = getattr(type(value), "_make", None)  # a namedtuple keeps its type
+        return make(values) if make is not None else tuple(values)
     return value
 
 

@@ -8,7 +8,8 @@ what changed, at most every ``MIN_SYNC_S`` unless this process just inserted.
 Inserts are buffered and sent by a background thread in batches (one actor call and
 one object per batch instead of per item, ~20x faster per RAY-FACTS), after at most
 ``flush_interval_s``; the same thread sends heartbeats so the actor knows this client
-is alive.
+is alive. An inserted item is copied once, into the columns of the chunk it will be
+sent in (``ChunkBuilder``); the buffers are reused once the actor has the chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from raycache.chunk import Chunk, chunk_rows
+from raycache.chunk_builder import ChunkBuilder, ColumnSpares
 from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
 from raycache.errors import CacheUnavailableError
@@ -50,6 +52,47 @@ _ROW_MASK = np.int64(0xFFFFFFFF)
 
 _Directory = ray.remote(CacheDirectory)
 _live_clients: weakref.WeakSet = weakref.WeakSet()
+
+
+class _Segment:
+    """Inserted items waiting in this process, copied into one chunk's columns.
+
+    Parameters
+    ----------
+    rows : int
+        Most items it holds.
+    max_bytes : int
+        It takes no more items once it holds this many bytes.
+    spares : ColumnSpares
+        Where its column buffers come from.
+    """
+
+    def __init__(self, rows: int, max_bytes: int, spares: ColumnSpares):
+        self.builder = ChunkBuilder(rows, spares, private=True)
+        self.max_bytes = max_bytes
+        self.rows: dict[int, int] = {}  # index -> row
+        self.nbytes = 0
+
+    def full(self) -> bool:
+        """Return True once it takes no more items."""
+        return len(self.rows) >= self.builder.capacity or self.nbytes >= self.max_bytes
+
+    def add(self, idx: int, item: Any) -> int:
+        """Copy a validated item into the next row; return its size in bytes."""
+        row = len(self.rows)
+        nbytes = self.builder.add(row, item)
+        self.rows[idx] = row
+        self.nbytes += nbytes
+        return nbytes
+
+    def item(self, idx: int) -> Any:
+        """Return a private copy of the item buffered for ``idx``."""
+        return copy_item(self.builder.row(self.rows[idx]))
+
+    def chunk(self) -> Chunk:
+        """Return the chunk of every buffered item (views of the columns, no copy)."""
+        indices = np.fromiter(self.rows, dtype=np.int64, count=len(self.rows))
+        return self.builder.build(indices, np.arange(len(self.rows)))
 
 
 def directory_actor(name: str, namespace: str, spec: dict | None = None) -> Any:
@@ -137,8 +180,10 @@ class CacheClient:
         self._last_sync = 0.0
         self._force_sync = True
         self._sync_lock = threading.Lock()
-        self._pending: dict[int, Any] = {}
-        self._outgoing: dict[int, Any] = {}  # the batch being sent, until the map has it
+        self._pending: dict[int, _Segment] = {}  # index -> the segment that holds it
+        self._segments: list[_Segment] = []  # waiting to be sent; the last one fills
+        self._outgoing: dict[int, _Segment] = {}  # the batch being sent, until mapped
+        self._spares = ColumnSpares()
         self._pending_bytes = 0
         self._first_pending = 0.0
         self._flush_requested = False
@@ -153,7 +198,6 @@ class CacheClient:
         self._warned_fork = False
         self._relay: InsertRelay | None = None  # made at the first fork (see prepare_fork)
         self._chunk_bytes = int(self.settings["chunk_bytes"])
-        self._flush_rows = chunk_rows(self.settings["chunk_size"], self._chunk_bytes, None)
         self.sync(force=True)
         self._thread = threading.Thread(target=self._flush_loop, name="raycache-flush", daemon=True)
         self._thread.start()
@@ -177,19 +221,32 @@ class CacheClient:
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ reads
-    def get(self, idx: int, copy: bool = True) -> Any:
-        """Return the cached item ``idx`` or None (idx already validated)."""
+    def get(self, idx: int, copy: bool = True, wait: bool = True) -> Any:
+        """Return the cached item ``idx`` or None (idx already validated).
+
+        With ``wait``, a miss on an index a preload task is reading waits for its unit
+        (see ``_refresh``); without, it returns None at once.
+        """
         item = self._read_mapped(idx, copy)
         if item is not None:
             return item
-        pending = self._pending.get(idx)
-        if pending is None:
-            pending = self._outgoing.get(idx)
-        if pending is not None:
-            return copy_item(pending)
-        if self._refresh(idx):
+        if idx in self._pending or idx in self._outgoing:
+            # Under the lock: a segment's buffers are reused once it has been sent.
+            with self._cond:
+                segment = self._pending.get(idx) or self._outgoing.get(idx)
+                if segment is not None:
+                    return segment.item(idx)
+        if self._refresh(idx, wait):
             return self._read_mapped(idx, copy)
         return None
+
+    def being_preloaded(self, indices: np.ndarray) -> np.ndarray:
+        """Return, per index, whether a preload unit this client may wait for holds it."""
+        held = np.zeros(len(indices), dtype=bool)
+        for start, stop in list(self._inflight.items()):
+            if start not in self._stalled:
+                held |= (indices >= start) & (indices < stop)
+        return held
 
     def _read_mapped(self, idx: int, copy: bool) -> Any:
         loc = int(self._loc[idx])
@@ -235,8 +292,11 @@ class CacheClient:
         """Return the mapped chunk for each chunk id (None where it cannot be mapped)."""
         return [self._view(int(c)) for c in cids]
 
-    def _refresh(self, idx: int) -> bool:
-        """After a miss: learn what changed (rate-limited); True if ``idx`` is now cached."""
+    def _refresh(self, idx: int, wait: bool = True) -> bool:
+        """After a miss: learn what changed (rate-limited); True if ``idx`` is now cached.
+
+        With ``wait``, an index that a preload unit is being read for is waited for.
+        """
         if self.dead or self.forked:
             return False
         now = time.monotonic()
@@ -246,12 +306,12 @@ class CacheClient:
         if self._loc[idx] >= 0:
             return True
         # A preload reader is reading idx right now: wait for it instead of reading it too.
-        unit = next((a for a, b in self._inflight.items() if a <= idx < b), None)
+        unit = next((a for a, b in self._inflight.items() if a <= idx < b), None) if wait else None
         if unit is not None and unit not in self._stalled:
-            wait = min(self.timeout, INFLIGHT_WAIT_S)
+            patience = min(self.timeout, INFLIGHT_WAIT_S)
             try:
                 cached = ray.get(
-                    self.actor.wait_cached.remote(idx, wait), timeout=wait + self.timeout
+                    self.actor.wait_cached.remote(idx, patience), timeout=patience + self.timeout
                 )
             except Exception as exc:
                 self._lost(exc)
@@ -353,10 +413,10 @@ class CacheClient:
         if self.forked:
             self._put_from_child(idx, item)
             return
-        copied = copy_item(item)
+        check_item(item)  # a bad item fails here; _buffer copies a good one
         if self.dead or self.closed:
             return
-        self._buffer(idx, copied)
+        self._buffer(idx, item)
 
     def _put_from_child(self, idx: int, item: Any) -> None:
         check_item(item)  # a bad item fails here, as in the parent; pickling copies it
@@ -373,18 +433,24 @@ class CacheClient:
             )
 
     def _buffer(self, idx: int, item: Any) -> None:
-        """Queue a validated private copy for the next flush (parent side)."""
+        """Copy a validated item into the next flush's chunk (parent side)."""
         if self.dead or self.closed or self._loc[idx] >= 0:
             return  # cached already; the first value wins, as in the actor
-        size = _approx_nbytes(item)
         with self._cond:
             if idx in self._pending:
                 return
             if not self._pending:
                 self._first_pending = time.monotonic()
-            self._pending[idx] = item
-            self._pending_bytes += size
-            if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= self._flush_rows:
+            if not self._segments or self._segments[-1].full():
+                # A segment is sent as one chunk: no stored object holds more than a
+                # chunk's worth of items. Its columns are touched only as they fill.
+                size = _approx_nbytes(item)
+                rows = chunk_rows(self.settings["chunk_size"], self._chunk_bytes, size)
+                self._segments.append(_Segment(rows, self._chunk_bytes, self._spares))
+            segment = self._segments[-1]
+            self._pending_bytes += segment.add(idx, item)
+            self._pending[idx] = segment
+            if self._pending_bytes >= FLUSH_BYTES or segment.full():
                 self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -413,7 +479,8 @@ class CacheClient:
             self._flush_requested
             or self.closed
             or self._pending_bytes >= FLUSH_BYTES
-            or len(self._pending) >= self._flush_rows
+            or len(self._segments) > 1
+            or self._segments[-1].full()
             or now - self._first_pending >= self.config.flush_interval_s
         )
 
@@ -431,11 +498,11 @@ class CacheClient:
                     if self._pending:
                         wait = min(wait, self.config.flush_interval_s - (now - self._first_pending))
                     self._cond.wait(max(0.001, wait))
-                batch = self._pending if self._due(now) else {}
-                batch_bytes = self._pending_bytes
+                batch = self._segments if self._due(now) else []
                 if batch:
+                    self._outgoing = self._pending
                     self._pending = {}
-                    self._outgoing = batch
+                    self._segments = []
                     self._pending_bytes = 0
                     self._sending = True
                 stop = self.closed and not batch
@@ -445,11 +512,12 @@ class CacheClient:
                 self.dead = True
                 with self._cond:
                     self._pending = {}
+                    self._segments = []
                     self._sending = False
                     self._cond.notify_all()
                 return
             if batch:
-                self._send(batch, batch_bytes)
+                self._send(batch)
             elif not stop and not self.dead:
                 hits, misses = self._counter_deltas()
                 try:
@@ -460,31 +528,28 @@ class CacheClient:
             with self._cond:
                 self._sending = False
                 self._outgoing = {}
+                for segment in batch:  # sent (or lost): its buffers can take new items
+                    self._spares.give(segment.builder.buffers)
                 if not self._pending:
                     self._flush_requested = False
                 self._cond.notify_all()
             if stop or (self.closed and not self._pending):
                 return
 
-    def _send(self, batch: dict[int, Any], nbytes: int) -> None:
+    def _send(self, batch: list[_Segment]) -> None:
         if self.dead:
             return
         start = time.monotonic()
-        indices = list(batch)
-        # No stored object holds more than a chunk's worth of items.
-        step = chunk_rows(self.settings["chunk_size"], self._chunk_bytes, nbytes / len(batch))
         try:
-            chunks = [
-                Chunk.from_rows(indices[i : i + step], [batch[j] for j in indices[i : i + step]])
-                for i in range(0, len(indices), step)
-            ]
+            chunks = [segment.chunk() for segment in batch]
             since = self._version
             reply = ray.get(
                 self.actor.insert.remote(chunks, self.client_id, since), timeout=self.timeout
             )
         except Exception as exc:
             self._lost(exc)
-            logger.warning("raycache %s: %d inserted items were not cached", self.name, len(batch))
+            lost = sum(len(segment.rows) for segment in batch)
+            logger.warning("raycache %s: %d inserted items were not cached", self.name, lost)
             return
         # The reply holds the map's changes since ``since``, these items' places among
         # them: applying it here spares the trainer's next miss a sync of its own (a
@@ -557,7 +622,9 @@ class CacheClient:
         self._cond = threading.Condition()
         self._sync_lock = threading.Lock()
         self._pending = {}
+        self._segments = []
         self._outgoing = {}
+        self._spares = ColumnSpares()
         if self._relay is not None:
             self._relay.after_fork_in_child()
 

@@ -265,13 +265,18 @@ class DataCache:
         return data_size(data, seen)
 
     # ------------------------------------------------------------------ additions
-    def fetch_many(self, indices: Sequence[int]) -> list[Any]:
+    def fetch_many(self, indices: Sequence[int], wait: bool = True) -> list[Any]:
         """Fetch a batch of items with one vectorised copy per field.
 
         Parameters
         ----------
         indices : Sequence[int]
             Provider indices (Python or numpy integers, or an integer array).
+        wait : bool
+            For a miss on an index that a preload task is reading right now, wait
+            for its unit (at most ~5 s) instead of returning None, so that the item
+            is not read twice. False returns None for it at once (see
+            ``CachedDataset.__getitems__``, which reads the other misses first).
 
         Returns
         -------
@@ -314,12 +319,34 @@ class DataCache:
             for p in np.flatnonzero(hit).tolist():
                 out[p] = chunks[int(loc[p] >> 32)].row(int(loc[p] & 0xFFFFFFFF), copy)
             for p in np.flatnonzero(~hit).tolist():
-                out[p] = client.get(int(idx[p]), copy)  # buffered here, or just arrived
+                out[p] = client.get(int(idx[p]), copy, wait)  # buffered here, or just arrived
         hits = sum(item is not None for item in out)
         client.hits += hits
         client.misses += len(out) - hits
         self._timed("hit" if hits == len(out) else "miss", start)
         return out
+
+    def _being_preloaded(self, indices: np.ndarray) -> np.ndarray:
+        """Return, per index, whether a preload task is reading it (worth waiting for)."""
+        client = self._client
+        if client is None or not self._active():
+            return np.zeros(len(indices), dtype=bool)
+        return client.being_preloaded(np.asarray(indices, dtype=np.int64))
+
+    def _await_preloaded(self, idx: int) -> Any:
+        """Wait for an index a preload task is reading; the item, or None.
+
+        For a miss that ``fetch_many(..., wait=False)`` has counted already: when the
+        item arrives, that miss is counted as a hit instead.
+        """
+        client = self._client
+        if client is None or not self._active():
+            return None
+        item = client.get(idx, not self.config.zero_copy, wait=True)
+        if item is not None:
+            client.misses -= 1
+            client.hits += 1
+        return item
 
     def _idx_array(self, indices: Sequence[int]) -> np.ndarray:
         """Validate a batch of indices at once; the seed's errors for a bad one."""

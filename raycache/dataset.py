@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch.utils.data
 
 from raycache.batch import GatheredBatch, collate
@@ -78,15 +79,30 @@ class CachedDataset(torch.utils.data.Dataset):
             The items, in order. When all were cached and share one structure, a
             ``GatheredBatch`` that ``collate`` turns into tensors directly.
         """
-        items = self.cache.fetch_many(indices)
+        items = self.cache.fetch_many(indices, wait=False)
         if isinstance(items, GatheredBatch) or all(item is not None for item in items):
             return items
-        for p, item in enumerate(items):
-            if item is None:
-                idx = int(indices[p])
-                items[p] = read_raw(self.provider, idx)
-                self.cache.insert_into_cache(idx, items[p])
+        missing = [p for p, item in enumerate(items) if item is None]
+        wanted = np.array([int(indices[p]) for p in missing], dtype=np.int64)
+        held = self.cache._being_preloaded(wanted)
+        # Misses no preload task holds are read here first, while the units being read
+        # go on: this process then reads alongside the preload, which skips what it
+        # has stored by the time it gets there, instead of waiting idle and then
+        # reading. A miss a preload task holds is waited for, then read if it failed.
+        misses = list(zip(missing, wanted.tolist(), held.tolist()))
+        for p, idx, waits in misses:
+            if not waits:
+                items[p] = self._read_and_insert(idx)
+        for p, idx, waits in misses:
+            if waits:
+                item = self.cache._await_preloaded(idx)
+                items[p] = item if item is not None else self._read_and_insert(idx)
         return items
+
+    def _read_and_insert(self, idx: int) -> Any:
+        item = read_raw(self.provider, idx)
+        self.cache.insert_into_cache(idx, item)
+        return item
 
     @staticmethod
     def collate(batch: Sequence[Any]) -> Any:

@@ -48,6 +48,7 @@ import numpy as np
 import ray
 
 from raycache.chunk import Chunk, chunk_rows
+from raycache.chunk_builder import ChunkBuilder, ColumnSpares
 from raycache.provider import load_provider, read_raw
 from raycache.values import check_item
 
@@ -65,14 +66,15 @@ MIN_UNIT_S = 0.05  # ... unless that would take less than this to read
 STARTUP_WARNING_S = 30.0  # no unit back after this long: say why it may be stuck
 
 
-def _read_one(provider: Any, idx: int) -> tuple[int, Any, str | None]:
+def _read_into(provider: Any, idx: int, pos: int, builder: ChunkBuilder) -> str | None:
+    """Read item ``idx`` into row ``pos`` of its unit's chunk; the error, if any."""
     try:
         item = read_raw(provider, idx)
-        check_item(item)  # the chunk copies the arrays; no private copy needed here
-        return idx, item, None
+        check_item(item)  # the builder copies the arrays; no private copy needed here
+        builder.add(pos, item)
+        return None
     except Exception as exc:  # reported with its index; the other items go on
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        return idx, None, detail
+        return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
 def _release_heap() -> None:
@@ -83,20 +85,19 @@ def _release_heap() -> None:
         pass
 
 
-def _build_chunk(results: list, start: float) -> tuple[Chunk, dict]:
-    """Pack one unit's read results into a chunk and the summary the actor reads."""
-    good = [(i, item) for i, item, err in results if err is None]
-    errors = [(i, err) for i, _, err in results if err is not None]
+def _build_chunk(
+    indices: np.ndarray, results: list, builder: ChunkBuilder, start: float
+) -> tuple[Chunk, dict]:
+    """Finish one unit's chunk and the summary the actor reads."""
+    failed = [p for p, err in enumerate(results) if err is not None]
+    errors = [(int(indices[p]), results[p]) for p in failed]
+    good = np.flatnonzero(np.array([err is None for err in results], dtype=bool))
     try:
-        chunk = Chunk.from_rows([i for i, _ in good], [item for _, item in good])
+        chunk = builder.build(indices[good], good)
     except Exception as exc:  # items that cannot share a chunk: report, do not hang
         detail = f"{type(exc).__name__}: {exc}"
-        errors += [(i, detail) for i, _ in good]
+        errors += [(int(indices[p]), detail) for p in good]
         chunk = Chunk.from_rows([], [])
-    # The items are copied into the chunk. Reader threads allocated them in their own
-    # malloc arenas, whose freed pages glibc keeps resident: give them back now.
-    del results, good
-    _release_heap()
     summary = {
         "indices": chunk.indices,
         "nbytes": chunk.nbytes,
@@ -107,7 +108,10 @@ def _build_chunk(results: list, start: float) -> tuple[Chunk, dict]:
 
 
 def read_units(
-    provider: Any, claim: Callable[[tuple | None], tuple | None], threads: int
+    provider: Any,
+    claim: Callable[[tuple | None], tuple | None],
+    threads: int,
+    reuse_columns: bool = False,
 ) -> Iterator[Chunk | dict]:
     """Read the units ``claim`` hands out, yielding a chunk and its summary for each.
 
@@ -125,6 +129,10 @@ def read_units(
         is no more work.
     threads : int
         Reads in flight at once.
+    reuse_columns : bool
+        Fill later units into the arrays of chunks already yielded (see
+        ``ColumnSpares``). Only for a consumer that copies each chunk before it asks
+        for the next value, as Ray does with what a generator task yields.
 
     Yields
     ------
@@ -132,29 +140,43 @@ def read_units(
         For each unit, its chunk, then its summary ``{"start", "indices", "nbytes",
         "errors", "seconds"}``, which the directory actor reads without the chunk.
     """
+    spares = ColumnSpares() if reuse_columns else None
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
 
         def queue(unit: tuple | None) -> tuple | None:
             if unit is None:
                 return None
             start, indices = unit
-            reads = [pool.submit(_read_one, provider, int(i)) for i in indices]
-            return start, reads
+            builder = ChunkBuilder(len(indices), spares)
+            reads = [
+                pool.submit(_read_into, provider, int(i), p, builder)
+                for p, i in enumerate(indices.tolist())
+            ]
+            return start, np.asarray(indices, dtype=np.int64), builder, reads
 
         current = queue(claim(None))
         upcoming = queue(claim(None)) if current is not None else None
         began = time.monotonic()
         while current is not None:
-            start, reads = current
-            chunk, summary = _build_chunk([r.result() for r in reads], began)
+            start, indices, builder, reads = current
+            results = [r.result() for r in reads]
+            chunk, summary = _build_chunk(indices, results, builder, began)
             began = time.monotonic()  # the next unit's reads run from here on
             summary["start"] = start
             done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
-            yield chunk
+            yield chunk  # Ray has copied the chunk into the object store when this returns
             del chunk
+            if spares is not None:
+                spares.give(builder.buffers)
+            del builder
             yield summary
             current = upcoming
             upcoming = queue(claim(done)) if current is not None else None
+    # Reader threads allocated the items in their own malloc arenas, whose freed pages
+    # glibc keeps resident: give them back, and the spare columns, once the slot is done.
+    if spares is not None:
+        spares.clear()
+    _release_heap()
 
 
 @ray.remote(max_retries=0)
@@ -184,7 +206,8 @@ def read_units_task(
     def claim(done: tuple | None) -> tuple | None:
         return ray.get(directory.preload_claim.remote(provider_key, done))
 
-    yield from read_units(provider, claim, threads)
+    # Ray copies each yielded chunk into the object store before the generator resumes.
+    yield from read_units(provider, claim, threads, reuse_columns=True)
 
 
 class PreloadRun:

@@ -1,6 +1,8 @@
 """Chunk layout and value rules: exact round trips, refusals, sizes (no Ray)."""
 
 import math
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from raycache import DataCache, UnsupportedValueError
 from raycache.chunk import Chunk
+from raycache.chunk_builder import ChunkBuilder
 from raycache.values import copy_item
 
 
@@ -67,6 +70,94 @@ def test_columnar_round_trip_is_exact():
     for r, item in enumerate(items):
         assert_same(chunk.row(r), item)
     assert list(chunk.indices) == list(range(100, 105))
+
+
+def _column_kinds(chunk):
+    return [(type(c).__name__, getattr(c, "data", np.empty(0)).dtype) for c in chunk.columns]
+
+
+def _built(items, order, keep=None):
+    """Add ``items`` to a builder from 4 threads in ``order``; build the ``keep`` rows."""
+    builder = ChunkBuilder(len(items))
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda p: builder.add(p, items[p]), order))
+    keep = np.arange(len(items)) if keep is None else np.asarray(keep)
+    return builder.build(keep + 100, keep)
+
+
+def fixed_item(i):
+    """``rich_item`` without the leaves whose shape or dtype changes with ``i``."""
+    item = rich_item(i)
+    for key in ("ragged", "tensor_ragged", "ustr"):
+        del item[key]
+    return item
+
+
+@pytest.mark.parametrize(
+    "make",
+    [rich_item, fixed_item, lambda i: np.full((2, 3), i, dtype=np.float32)],
+    ids=["ragged", "fixed", "bare-array"],
+)
+def test_chunk_builder_makes_the_chunk_from_rows_makes(make):
+    items = [make(i) for i in range(7)]
+    order = [3, 0, 6, 1, 5, 2, 4]
+    for keep in (None, [0, 2, 3, 6]):  # every row, and with failed reads left out
+        chunk = _built(items, order, keep)
+        rows = list(range(7)) if keep is None else keep
+        want = Chunk.from_rows([r + 100 for r in rows], [copy_item(items[r]) for r in rows])
+        assert list(chunk.indices) == list(want.indices)
+        assert chunk.template == want.template
+        assert _column_kinds(chunk) == _column_kinds(want)
+        for r, i in enumerate(rows):
+            assert_same(chunk.row(r), items[i])
+
+
+def test_chunk_builder_copies_and_falls_back_for_items_that_do_not_fit():
+    base = [{"x": np.full(3, i, dtype=np.int64), "t": torch.ones(2) * i} for i in range(4)]
+    odd = [
+        {"x": np.arange(5), "t": torch.ones(2)},  # another shape: ragged column
+        {"x": np.arange(3, dtype=np.int32), "t": torch.ones(2)},  # another dtype
+        {"x": np.arange(3), "t": np.ones(2, dtype=np.float32)},  # an array, not a tensor
+        {"x": np.arange(3)},  # another structure
+        {"x": 3, "t": torch.ones(2)},  # a number where the others hold an array
+    ]
+    for other in odd:
+        items = base + [other]
+        builder = ChunkBuilder(len(items))
+        for p, item in enumerate(items):
+            builder.add(p, item)
+        chunk = builder.build(np.arange(len(items)), np.arange(len(items)))
+        want = Chunk.from_rows(range(len(items)), [copy_item(x) for x in items])
+        assert chunk.template == want.template
+        assert _column_kinds(chunk) == _column_kinds(want)
+        for r, item in enumerate(items):
+            assert_same(chunk.row(r), item)
+    # The builder copies: changing an added item afterwards changes nothing cached.
+    source = {"x": np.zeros(3), "t": torch.zeros(2)}
+    builder = ChunkBuilder(1)
+    builder.add(0, source)
+    source["x"][:] = 9
+    source["t"][:] = 9
+    row = builder.build(np.array([5]), np.array([0])).row(0)
+    assert row["x"].sum() == 0 and row["t"].sum() == 0
+    nothing = np.array([], dtype=np.int64)
+    assert builder.build(nothing, nothing).indices.size == 0
+
+
+Pair = namedtuple("Pair", "x y")
+
+
+def test_a_namedtuple_leaf_keeps_its_fields_in_line():
+    # A namedtuple is a leaf of the item's structure; its fields once shifted the
+    # columns after it, serving one field's value for another.
+    items = [{"a": Pair(i, np.full(2, i)), "b": i + 10} for i in range(3)]
+    for chunk in (Chunk.from_rows(range(3), items), _built(items, [2, 0, 1])):
+        for r, item in enumerate(items):
+            row = chunk.row(r)
+            assert row["b"] == item["b"]
+            assert type(row["a"]) is Pair and row["a"].x == item["a"].x
+            np.testing.assert_array_equal(row["a"].y, item["a"].y)
+            assert not np.shares_memory(row["a"].y, item["a"].y)
 
 
 def test_mixed_structures_fall_back_to_rows():
