@@ -1004,10 +1004,18 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   chunk was stacked and written, the actor saw the result and the next task was leased.
   Since then each slot is one generator task that claims its next unit before the current
   one ends and streams chunks back: the preload alone took 1.5-1.8 s, and this row went to
-  0.76-0.90x. What is left: the 2 slots, the trainer and the actor share 2 cores; stacking a
-  unit into its chunk (~50 ms per 1,000 items) holds the task's GIL, which its reader
-  threads need between sleeps; and the trainer waits for the preload where the pool's
-  trainer reads its misses itself, a ninth reader.
+  0.76-0.90x. Later on 2026-12-01 each reader thread began copying its item into the
+  unit's chunk as it is read, into column buffers the task reuses (stacking a unit went from
+  64-197 ms to ~1 ms), and a batch reads the misses no unit holds before it waits. Trace of
+  the preload alone after that: the cache full at 1.3-1.45 s (was 1.5-1.8 s). Reads alone
+  (2 Ray tasks of 4 threads, no chunk, no store; the same run) took 1.17-1.45 s for 4,096
+  items and an 8-thread pool in one process 1.18-1.42 s: the preload is now within ~0.1 s
+  of bare reading with 8 readers; the per-read time is ~2.9 ms against the pool's ~2.3 ms
+  when trainer, actor and store work share the 2 cores. What is left: the pool's trainer
+  reads its misses as a ninth reader throughout, while units hold ~70% of the indices
+  within 0.2 s of the start, so this trainer mostly waits for units (it stored 0 of 4,096
+  items; 219 with units capped at 0.15 s, which made the epoch no faster). Ratios in A/B
+  runs after the change: 0.70-1.02x, median ~0.8x.
 - **First epoch with preload, CPU-bound**: 1.66x, 1.89x and 1.68x in runs since units
   shrink towards the end (1.40-1.45x before: with whole-chunk units, one task read the last
   unit alone while the other core idled); 1.34x and 1.42x with tail units of at least 0.2 s
@@ -1029,7 +1037,16 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   1.08x the no-cache time in one process, same quiet machine. The CPU-bound provider holds
   the trainer's GIL, which the flush thread needs to build and send chunks (its sends took
   ~2.5-3.4 s of wall time in a 2.7-3.8 s epoch): 1.24-1.48x the no-cache time in the same
-  A/B, and the remaining cost is that contention on 2 shared cores.
+  A/B, and the remaining cost is that contention on 2 shared cores. Later on 2026-12-01 an
+  insert began copying the item once, into the columns of the chunk it is sent in, instead
+  of a private copy the flush thread then stacked: per 48 KiB item ~150-180 us of GIL-holding
+  work (61-68 us `copy_item` and size, 88-110 us `from_rows`) became ~40 us. With a fixed
+  11,880 spin iterations per item the epoch took 2.57-2.75 s (mean 2.63) against 2.48-2.89 s
+  (mean 2.70) before, 3 rounds in each of 2 alternating processes; the no-cache epoch in the
+  same processes moved between 1.53 and 2.29 s, so the ratio is mostly the noise of the
+  baseline: 1.15-1.69x after, 1.14-1.32x before. The rest of the cost is outside the
+  trainer's thread: the actor stores each segment (`ray.put`) and copies it again when it
+  compacts segments into a chunk, on the same 2 cores.
 """
 
 
