@@ -56,6 +56,10 @@ _DICT_MAKERS: dict[tuple, Callable[[list], list]] = {}
 class GatheredBatch(list):
     """A list of items that also carries the gathered per-field arrays they view.
 
+    The items (a dict and a row view per item and field) are built the first time the
+    list is used as a list. ``collate`` reads the arrays alone, so a batch it turns
+    into tensors never builds them: for 1 KiB items that was ~7% of serving a batch.
+
     Attributes
     ----------
     template : Any
@@ -69,6 +73,50 @@ class GatheredBatch(list):
     columns: list = []
     # id(base) -> the row views handed out in the items, for ``default_collate``.
     rows_of: dict = {}
+    _unbuilt = 0  # items still to build from the columns
+    _handed_out = False  # ``collate`` gave the arrays away: items must not offer them
+
+    def _build_items(self) -> None:
+        count, self._unbuilt = self._unbuilt, 0
+        if count:
+            batch = None if self._handed_out else self
+            leaves = iter([_leaf_values(kind, values, batch) for kind, values in self.columns])
+            list.extend(self, _assemble(self.template, leaves, count))
+
+    def __radd__(self, other: Any) -> Any:
+        self._build_items()
+        return other + list(self)
+
+
+def _building(name: str) -> Callable:
+    """Return list method ``name``, building the items before it runs.
+
+    Those of the other operand too: list-to-list operators read its storage directly.
+    """
+    method = getattr(list, name)
+
+    def call(self: GatheredBatch, *args: Any, **kwargs: Any) -> Any:
+        self._build_items()
+        for arg in args:
+            if isinstance(arg, GatheredBatch):
+                arg._build_items()
+        return method(self, *args, **kwargs)
+
+    call.__name__ = name
+    call.__qualname__ = f"GatheredBatch.{name}"
+    call.__doc__ = method.__doc__
+    return call
+
+
+for _name in (
+    "__len__", "__getitem__", "__setitem__", "__delitem__", "__iter__", "__reversed__",
+    "__contains__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__add__",
+    "__iadd__", "__mul__", "__rmul__", "__imul__", "__repr__", "__reduce_ex__",
+    "__sizeof__", "append", "extend", "insert", "pop", "remove", "index", "count", "sort",
+    "reverse", "copy", "clear",
+):  # fmt: skip
+    setattr(GatheredBatch, _name, _building(_name))
+del _name
 
 
 # id of a gathered array (or tensor) -> weak reference to the GatheredBatch whose items
@@ -347,10 +395,9 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
         columns = _take_mixed(chunks, layouts, cids, rows)
     batch = GatheredBatch()
     batch.rows_of = {}
-    leaves = iter([_leaf_values(kind, values, batch) for kind, values in columns])
-    batch.extend(_assemble(template, leaves, len(loc)))
     batch.template = template
     batch.columns = columns
+    batch._unbuilt = len(loc)
     return batch
 
 
@@ -428,6 +475,7 @@ def collate(batch: Sequence[Any]) -> Any:
     """
     if isinstance(batch, GatheredBatch) and batch.template is not None:
         batch.rows_of = {}  # these arrays are handed out now: default_collate must copy
+        batch._handed_out = True
         return _collate_gathered(batch.template, iter(batch.columns))
     if not len(batch):
         return []

@@ -989,7 +989,10 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   per batch, ~50 us of it copying the image rows one by one out of the ~12 chunks the batch
   touches and ~50 us building the label column; the rest is Python per batch. The dict
   cache runs at ~460-500 us per batch, so 1.8x needs ~260-280 us per batch with the
-  DataLoader's own ~20-30 us.
+  DataLoader's own ~20-30 us. On 2026-12-02 a `GatheredBatch` stopped building its items
+  (a dict and a row view per item) until it is used as a list, which `ds.collate` never
+  does: ~25-30 us of a ~400 us batch. In an A/B of two alternating runs (200,000 items,
+  4 rounds each) the median went from 1.60x and 1.72x to 1.99x and 2.02x the dict cache.
 - **First epoch with preload, I/O-bound**: 2 tasks of 4 threads (`preload_threads=8`, 2
   CPUs). Units are a probe of 32 items per task, then shares of what is left (~1,000, ~750,
   ... items; at least ~0.05 s of reading each). The cache is full after ~1.4-1.9 s where the
@@ -1015,7 +1018,20 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   reads its misses as a ninth reader throughout, while units hold ~70% of the indices
   within 0.2 s of the start, so this trainer mostly waits for units (it stored 0 of 4,096
   items; 219 with units capped at 0.15 s, which made the epoch no faster). Ratios in A/B
-  runs after the change: 0.70-1.02x, median ~0.8x.
+  runs after the change: 0.70-1.02x, median ~0.8x. Measured again on 2026-12-02, with a
+  provider that logs each read's start and end in the tasks (4,096 items, no trainer):
+  - Reads in the tasks take 2.7-2.9 ms each against 2.06 ms of sleep.
+  - The first read starts 0.05-0.07 s after the preload does.
+  - Both tasks keep 3-4 reads in flight nearly all the time.
+  - The same reads in two plain processes of 4 threads (no Ray) take 2.25-2.4 ms, and so do
+    sleeps alone in Ray tasks (2.15-2.35 ms). What costs ~0.4 ms per read is the per-read
+    work (item, copy into the chunk) inside a Ray worker process while the store, the actor
+    and the raylet share the 2 cores.
+  - Ray runs workers at nice 15, against 0 for the trainer and its pool threads. With
+    `worker_niceness = 0` the ratio did not change (0.74-1.02x, 4 rounds each).
+  - The trainer, with a batch read that no longer waits for a unit before reading the
+    misses no unit holds (fixed on 2026-12-02), read ~200 of 4,096 items. An A/B against
+    the day before gave the same ratios (0.76-1.01x).
 - **First epoch with preload, CPU-bound**: 1.66x, 1.89x and 1.68x in runs since units
   shrink towards the end (1.40-1.45x before: with whole-chunk units, one task read the last
   unit alone while the other core idled); 1.34x and 1.42x with tail units of at least 0.2 s
@@ -1046,7 +1062,18 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   same processes moved between 1.53 and 2.29 s, so the ratio is mostly the noise of the
   baseline: 1.15-1.69x after, 1.14-1.32x before. The rest of the cost is outside the
   trainer's thread: the actor stores each segment (`ray.put`) and copies it again when it
-  compacts segments into a chunk, on the same 2 cores.
+  compacts segments into a chunk, on the same 2 cores. On 2026-12-02, per 2,048-item epoch
+  (in-process timers, quiet machine):
+  - The trainer's blocking syncs cost 0.08-0.14 s (4-7 ms each: the actor stored segments
+    holding its lock). The actor now copies outside its lock, and batch reads send their
+    sync ahead and apply the reply at a later miss: ~1 ms per batch.
+  - `insert_into_cache` costs ~70-90 us per item between 1 ms spins, against ~14 us for the
+    same copy in a tight loop: caches go cold in the spin.
+  - The provider's own calls ran 0.1-0.2 s slower in the cache's epoch than in the
+    no-cache one: the other core copies into the store, and the trainer's process burns
+    ~0.3 s more CPU in Ray's threads.
+  - A/B against the day before (4 rounds in each of 2 alternating processes): 1.10-1.68x
+    (median ~1.44x) before, 0.94-1.47x (median ~1.18x) after.
 """
 
 

@@ -22,13 +22,50 @@ import numpy as np
 
 from raycache.values import IMMUTABLE_LEAVES, _torch
 
-__all__ = ["MAX_CHUNK_ITEMS", "Chunk", "chunk_rows", "item_template"]
+__all__ = [
+    "MAX_CHUNK_ITEMS",
+    "Chunk",
+    "chunk_rows",
+    "flatten_item",
+    "item_template",
+    "leaves_nbytes",
+]
 
 _LEAF = "*"
 
 
+def flatten_item(item: Any, leaves: list) -> Any:
+    """Return an item's template and append its leaves to ``leaves``, in one pass.
+
+    The template is a hashable description of the item's containers (dicts, and lists
+    and tuples of exactly those types) with every leaf as ``"*"``. A tuple subclass
+    (a namedtuple) is a leaf, kept as one value.
+
+    Parameters
+    ----------
+    item : Any
+        A validated item.
+    leaves : list
+        Receives the leaves, depth first, in the order ``_build`` consumes them.
+
+    Returns
+    -------
+    Any
+        Equal for two items exactly when they can share one set of columns.
+    """
+    if isinstance(item, dict):
+        return ("d", tuple(item), tuple([flatten_item(v, leaves) for v in item.values()]))
+    kind = type(item)
+    if kind is list:
+        return ("l", tuple([flatten_item(v, leaves) for v in item]))
+    if kind is tuple:
+        return ("t", tuple([flatten_item(v, leaves) for v in item]))
+    leaves.append(item)
+    return _LEAF
+
+
 def item_template(item: Any) -> Any:
-    """Return a hashable description of an item's containers, with leaves as ``"*"``.
+    """Return the template of an item (see ``flatten_item``).
 
     Parameters
     ----------
@@ -40,26 +77,26 @@ def item_template(item: Any) -> Any:
     Any
         Equal for two items exactly when they can share one set of columns.
     """
-    if isinstance(item, dict):
-        return ("d", tuple(item), tuple(item_template(v) for v in item.values()))
-    if type(item) is list:
-        return ("l", tuple(item_template(v) for v in item))
-    if type(item) is tuple:
-        return ("t", tuple(item_template(v) for v in item))
-    return _LEAF
+    return flatten_item(item, [])
 
 
-def _leaves(item: Any, out: list) -> None:
-    # The same containers as ``item_template``: a tuple subclass (a namedtuple) is a
-    # leaf there, so it must be one here, or the columns would not line up.
-    if isinstance(item, dict):
-        for v in item.values():
-            _leaves(v, out)
-    elif type(item) is list or type(item) is tuple:
-        for v in item:
-            _leaves(v, out)
-    else:
-        out.append(item)
+def leaves_nbytes(leaves: list) -> int:
+    """Return what an item's leaves count for in chunk and flush sizes.
+
+    The bytes of its arrays and tensors, plus a flat 64 per other leaf (a number, a
+    short string): cheap to compute, and close enough to size chunks by.
+
+    Parameters
+    ----------
+    leaves : list
+        The leaves (see ``flatten_item``).
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
+    return sum([int(getattr(leaf, "nbytes", 64)) for leaf in leaves])
 
 
 def _build(template: Any, leaves: Any) -> Any:
@@ -291,13 +328,10 @@ class Chunk:
         idx = np.asarray(indices, dtype=np.int64)
         if not len(rows):
             return cls(idx, None, [_Objects([])])
-        template = item_template(rows[0])
-        if all(item_template(r) == template for r in rows[1:]):
-            per_row = []
-            for r in rows:
-                leaves: list = []
-                _leaves(r, leaves)
-                per_row.append(leaves)
+        per_row: list[list] = [[] for _ in rows]
+        templates = [flatten_item(r, leaves) for r, leaves in zip(rows, per_row)]
+        template = templates[0]
+        if all(t == template for t in templates):
             columns = [_column([leaves[j] for leaves in per_row]) for j in range(len(per_row[0]))]
             return cls(idx, template, columns)
         return cls(idx, None, [_Objects([_copy_leaves(r, True) for r in rows])])

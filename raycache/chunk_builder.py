@@ -23,23 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from raycache.chunk import _LEAF, Chunk, _build, _column, _Stacked
+from raycache.chunk import Chunk, _build, _column, _Stacked, flatten_item, leaves_nbytes
 from raycache.values import IMMUTABLE_LEAVES, _torch, copy_item
 
 __all__ = ["ChunkBuilder", "ColumnSpares"]
-
-
-def _flatten(item: Any, leaves: list) -> Any:
-    """Return ``item_template(item)`` and append the item's leaves, in one pass."""
-    if isinstance(item, dict):
-        return ("d", tuple(item), tuple([_flatten(v, leaves) for v in item.values()]))
-    kind = type(item)
-    if kind is list:
-        return ("l", tuple([_flatten(v, leaves) for v in item]))
-    if kind is tuple:
-        return ("t", tuple([_flatten(v, leaves) for v in item]))
-    leaves.append(item)
-    return _LEAF
 
 
 def _as_array(value: Any) -> tuple[np.ndarray, bool] | None:
@@ -171,7 +158,7 @@ class ChunkBuilder:
         self._template = template
         self._slots = slots
 
-    def add(self, pos: int, item: Any) -> int:
+    def add(self, pos: int, item: Any, flat: tuple | None = None) -> int:
         """Copy a validated item (see ``values.check_item``) into row ``pos``.
 
         Parameters
@@ -180,14 +167,21 @@ class ChunkBuilder:
             Its row, ``0 <= pos < capacity``; each position is added at most once.
         item : Any
             The item; the builder keeps no reference to its arrays.
+        flat : tuple, optional
+            ``(template, leaves)`` of the item (see ``chunk.flatten_item``), where the
+            caller has them already.
 
         Returns
         -------
         int
-            The bytes of its arrays, plus 64 per other leaf.
+            Its size (see ``chunk.leaves_nbytes``).
         """
-        leaves: list = []
-        template = _flatten(item, leaves)
+        if flat is None:
+            leaves: list = []
+            template = flatten_item(item, leaves)
+        else:
+            template, leaves = flat
+        nbytes = leaves_nbytes(leaves)
         if self._slots is None:
             with self._lock:
                 if self._slots is None:
@@ -195,16 +189,13 @@ class ChunkBuilder:
         arrays = self._matching_arrays(template, leaves) if template == self._template else None
         if arrays is None:
             self._whole[pos] = copy_item(item) if self.private else item
-            return sum(int(getattr(leaf, "nbytes", 64)) for leaf in leaves)
-        nbytes = 0
+            return nbytes
         others = []
         for leaf, slot, array in zip(leaves, self._slots, arrays):
             if slot is None:
                 others.append(leaf)
-                nbytes += 64
             else:
                 slot[3][pos] = array
-                nbytes += array.nbytes
         self._others[pos] = others
         return nbytes
 

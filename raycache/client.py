@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from raycache.chunk import Chunk, chunk_rows
+from raycache.chunk import Chunk, chunk_rows, flatten_item, leaves_nbytes
 from raycache.chunk_builder import ChunkBuilder, ColumnSpares
 from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
@@ -42,6 +42,13 @@ __all__ = ["CacheClient", "directory_actor"]
 logger = logging.getLogger(__name__)
 
 MIN_SYNC_S = 0.05
+# A process that inserted this recently, into a cache nobody else changes, is filling
+# it alone: a read that may not wait (a DataLoader batch) then trusts its map, learning
+# newer changes from a sync reply it asked for at its last miss (see ``poll``). A map
+# older than this is brought up to date first.
+STALE_S = 1.0
+# Least time between two checks for a sync reply by reads that may not wait.
+POLL_S = 0.005
 # Longest a miss waits for the preload task reading its unit. The task may not even be
 # scheduled (trainers holding every CPU): then the trainer reads the unit's items itself.
 INFLIGHT_WAIT_S = 5.0
@@ -77,10 +84,13 @@ class _Segment:
         """Return True once it takes no more items."""
         return len(self.rows) >= self.builder.capacity or self.nbytes >= self.max_bytes
 
-    def add(self, idx: int, item: Any) -> int:
-        """Copy a validated item into the next row; return its size in bytes."""
+    def add(self, idx: int, item: Any, flat: tuple | None = None) -> int:
+        """Copy a validated item into the next row; return its size in bytes.
+
+        ``flat`` as for ``ChunkBuilder.add``.
+        """
         row = len(self.rows)
-        nbytes = self.builder.add(row, item)
+        nbytes = self.builder.add(row, item, flat)
         self.rows[idx] = row
         self.nbytes += nbytes
         return nbytes
@@ -177,8 +187,14 @@ class CacheClient:
         self._views: dict[int, Chunk] = {}
         self._inflight: dict[int, int] = {}  # preload unit being read: start -> stop
         self._stalled: set[int] = set()  # units whose preload reader did not end in time
-        self._last_sync = 0.0
+        self._last_sync = 0.0  # when the actor was asked for the state the map holds
         self._force_sync = True
+        self._sync_ask: tuple | None = None  # (ref, when asked): a sync reply on its way
+        self._last_poll = 0.0
+        self._last_put = -STALE_S  # when this process last buffered an insert
+        # The last sync brought changes this client had not made or been told of: other
+        # processes (or the actor compacting) are changing the map.
+        self._changed_elsewhere = True
         self._sync_lock = threading.Lock()
         self._pending: dict[int, _Segment] = {}  # index -> the segment that holds it
         self._segments: list[_Segment] = []  # waiting to be sent; the last one fills
@@ -225,7 +241,8 @@ class CacheClient:
         """Return the cached item ``idx`` or None (idx already validated).
 
         With ``wait``, a miss on an index a preload task is reading waits for its unit
-        (see ``_refresh``); without, it returns None at once.
+        (see ``_refresh``); without, it returns None at once, and while this process
+        fills the cache alone it does not wait for the actor's answer either.
         """
         item = self._read_mapped(idx, copy)
         if item is not None:
@@ -272,10 +289,13 @@ class CacheClient:
         self._views[cid] = view
         return view
 
-    def locate(self, indices: np.ndarray) -> np.ndarray:
-        """Return ``chunk << 32 | row`` for each index (-1 where missing), syncing once."""
+    def locate(self, indices: np.ndarray, wait: bool = True) -> np.ndarray:
+        """Return ``chunk << 32 | row`` for each index (-1 where missing), syncing once.
+
+        ``wait`` as for ``get``.
+        """
         loc = self._loc[indices]
-        if (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)])):
+        if (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
             loc = self._loc[indices]
         return loc
 
@@ -296,17 +316,23 @@ class CacheClient:
         """After a miss: learn what changed (rate-limited); True if ``idx`` is now cached.
 
         With ``wait``, an index that a preload unit is being read for is waited for.
+        Without, it is not; and while this process fills the cache alone, the client
+        does not wait for the actor's answer either (see ``poll``).
         """
         if self.dead or self.forked:
             return False
-        now = time.monotonic()
-        if not self._force_sync and now - self._last_sync < MIN_SYNC_S:
+        if not wait and self._filling_alone():
+            self.poll()
+            return self._loc[idx] >= 0
+        if self._force_sync or time.monotonic() - self._last_sync >= MIN_SYNC_S:
+            self.sync()
+            if self._loc[idx] >= 0:
+                return True
+        if not wait:
             return False
-        self.sync()
-        if self._loc[idx] >= 0:
-            return True
-        # A preload reader is reading idx right now: wait for it instead of reading it too.
-        unit = next((a for a, b in self._inflight.items() if a <= idx < b), None) if wait else None
+        # A preload reader is reading idx (as of the last sync, which may be a moment
+        # old): wait for it instead of reading it too.
+        unit = next((a for a, b in self._inflight.items() if a <= idx < b), None)
         if unit is not None and unit not in self._stalled:
             patience = min(self.timeout, INFLIGHT_WAIT_S)
             try:
@@ -347,21 +373,81 @@ class CacheClient:
                 and time.monotonic() - self._last_sync < MIN_SYNC_S
             ):
                 return
-            self._force_sync = False
-            hits, misses = self._counter_deltas()
-            try:
-                reply = ray.get(
-                    self.actor.sync.remote(self.client_id, self._version, hits, misses),
-                    timeout=self.timeout,
-                )
-            except Exception as exc:
-                self._lost(exc)
-                return
-            self._apply(reply)
+            self._sync_now()
 
-    def _apply(self, reply: tuple) -> None:
-        """Apply a ``CacheDirectory.sync`` reply (the caller holds ``_sync_lock``)."""
-        self._last_sync = time.monotonic()
+    def _filling_alone(self) -> bool:
+        """Return True while this process inserts and the map changes only through it.
+
+        Then a miss is almost surely an item nobody has stored, and waiting for the
+        actor to say so is wasted; at any other time (other trainers inserting, warm
+        epochs) a miss asks and waits, so items stored elsewhere are never read again.
+        """
+        return not self._changed_elsewhere and time.monotonic() - self._last_put < STALE_S
+
+    def poll(self) -> None:
+        """Learn what changed without waiting for the actor, where the map is recent.
+
+        Applies the sync reply asked for at the previous call, if it has arrived, and
+        asks for the next one (at most every ``MIN_SYNC_S``). Under load a sync round
+        trip takes several milliseconds, the time the actor takes to get to it: a
+        DataLoader batch that misses while this process fills the cache alone pays that
+        only when the map is older than ``STALE_S``, instead of at every batch.
+        """
+        now = time.monotonic()
+        if now - self._last_poll < POLL_S or not self._usable():
+            return
+        with self._sync_lock:
+            self._last_poll = now
+            if self._sync_ask is not None:
+                ref, asked = self._sync_ask
+                ready, _ = ray.wait([ref], timeout=0)
+                if ready:
+                    self._sync_ask = None
+                    try:
+                        reply = ray.get(ref, timeout=self.timeout)
+                    except Exception as exc:
+                        self._lost(exc)
+                        return
+                    self._apply(reply, asked)
+            now = time.monotonic()
+            if self._force_sync or now - self._last_sync >= STALE_S:
+                self._sync_now()
+            elif self._sync_ask is None and now - self._last_sync >= MIN_SYNC_S:
+                hits, misses = self._counter_deltas()
+                try:
+                    ref = self.actor.sync.remote(self.client_id, self._version, hits, misses)
+                except Exception as exc:
+                    self._lost(exc)
+                    return
+                self._sync_ask = (ref, now)
+
+    def _sync_now(self) -> None:
+        """Ask the actor for what changed and apply it (the caller holds ``_sync_lock``)."""
+        self._force_sync = False
+        hits, misses = self._counter_deltas()
+        asked = time.monotonic()
+        try:
+            reply = ray.get(
+                self.actor.sync.remote(self.client_id, self._version, hits, misses),
+                timeout=self.timeout,
+            )
+        except Exception as exc:
+            self._lost(exc)
+            return
+        self._apply(reply, asked)
+
+    def _apply(self, reply: tuple, asked: float, news: bool | None = None) -> None:
+        """Apply a ``CacheDirectory.sync`` reply (the caller holds ``_sync_lock``).
+
+        A reply older than the map (another reply, asked for later, came first) is
+        dropped. A newer one repeats the events since the version it was asked for,
+        which the map may hold already; applied in order, they leave the same map.
+        ``news``: whether it holds changes made elsewhere (None: any change).
+        """
+        if reply[1] < self._version:
+            return
+        self._changed_elsewhere = reply[1] > self._version if news is None else news
+        self._last_sync = max(self._last_sync, asked)
         if reply[0] == "snapshot":
             _, version, chunk_of, row_of, refs, inflight = reply
             loc = np.where(
@@ -436,19 +522,23 @@ class CacheClient:
         """Copy a validated item into the next flush's chunk (parent side)."""
         if self.dead or self.closed or self._loc[idx] >= 0:
             return  # cached already; the first value wins, as in the actor
+        self._last_put = time.monotonic()
         with self._cond:
             if idx in self._pending:
                 return
             if not self._pending:
                 self._first_pending = time.monotonic()
+            flat = None
             if not self._segments or self._segments[-1].full():
                 # A segment is sent as one chunk: no stored object holds more than a
                 # chunk's worth of items. Its columns are touched only as they fill.
-                size = _approx_nbytes(item)
+                leaves: list = []
+                flat = (flatten_item(item, leaves), leaves)
+                size = leaves_nbytes(leaves)
                 rows = chunk_rows(self.settings["chunk_size"], self._chunk_bytes, size)
                 self._segments.append(_Segment(rows, self._chunk_bytes, self._spares))
             segment = self._segments[-1]
-            self._pending_bytes += segment.add(idx, item)
+            self._pending_bytes += segment.add(idx, item, flat)
             self._pending[idx] = segment
             if self._pending_bytes >= FLUSH_BYTES or segment.full():
                 self._cond.notify_all()
@@ -542,24 +632,23 @@ class CacheClient:
         start = time.monotonic()
         try:
             chunks = [segment.chunk() for segment in batch]
-            since = self._version
             reply = ray.get(
-                self.actor.insert.remote(chunks, self.client_id, since), timeout=self.timeout
+                self.actor.insert.remote(chunks, self.client_id, self._version),
+                timeout=self.timeout,
             )
         except Exception as exc:
             self._lost(exc)
             lost = sum(len(segment.rows) for segment in batch)
             logger.warning("raycache %s: %d inserted items were not cached", self.name, lost)
             return
-        # The reply holds the map's changes since ``since``, these items' places among
-        # them: applying it here spares the trainer's next miss a sync of its own (a
-        # round trip to an actor that is busy storing). If a sync on another thread
-        # moved the map on meanwhile, these events are stale: the next miss asks.
+        # The reply holds the map's changes since the version sent, these items'
+        # places among them: applying it here spares the trainer's next miss a sync of
+        # its own (a round trip to an actor that is busy storing).
+        # Events this insert did not make came from elsewhere (a snapshot may hold any).
+        sync = reply["sync"]
+        foreign = sync[0] != "events" or len(sync[2]) > reply["events"]
         with self._sync_lock:
-            if self._version == since:
-                self._apply(reply["sync"])
-            else:
-                self._force_sync = True
+            self._apply(sync, start, news=foreign)
         self.flush_seconds = time.monotonic() - start
 
     def _counter_deltas(self) -> tuple[int, int]:
@@ -627,15 +716,6 @@ class CacheClient:
         self._spares = ColumnSpares()
         if self._relay is not None:
             self._relay.after_fork_in_child()
-
-
-def _approx_nbytes(item: Any) -> int:
-    """Bytes of an item's arrays plus a flat 64 per other leaf: cheap, for flush sizing."""
-    if isinstance(item, dict):
-        return sum(_approx_nbytes(v) for v in item.values())
-    if isinstance(item, (list, tuple)):
-        return sum(_approx_nbytes(v) for v in item)
-    return int(getattr(item, "nbytes", 64))
 
 
 def _before_fork() -> None:

@@ -275,8 +275,13 @@ class DataCache:
         wait : bool
             For a miss on an index that a preload task is reading right now, wait
             for its unit (at most ~5 s) instead of returning None, so that the item
-            is not read twice. False returns None for it at once (see
-            ``CachedDataset.__getitems__``, which reads the other misses first).
+            is not read twice. False does not wait for the preload: such a miss is
+            None at once (see ``CachedDataset.__getitems__``, which reads the other
+            misses first). While this process fills the cache alone (it inserts, and
+            nothing else changes the cache), False does not wait for the cache's
+            answer to a miss either, and reads with the map as of its last miss.
+            Otherwise, and always with True, a miss asks the cache what changed (at
+            most every 50 ms in a process) before it is returned as None.
 
         Returns
         -------
@@ -299,7 +304,7 @@ class DataCache:
         if client is None:
             return [None] * len(idx)
         start = time.perf_counter()
-        loc = client.locate(idx)
+        loc = client.locate(idx, wait)
         copy = not self.config.zero_copy
         if copy and loc.min() >= 0:  # all cached: no np.unique, one dict lookup per chunk
             chunks = client.mapped(dict.fromkeys((loc >> 32).tolist()))

@@ -63,6 +63,11 @@ class CacheDirectory:
         self._events: list[tuple] = []  # ("add", cid, indices, rows) | ("retire", cids)
         self._open: list[int] = []  # small segments waiting to be compacted
         self._bytes = 0
+        # An insert's indices and bytes while its ray.put runs outside the lock.
+        self._storing = np.zeros(length, dtype=bool)
+        self._reserved = 0
+        # Per actor call (each runs in a thread of its own): events the call appended.
+        self._call = threading.local()
         self._items = 0
         self._rejected = 0
         self._inserted = 0  # items stored from clients' inserts
@@ -159,7 +164,8 @@ class CacheDirectory:
         with self._lock:
             version = len(self._events)
             inflight = dict(self._preload.inflight) if self._preload is not None else {}
-            if since <= 0 or version - since > SNAPSHOT_AFTER:
+            # (A client at 0 has no map yet; while nothing is mapped, nothing changed.)
+            if (since <= 0 and version > 0) or version - since > SNAPSHOT_AFTER:
                 return (
                     "snapshot",
                     version,
@@ -203,6 +209,7 @@ class CacheDirectory:
         if not replace:
             self._items += len(idx)
         self._events.append(("add", cid, idx, rows))
+        self._call.events = getattr(self._call, "events", 0) + 1
         self._added.notify_all()
         return cid, len(idx)
 
@@ -212,6 +219,7 @@ class CacheDirectory:
             _, nbytes = self._sizes.pop(cid, (0, 0))
             self._bytes -= nbytes
         self._events.append(("retire", list(cids)))
+        self._call.events = getattr(self._call, "events", 0) + 1
 
     # ----------------------------------------------------------------- writes
     def insert(self, chunks: list[Chunk], client_id: str | None = None, since: int = -1) -> dict:
@@ -227,8 +235,11 @@ class CacheDirectory:
         dict
             ``{"added": n, "rejected": n}``: rejected items did not fit ``max_bytes``.
             With ``client_id``, also ``"sync"``: what ``sync(client_id, since)`` would
-            return after the insert, which saves the client a second call.
+            return after the insert, which saves the client a second call, and
+            ``"events"``: how many of its events this insert made (the others came
+            from elsewhere).
         """
+        self._call.events = 0
         added = rejected = 0
         for chunk in chunks:
             result = self._insert_one(chunk)
@@ -237,6 +248,7 @@ class CacheDirectory:
         out = {"added": added, "rejected": rejected}
         if client_id is not None:
             out["sync"] = self.sync(client_id, since)
+            out["events"] = self._call.events
         return out
 
     def _insert_one(self, chunk: Chunk) -> dict:
@@ -246,7 +258,13 @@ class CacheDirectory:
         return result
 
     def _store_inserted(self, chunk: Chunk) -> tuple[dict, list[int]]:
-        """Store one inserted chunk; return the result and the segments due to be merged."""
+        """Store one inserted chunk; return the result and the segments due to be merged.
+
+        The ``ray.put`` (a copy of up to ``chunk_bytes``, several milliseconds) runs
+        outside the lock, so that other clients' syncs and claims do not wait for it.
+        Its indices and bytes are reserved meanwhile: another insert of the same index
+        skips it, and no two inserts spend the same room in the byte budget.
+        """
         with self._lock:
             if self._dropped:
                 return {"added": 0, "rejected": len(chunk)}, []
@@ -254,7 +272,7 @@ class CacheDirectory:
             _, first = np.unique(idx, return_index=True)
             keep = np.zeros(len(idx), dtype=bool)
             keep[first] = True
-            keep &= self._chunk_of[idx] < 0
+            keep &= (self._chunk_of[idx] < 0) & ~self._storing[idx]
             if not keep.any():
                 return {"added": 0, "rejected": 0}, []
             if not keep.all():
@@ -262,7 +280,21 @@ class CacheDirectory:
             chunk, rejected = self._fit_budget(chunk)
             if not len(chunk):
                 return {"added": 0, "rejected": rejected}, []
-            cid, added = self._register(ray.put(chunk), chunk.indices, chunk.nbytes)
+            self._storing[chunk.indices] = True
+            self._reserved += chunk.nbytes
+        try:
+            ref = ray.put(chunk)
+        except BaseException:
+            with self._lock:
+                self._storing[chunk.indices] = False
+                self._reserved -= chunk.nbytes
+            raise
+        with self._lock:
+            self._storing[chunk.indices] = False
+            self._reserved -= chunk.nbytes
+            if self._dropped:
+                return {"added": 0, "rejected": len(chunk) + rejected}, []
+            cid, added = self._register(ref, chunk.indices, chunk.nbytes)
             self._inserted += added
             rows, nbytes = self._sizes[cid]
             full: list[int] = []
@@ -272,7 +304,7 @@ class CacheDirectory:
             return {"added": added, "rejected": rejected}, full
 
     def _fit_budget(self, chunk: Chunk) -> tuple[Chunk, int]:
-        room = self._max_bytes - self._bytes
+        room = self._max_bytes - self._bytes - self._reserved
         if chunk.nbytes <= room:
             return chunk, 0
         per_row = max(1, math.ceil(chunk.nbytes / max(1, len(chunk))))
@@ -327,7 +359,7 @@ class CacheDirectory:
         with self._lock:
             if self._dropped:
                 return False
-            if summary["nbytes"] > self._max_bytes - self._bytes:
+            if summary["nbytes"] > self._max_bytes - self._bytes - self._reserved:
                 chunk, _ = self._fit_budget(ray.get(chunk_ref))
                 if len(chunk):
                     _, added = self._register(ray.put(chunk), chunk.indices, chunk.nbytes)

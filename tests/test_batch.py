@@ -322,3 +322,45 @@ def test_stock_collate_in_forked_workers_matches_the_main_process(plain):
             assert torch.equal(image, torch.full((3, 4, 4), float(i)))
         batches += 1
     assert batches == 7
+
+
+def test_a_gathered_batch_behaves_as_its_list_of_items(ray_address):
+    # The items are built on first use as a list; every way of using it sees them.
+    import copy
+    import pickle
+
+    idx = [9, 2, 30, 2]
+    want = [plain_item(i) for i in idx]
+    with filled(f"t-{uuid.uuid4().hex[:8]}", plain_item, n=40, chunk_size=8) as ds:
+        uses = {
+            "len": lambda b: [len(b)] * len(idx),
+            "iter": list,
+            "index": lambda b: [b[k] for k in range(len(idx))],
+            "slice": lambda b: b[::-1][::-1],
+            "reversed": lambda b: list(reversed(b))[::-1],
+            "concat": lambda b: ([0] + b)[1:],
+            "concat right": lambda b: (b + [0])[:-1],
+            "repeat": lambda b: (2 * b)[len(idx) :],
+            "pickle": lambda b: pickle.loads(pickle.dumps(b)),
+            "deepcopy": copy.deepcopy,
+            "tuple": tuple,
+            "pop": lambda b: [b.pop(0) for _ in range(len(idx))],
+        }
+        for use, read in uses.items():
+            got = read(ds.__getitems__(idx))
+            if use == "len":
+                assert got == [len(idx)] * len(idx), use
+                continue
+            assert len(got) == len(idx), use
+            for item, expected in zip(got, want):
+                assert_same(item, expected)
+        batch = ds.__getitems__(idx)
+        tensors = ds.collate(batch)  # from the gathered arrays alone
+        assert tensors["label"].tolist() == idx
+        for item, expected in zip(batch, want):  # built after collate: still right
+            assert_same(item, expected)
+        stacked = default_collate(batch)
+        assert torch.equal(stacked["image"], tensors["image"])
+        stacked["image"] += 1  # a copy: collate's tensors and the items keep their values
+        assert torch.equal(tensors["image"], default_collate(want)["image"])
+        assert_same(batch[0], want[0])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
-from providers import ArrayProvider, CountingProvider, make_item
+from providers import ArrayProvider, CountingProvider, LoggedReadsProvider, make_item
 from test_values import assert_same
 
 import raycache
@@ -51,3 +53,69 @@ def test_getitems_fills_misses_and_collates(ray_address, cache_name):
     assert batch["object_id"] == ref["object_id"]
     ds.cache.close()
     raycache.drop_cache(cache_name)
+
+
+def test_batch_read_that_may_not_wait_does_not_wait_for_a_preload_unit(
+    ray_address, cache_name, tmp_path
+):
+    # One task with two threads reads one unit of 32 items of 0.2 s: ~3.2 s.
+    provider = LoggedReadsProvider(32, str(tmp_path / "reads.log"), latency_s=0.2)
+    config = {
+        "data_set": {"preload_cache": True, "preload_threads": 2},
+        "raycache": {"name": cache_name, "chunk_size": 32},
+    }
+    cache = DataCache(config, provider)
+    try:
+        cache.start_preload_thread()
+        deadline = time.monotonic() + 60
+        while not provider.reads():
+            assert time.monotonic() < deadline, "the preload never started"
+            time.sleep(0.01)
+        wanted = list(range(16, 32))  # read last: still to come for ~1.5 s or more
+        start = time.monotonic()
+        assert cache.fetch_many(wanted, wait=False) == [None] * len(wanted)
+        assert time.monotonic() - start < 1.0, "wait=False waited for the preload unit"
+        got = cache.fetch_many(wanted)  # waits for the unit
+        for item, i in zip(got, wanted):
+            assert_same(item, make_item(i))
+        assert sorted(provider.reads()) == list(range(32))  # read once, by the preload
+    finally:
+        cache.close()
+        raycache.drop_cache(cache_name)
+
+
+def test_batch_reads_that_may_not_wait_see_other_clients_inserts(ray_address, cache_name):
+    # Two clients of one cache; the reader also inserts, and the writer's small segments
+    # are compacted meanwhile: whatever the reader sees must be right, and it must see
+    # every item in the end without waiting for the actor.
+    n = 96
+    config = {"raycache": {"name": cache_name, "chunk_size": 16}}
+    writer = DataCache(config, ArrayProvider(n))
+    reader = DataCache(config, ArrayProvider(n))
+    try:
+        reader.fetch_many([0])  # attach
+        for i in range(0, n, 2):
+            writer.insert_into_cache(i, make_item(i))
+            if i % 16 == 14:
+                assert writer.flush(timeout=30)
+        for i in range(1, n, 2):
+            reader.insert_into_cache(i, make_item(i))
+        deadline = time.monotonic() + 30
+        while True:
+            got = reader.fetch_many(list(range(n)), wait=False)
+            for i, item in enumerate(got):
+                if item is not None:
+                    assert_same(item, make_item(i))
+            if all(item is not None for item in got):
+                break
+            assert time.monotonic() < deadline, "the reader never saw every item"
+            time.sleep(0.02)
+        assert isinstance(got, GatheredBatch) or len(got) == n
+        assert reader.flush(timeout=30)
+        stats = reader.stats()
+        assert stats["items"] == n
+        assert stats["inserted_items"] == n
+    finally:
+        writer.close()
+        reader.close()
+        raycache.drop_cache(cache_name)
