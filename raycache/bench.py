@@ -1065,7 +1065,7 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
   compacts segments into a chunk, on the same 2 cores. On 2026-12-02, per 2,048-item epoch
   (in-process timers, quiet machine):
   - The trainer's blocking syncs cost 0.08-0.14 s (4-7 ms each: the actor stored segments
-    holding its lock). The actor now copies outside its lock, and batch reads send their
+    holding its lock). Batch reads of a process filling the cache alone now send their
     sync ahead and apply the reply at a later miss: ~1 ms per batch.
   - `insert_into_cache` costs ~70-90 us per item between 1 ms spins, against ~14 us for the
     same copy in a tight loop: caches go cold in the spin.

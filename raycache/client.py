@@ -696,6 +696,8 @@ class CacheClient:
             self._cond.notify_all()
         self._thread.join(timeout=self.timeout)
         if not self.forked and not self.dead and ray.is_initialized():
+            with self._sync_lock:
+                self._sync_ask = None  # let Ray forget the pending reply while it is up
             hits, misses = self._counter_deltas()
             try:
                 ray.get(
