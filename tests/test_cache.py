@@ -489,10 +489,11 @@ def test_chunk_bytes_holds_once_bigger_items_are_seen(ray_address, cache_name):
     client.sync(force=True)
     chunks = [client._view(c) for c in client._refs]
     assert sum(len(chunk) for chunk in chunks) == 600
-    # Units sized before a unit of big items came back can be too big (at most one per
-    # task slot: 2 here, plus the one that was being submitted); all later ones fit.
+    # Units sized before a unit of big items came back can be too big: each task slot
+    # holds the unit it reads and claims one ahead, so at most two per slot (2 slots
+    # here; CI once saw all four). All later ones fit.
     oversized = [chunk for chunk in chunks if chunk.nbytes > 1.1 * limit]
-    assert len(oversized) <= 3, [(c.indices[[0, -1]], c.nbytes) for c in oversized]
+    assert len(oversized) <= 4, [(c.indices[[0, -1]], c.nbytes) for c in oversized]
     for i in (0, 99, 100, 599):
         got = ds[i]
         assert got["label"] == i and got["image"].shape == ((8,) if i < 100 else (512,))
