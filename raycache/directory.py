@@ -260,7 +260,7 @@ class CacheDirectory:
         The ``ray.put`` runs under the lock, one insert at a time. Tried on 2026-12-02:
         outside the lock (indices and bytes reserved meanwhile), puts ran in parallel
         and, since freed store pages stay resident, three trainers filling on miss grew
-        the node's memory by 2.3-2.9 bytes per byte of data instead of 1.7-1.9, with no
+        the node's memory by 2.8-2.9 bytes per byte of data instead of 1.7-1.9, with no
         measured gain for the trainer.
         """
         with self._lock:
