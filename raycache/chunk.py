@@ -27,7 +27,6 @@ __all__ = [
     "Chunk",
     "chunk_rows",
     "flatten_item",
-    "item_template",
     "leaves_nbytes",
 ]
 
@@ -62,22 +61,6 @@ def flatten_item(item: Any, leaves: list) -> Any:
         return ("t", tuple([flatten_item(v, leaves) for v in item]))
     leaves.append(item)
     return _LEAF
-
-
-def item_template(item: Any) -> Any:
-    """Return the template of an item (see ``flatten_item``).
-
-    Parameters
-    ----------
-    item : Any
-        A validated item.
-
-    Returns
-    -------
-    Any
-        Equal for two items exactly when they can share one set of columns.
-    """
-    return flatten_item(item, [])
 
 
 def leaves_nbytes(leaves: list) -> int:
