@@ -413,24 +413,24 @@ class CacheClient:
             if self._force_sync or now - self._last_sync >= STALE_S:
                 self._sync_now()
             elif self._sync_ask is None and now - self._last_sync >= MIN_SYNC_S:
-                hits, misses = self._counter_deltas()
                 try:
-                    ref = self.actor.sync.remote(self.client_id, self._version, hits, misses)
+                    ref = self._ask_sync()
                 except Exception as exc:
                     self._lost(exc)
                     return
                 self._sync_ask = (ref, now)
 
+    def _ask_sync(self) -> Any:
+        """Send the actor a sync request (this map's version, the counters); its ref."""
+        hits, misses = self._counter_deltas()
+        return self.actor.sync.remote(self.client_id, self._version, hits, misses)
+
     def _sync_now(self) -> None:
         """Ask the actor for what changed and apply it (the caller holds ``_sync_lock``)."""
         self._force_sync = False
-        hits, misses = self._counter_deltas()
         asked = time.monotonic()
         try:
-            reply = ray.get(
-                self.actor.sync.remote(self.client_id, self._version, hits, misses),
-                timeout=self.timeout,
-            )
+            reply = ray.get(self._ask_sync(), timeout=self.timeout)
         except Exception as exc:
             self._lost(exc)
             return
