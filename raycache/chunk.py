@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from raycache.values import IMMUTABLE_LEAVES, _torch
+from raycache.values import IMMUTABLE_LEAVES, Position, _torch, check_item
 
 __all__ = [
     "MAX_CHUNK_ITEMS",
     "Chunk",
     "chunk_rows",
+    "flatten_checked",
     "flatten_item",
     "leaves_nbytes",
 ]
@@ -59,6 +60,44 @@ def flatten_item(item: Any, leaves: list) -> Any:
         return ("l", tuple([flatten_item(v, leaves) for v in item]))
     if kind is tuple:
         return ("t", tuple([flatten_item(v, leaves) for v in item]))
+    leaves.append(item)
+    return _LEAF
+
+
+def flatten_checked(item: Any, leaves: list, path: tuple = ()) -> Any:
+    """Validate an item as ``values.check_item`` does while flattening it.
+
+    One walk, where an item on its way into a chunk (an insert, a preload read) took
+    two: the same template and leaves as ``flatten_item``, and for a value raycache
+    does not cache the same error, naming the same field path, as ``check_item``.
+
+    Parameters
+    ----------
+    item : Any
+        The item.
+    leaves : list
+        Receives the leaves (see ``flatten_item``).
+    path : tuple, optional
+        Where ``item`` sits inside the enclosing item (for error messages).
+
+    Returns
+    -------
+    Any
+        The template (see ``flatten_item``).
+
+    Raises
+    ------
+    UnsupportedValueError
+        If a value has a type raycache does not cache; the message names its path.
+    """
+    if isinstance(item, dict):
+        parts = [flatten_checked(v, leaves, path + (k,)) for k, v in item.items()]
+        return ("d", tuple(item), tuple(parts))
+    kind = type(item)
+    if kind is list or kind is tuple:
+        parts = [flatten_checked(v, leaves, path + (Position(i),)) for i, v in enumerate(item)]
+        return ("l" if kind is list else "t", tuple(parts))
+    check_item(item, path)  # a leaf, or a container kept whole (a namedtuple)
     leaves.append(item)
     return _LEAF
 

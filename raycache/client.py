@@ -17,18 +17,20 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import socket
 import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from raycache.chunk import Chunk, chunk_rows, flatten_item, leaves_nbytes
+from raycache.chunk import Chunk, chunk_rows, flatten_checked, flatten_item, leaves_nbytes
 from raycache.chunk_builder import ChunkBuilder, ColumnSpares
 from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
@@ -53,10 +55,14 @@ POLL_S = 0.005
 # scheduled (trainers holding every CPU): then the trainer reads the unit's items itself.
 INFLIGHT_WAIT_S = 5.0
 HEARTBEAT_S = 5.0
+# Indices spare_index scans at a time for one the map lacks.
+SPARE_WINDOW = 4096
 # Items buffered before a flush is sent regardless of flush_interval_s.
 FLUSH_BYTES = 8 * 1024 * 1024
 _ROW_MASK = np.int64(0xFFFFFFFF)
 
+# Where spare_index starts in each process; private, so the user's random state is kept.
+_spare_start = random.Random()
 _Directory = ray.remote(CacheDirectory)
 _live_clients: weakref.WeakSet = weakref.WeakSet()
 
@@ -187,6 +193,7 @@ class CacheClient:
         self._views: dict[int, Chunk] = {}
         self._inflight: dict[int, int] = {}  # preload unit being read: start -> stop
         self._stalled: set[int] = set()  # units whose preload reader did not end in time
+        self._spare_top: int | None = None  # spare_index walks down from here
         self._last_sync = 0.0  # when the actor was asked for the state the map holds
         self._force_sync = True
         self._sync_ask: tuple | None = None  # (ref, when asked): a sync reply on its way
@@ -237,12 +244,19 @@ class CacheClient:
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ reads
-    def get(self, idx: int, copy: bool = True, wait: bool = True) -> Any:
+    def get(
+        self,
+        idx: int,
+        copy: bool = True,
+        wait: bool = True,
+        meanwhile: Callable[[], bool] | None = None,
+    ) -> Any:
         """Return the cached item ``idx`` or None (idx already validated).
 
         With ``wait``, a miss on an index a preload task is reading waits for its unit
-        (see ``_refresh``); without, it returns None at once, and while this process
-        fills the cache alone it does not wait for the actor's answer either.
+        (see ``_refresh``, and ``meanwhile`` there); without, it returns None at once,
+        and while this process fills the cache alone it does not wait for the actor's
+        answer either.
         """
         item = self._read_mapped(idx, copy)
         if item is not None:
@@ -253,7 +267,7 @@ class CacheClient:
                 segment = self._pending.get(idx) or self._outgoing.get(idx)
                 if segment is not None:
                     return segment.item(idx)
-        if self._refresh(idx, wait):
+        if self._refresh(idx, wait, meanwhile):
             return self._read_mapped(idx, copy)
         return None
 
@@ -312,10 +326,13 @@ class CacheClient:
         """Return the mapped chunk for each chunk id (None where it cannot be mapped)."""
         return [self._view(int(c)) for c in cids]
 
-    def _refresh(self, idx: int, wait: bool = True) -> bool:
+    def _refresh(
+        self, idx: int, wait: bool = True, meanwhile: Callable[[], bool] | None = None
+    ) -> bool:
         """After a miss: learn what changed (rate-limited); True if ``idx`` is now cached.
 
-        With ``wait``, an index that a preload unit is being read for is waited for.
+        With ``wait``, an index that a preload unit is being read for is waited for
+        (calling ``meanwhile`` until it returns False, if given).
         Without, it is not; and while this process fills the cache alone, the client
         does not wait for the actor's answer either (see ``poll``).
         """
@@ -330,24 +347,80 @@ class CacheClient:
                 return True
         if not wait:
             return False
+        return self._await_unit(idx, meanwhile)
+
+    def _await_unit(self, idx: int, meanwhile: Callable[[], bool] | None) -> bool:
+        """Wait for the preload unit reading ``idx``; True if ``idx`` is cached then.
+
+        ``meanwhile`` is called again and again while the unit is not done, as long as
+        it returns True (it reads an item the preload has not reached).
+        """
         # A preload reader is reading idx (as of the last sync, which may be a moment
         # old): wait for it instead of reading it too.
         unit = next((a for a, b in self._inflight.items() if a <= idx < b), None)
-        if unit is not None and unit not in self._stalled:
-            patience = min(self.timeout, INFLIGHT_WAIT_S)
-            try:
-                cached = ray.get(
-                    self.actor.wait_cached.remote(idx, patience), timeout=patience + self.timeout
-                )
-            except Exception as exc:
-                self._lost(exc)
-                return False
-            if not cached:
-                self._stalled.add(unit)
-                return False
-            self.sync(force=True)
-            return self._loc[idx] >= 0
-        return False
+        if unit is None or unit in self._stalled:
+            return False
+        patience = min(self.timeout, INFLIGHT_WAIT_S)
+        try:
+            ref = self.actor.wait_cached.remote(idx, patience)
+        except Exception as exc:
+            self._lost(exc)
+            return False
+        # meanwhile's own errors (the provider's) are its caller's, not the cache's.
+        while meanwhile is not None and not self._unit_done(ref) and meanwhile():
+            pass
+        try:
+            cached = ray.get(ref, timeout=patience + self.timeout)
+        except Exception as exc:
+            self._lost(exc)
+            return False
+        if not cached:
+            self._stalled.add(unit)
+            return False
+        self.sync(force=True)
+        return self._loc[idx] >= 0
+
+    def _unit_done(self, ref: Any) -> bool:
+        """Return True once the actor has answered a ``wait_cached`` call (``ref``)."""
+        try:
+            return bool(ray.wait([ref], timeout=0)[0])
+        except Exception:  # the ray.get after it reports what went wrong
+            return True
+
+    def spare_index(self) -> int | None:
+        """Return an index that no preload unit has reached and this process lacks.
+
+        Units are handed out in index order, so the indices past the last unit handed
+        out (as of the last sync) are left for the preload to reach later. A trainer
+        waiting for a unit reads such an index meanwhile, as a reader more: the preload
+        skips what is cached by the time it gets there (a unit handed out since the
+        last sync may read it too; the first copy stored wins). Each process starts at
+        a random place among them and walks down, so that processes doing the same
+        rarely pick one index.
+
+        Returns
+        -------
+        int or None
+            The index, or None when no preload is running or none is left.
+        """
+        if not self._inflight:
+            return None
+        low = max(self._inflight.values())
+        if low >= self.length:
+            return None
+        top = self._spare_top
+        if top is None or top <= low:
+            top = self.length if top is not None else _spare_start.randrange(low, self.length) + 1
+        while top > low:
+            base = max(low, top - SPARE_WINDOW)
+            free = np.flatnonzero(self._loc[base:top] < 0)
+            for idx in (free[::-1] + base).tolist():
+                if idx not in self._pending and idx not in self._outgoing:
+                    self._spare_top = idx
+                    return idx
+            top = base
+        self._spare_top = top
+        return None
 
     def _usable(self) -> bool:
         """Return True if this client may call Ray now.
@@ -499,10 +572,11 @@ class CacheClient:
         if self.forked:
             self._put_from_child(idx, item)
             return
-        check_item(item)  # a bad item fails here; _buffer copies a good one
+        leaves: list = []
+        template = flatten_checked(item, leaves)  # a bad item fails here
         if self.dead or self.closed:
             return
-        self._buffer(idx, item)
+        self._buffer(idx, item, (template, leaves))
 
     def _put_from_child(self, idx: int, item: Any) -> None:
         check_item(item)  # a bad item fails here, as in the parent; pickling copies it
@@ -518,8 +592,15 @@ class CacheClient:
                 self.name,
             )
 
-    def _buffer(self, idx: int, item: Any) -> None:
-        """Copy a validated item into the next flush's chunk (parent side)."""
+    def _buffer(self, idx: int, item: Any, flat: tuple | None = None) -> None:
+        """Copy a validated item into the next flush's chunk (parent side).
+
+        ``flat``: the item's ``(template, leaves)`` (see ``chunk.flatten_checked``),
+        where the caller has them (the relay of forked workers' inserts does not).
+        """
+        if flat is None:
+            leaves: list = []
+            flat = (flatten_item(item, leaves), leaves)
         if self.dead or self.closed or self._loc[idx] >= 0:
             return  # cached already; the first value wins, as in the actor
         self._last_put = time.monotonic()
@@ -528,13 +609,13 @@ class CacheClient:
                 return
             if not self._pending:
                 self._first_pending = time.monotonic()
-            flat = None
+                # The flush thread sleeps until the next heartbeat while nothing waits:
+                # wake it to send within flush_interval_s (it slept up to 5 s before).
+                self._cond.notify_all()
             if not self._segments or self._segments[-1].full():
                 # A segment is sent as one chunk: no stored object holds more than a
                 # chunk's worth of items. Its columns are touched only as they fill.
-                leaves: list = []
-                flat = (flatten_item(item, leaves), leaves)
-                size = leaves_nbytes(leaves)
+                size = leaves_nbytes(flat[1])
                 rows = chunk_rows(self.settings["chunk_size"], self._chunk_bytes, size)
                 self._segments.append(_Segment(rows, self._chunk_bytes, self._spares))
             segment = self._segments[-1]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -338,20 +338,28 @@ class DataCache:
             return np.zeros(len(indices), dtype=bool)
         return client.being_preloaded(np.asarray(indices, dtype=np.int64))
 
-    def _await_preloaded(self, idx: int) -> Any:
+    def _await_preloaded(self, idx: int, meanwhile: Callable[[], bool] | None = None) -> Any:
         """Wait for an index a preload task is reading; the item, or None.
 
         For a miss that ``fetch_many(..., wait=False)`` has counted already: when the
-        item arrives, that miss is counted as a hit instead.
+        item arrives, that miss is counted as a hit instead. ``meanwhile`` is called
+        while the unit is being read, until it returns False.
         """
         client = self._client
         if client is None or not self._active():
             return None
-        item = client.get(idx, not self.config.zero_copy, wait=True)
+        item = client.get(idx, not self.config.zero_copy, wait=True, meanwhile=meanwhile)
         if item is not None:
             client.misses -= 1
             client.hits += 1
         return item
+
+    def _spare_index(self) -> int | None:
+        """Return an index the preload has not reached and this process lacks, or None."""
+        client = self._client
+        if client is None or not self._active():
+            return None
+        return client.spare_index()
 
     def _idx_array(self, indices: Sequence[int]) -> np.ndarray:
         """Validate a batch of indices at once; the seed's errors for a bad one."""

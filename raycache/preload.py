@@ -41,16 +41,15 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import ray
 
-from raycache.chunk import Chunk, chunk_rows
+from raycache.chunk import Chunk, chunk_rows, flatten_checked
 from raycache.chunk_builder import ChunkBuilder, ColumnSpares
 from raycache.provider import load_provider, read_raw
-from raycache.values import check_item
+from raycache.readers import ReaderThreads, UnitReads
 
 __all__ = ["PreloadRun", "read_units", "read_units_task"]
 
@@ -70,8 +69,9 @@ def _read_into(provider: Any, idx: int, pos: int, builder: ChunkBuilder) -> str 
     """Read item ``idx`` into row ``pos`` of its unit's chunk; the error, if any."""
     try:
         item = read_raw(provider, idx)
-        check_item(item)  # the builder copies the arrays; no private copy needed here
-        builder.add(pos, item)
+        leaves: list = []
+        template = flatten_checked(item, leaves)  # validates; the builder copies the arrays
+        builder.add(pos, item, (template, leaves))
         return None
     except Exception as exc:  # reported with its index; the other items go on
         return "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -141,34 +141,34 @@ def read_units(
         "errors", "seconds"}``, which the directory actor reads without the chunk.
     """
     spares = ColumnSpares() if reuse_columns else None
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
 
-        def queue(unit: tuple | None) -> tuple | None:
-            if unit is None:
+    def read(unit: UnitReads, pos: int) -> str | None:
+        return _read_into(provider, unit.indices[pos], pos, unit.builder)
+
+    with ReaderThreads(read, threads) as readers:
+
+        def queue(claimed: tuple | None) -> UnitReads | None:
+            if claimed is None:
                 return None
-            start, indices = unit
-            builder = ChunkBuilder(len(indices), spares)
-            reads = [
-                pool.submit(_read_into, provider, int(i), p, builder)
-                for p, i in enumerate(indices.tolist())
-            ]
-            return start, np.asarray(indices, dtype=np.int64), builder, reads
+            start, indices = claimed
+            indices = np.asarray(indices, dtype=np.int64)
+            unit = UnitReads(start, indices.tolist(), ChunkBuilder(len(indices), spares))
+            return readers.queue(unit)
 
         current = queue(claim(None))
         upcoming = queue(claim(None)) if current is not None else None
         began = time.monotonic()
         while current is not None:
-            start, indices, builder, reads = current
-            results = [r.result() for r in reads]
-            chunk, summary = _build_chunk(indices, results, builder, began)
+            current.done.wait()
+            indices = np.asarray(current.indices, dtype=np.int64)
+            chunk, summary = _build_chunk(indices, current.results, current.builder, began)
             began = time.monotonic()  # the next unit's reads run from here on
-            summary["start"] = start
+            summary["start"] = current.start
             done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
             yield chunk  # Ray has copied the chunk into the object store when this returns
             del chunk
             if spares is not None:
-                spares.give(builder.buffers)
-            del builder
+                spares.give(current.builder.buffers)
             yield summary
             current = upcoming
             upcoming = queue(claim(done)) if current is not None else None

@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UnsupportedValueError", "check_item", "copy_item", "data_size", "field_path"]
+__all__ = [
+    "Position",
+    "UnsupportedValueError",
+    "check_item",
+    "copy_item",
+    "data_size",
+    "field_path",
+]
 
 
 def _torch() -> Any:
@@ -51,14 +58,14 @@ def field_path(path: tuple) -> str:
     """
     out = ""
     for part in path:
-        if isinstance(part, _Pos):
+        if isinstance(part, Position):
             out += f"[{int(part)}]"
         else:
             out += f".{part}" if out else str(part)
     return out or "<item>"
 
 
-class _Pos(int):
+class Position(int):
     """A list or tuple position inside a field path (prints as ``[i]``)."""
 
 
@@ -85,7 +92,7 @@ def copy_item(item: Any, path: tuple = ()) -> Any:
     return _walk(item, path, True)
 
 
-def check_item(item: Any) -> None:
+def check_item(item: Any, path: tuple = ()) -> None:
     """Validate an item as ``copy_item`` does, without copying it.
 
     For items that are encoded into a chunk right away (the chunk copies every array it
@@ -95,13 +102,15 @@ def check_item(item: Any) -> None:
     ----------
     item : Any
         The item to cache.
+    path : tuple, optional
+        Where ``item`` sits inside the enclosing item (for error messages).
 
     Raises
     ------
     UnsupportedValueError
         If a value has a type raycache does not cache; the message names its path.
     """
-    _walk(item, (), False)
+    _walk(item, path, False)
 
 
 def _walk(item: Any, path: tuple, copy: bool) -> Any:
@@ -118,7 +127,7 @@ def _walk(item: Any, path: tuple, copy: bool) -> Any:
         walked = {k: _walk(v, path + (k,), copy) for k, v in item.items()}
         return walked if copy else item
     if isinstance(item, (list, tuple)):
-        walked = [_walk(v, path + (_Pos(i),), copy) for i, v in enumerate(item)]
+        walked = [_walk(v, path + (Position(i),), copy) for i, v in enumerate(item)]
         if not copy:
             return item
         return walked if type(item) is list else tuple(walked)

@@ -330,6 +330,26 @@ def test_hyrax_style_provider_fills_on_miss_and_cached_dataset_inserts_once(
     raycache.drop_cache(cache_name)
 
 
+def test_an_insert_into_an_idle_buffer_is_sent_within_flush_interval(ray_address, cache_name):
+    """A lone insert reaches the cache after flush_interval_s, not at the next heartbeat."""
+    config = cfg(cache_name, chunk_size=8, flush_interval_s=0.1)
+    writer, reader = DataCache(config, ArrayProvider(64)), DataCache(config, ArrayProvider(64))
+    try:
+        writer.stats()  # attached, with nothing buffered: its flush thread sleeps
+        assert reader.try_fetch(10) is None
+        writer.insert_into_cache(10, make_item(10))
+        sent = time.monotonic()
+        deadline = sent + 10.0
+        while writer._client._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waited = time.monotonic() - sent
+        assert waited < 2.0, f"the insert waited {waited:.1f} s in the buffer"
+        assert_same(reader.fetch_many([10])[0], make_item(10))
+    finally:
+        writer.close()
+        reader.close()
+
+
 def test_stats_keys_and_close_keeps_cache(ray_address, cache_name):
     a = DataCache(cfg(cache_name), ArrayProvider(8))
     a.insert_into_cache(1, make_item(1))

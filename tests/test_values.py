@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from raycache import DataCache, UnsupportedValueError
-from raycache.chunk import Chunk
+from raycache.chunk import Chunk, flatten_checked, flatten_item
 from raycache.chunk_builder import ChunkBuilder
-from raycache.values import copy_item
+from raycache.values import check_item, copy_item
 
 
 def assert_same(a, b):
@@ -208,6 +208,38 @@ def test_unsupported_values_name_their_path(item, path):
         copy_item(item)
     assert isinstance(err.value, RuntimeError)  # the seed's error type
     assert repr(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "item,path",
+    [
+        ({"data": {"bad": {1, 2}}}, "data.bad"),
+        ({"x": [0, object()]}, "x[1]"),
+        ({"t": (1, (2, [3, object()]))}, "t[1][1][1]"),
+        ({"obj": np.array([None, 1], dtype=object)}, "obj"),
+        ({"nt": Pair(1, object())}, "nt[1]"),
+        (lambda: 0, "<item>"),
+    ],
+)
+def test_flattening_an_insert_refuses_what_check_item_refuses(item, path):
+    """One walk validating and flattening raises check_item's error, same path."""
+    with pytest.raises(UnsupportedValueError) as checked:
+        check_item(item)
+    with pytest.raises(UnsupportedValueError) as flattened:
+        flatten_checked(item, [])
+    assert str(flattened.value) == str(checked.value)
+    assert repr(path) in str(flattened.value)
+
+
+@pytest.mark.parametrize(
+    "item", [rich_item(3), {"nt": Pair(1, 2.0), "l": [Pair(3, "x")]}, [1, (2, [3])], 7]
+)
+def test_flattening_an_insert_gives_flatten_items_template_and_leaves(item):
+    """The validating walk yields the very template and leaves of flatten_item."""
+    plain, checked = [], []
+    assert flatten_checked(item, checked) == flatten_item(item, plain)
+    assert len(plain) == len(checked)
+    assert all(a is b for a, b in zip(plain, checked))
 
 
 def test_data_size_counts_shared_base_once():
