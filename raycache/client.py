@@ -476,12 +476,8 @@ class CacheClient:
                 ready, _ = ray.wait([ref], timeout=0)
                 if ready:
                     self._sync_ask = None
-                    try:
-                        reply = ray.get(ref, timeout=self.timeout)
-                    except Exception as exc:
-                        self._lost(exc)
+                    if not self._take_reply(ref, asked):
                         return
-                    self._apply(reply, asked)
             now = time.monotonic()
             if self._force_sync or now - self._last_sync >= STALE_S:
                 self._sync_now()
@@ -503,11 +499,21 @@ class CacheClient:
         self._force_sync = False
         asked = time.monotonic()
         try:
-            reply = ray.get(self._ask_sync(), timeout=self.timeout)
+            ref = self._ask_sync()
         except Exception as exc:
             self._lost(exc)
             return
+        self._take_reply(ref, asked)
+
+    def _take_reply(self, ref: Any, asked: float) -> bool:
+        """Get the sync reply ``ref`` (asked for at ``asked``) and apply it; False if lost."""
+        try:
+            reply = ray.get(ref, timeout=self.timeout)
+        except Exception as exc:
+            self._lost(exc)
+            return False
         self._apply(reply, asked)
+        return True
 
     def _apply(self, reply: tuple, asked: float, news: bool | None = None) -> None:
         """Apply a ``CacheDirectory.sync`` reply (the caller holds ``_sync_lock``).
@@ -598,11 +604,11 @@ class CacheClient:
         ``flat``: the item's ``(template, leaves)`` (see ``chunk.flatten_checked``),
         where the caller has them (the relay of forked workers' inserts does not).
         """
+        if self.dead or self.closed or self._loc[idx] >= 0:
+            return  # cached already; the first value wins, as in the actor
         if flat is None:
             leaves: list = []
             flat = (flatten_item(item, leaves), leaves)
-        if self.dead or self.closed or self._loc[idx] >= 0:
-            return  # cached already; the first value wins, as in the actor
         self._last_put = time.monotonic()
         with self._cond:
             if idx in self._pending:

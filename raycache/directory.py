@@ -205,8 +205,7 @@ class CacheDirectory:
         self._bytes += int(nbytes)
         if not replace:
             self._items += len(idx)
-        self._events.append(("add", cid, idx, rows))
-        self._call.events = getattr(self._call, "events", 0) + 1
+        self._log_event(("add", cid, idx, rows))
         self._added.notify_all()
         return cid, len(idx)
 
@@ -215,7 +214,11 @@ class CacheDirectory:
             self._refs.pop(cid, None)
             _, nbytes = self._sizes.pop(cid, (0, 0))
             self._bytes -= nbytes
-        self._events.append(("retire", list(cids)))
+        self._log_event(("retire", list(cids)))
+
+    def _log_event(self, event: tuple) -> None:
+        """Append a map change to the event log, counted for the calling actor call."""
+        self._events.append(event)
         self._call.events = getattr(self._call, "events", 0) + 1
 
     # ----------------------------------------------------------------- writes
