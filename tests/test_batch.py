@@ -364,3 +364,93 @@ def test_a_gathered_batch_behaves_as_its_list_of_items(ray_address):
         stacked["image"] += 1  # a copy: collate's tensors and the items keep their values
         assert torch.equal(tensors["image"], default_collate(want)["image"])
         assert_same(batch[0], want[0])
+
+
+@pytest.fixture
+def torch_threads():
+    """Set torch's intra-op threads for a test (copy_rows is used with 2 or more)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def copy_calls(monkeypatch, torch_threads):
+    """Count copy_rows calls; torch gets 2 threads, so that batches may take it."""
+    torch_threads(2)
+    calls = []
+    real = raycache.batch.copy_rows
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return real(*args)
+
+    monkeypatch.setattr(raycache.batch, "copy_rows", counted)
+    return calls
+
+
+@pytest.fixture
+def copying(monkeypatch, copy_calls):
+    # Copy every array column of a batch with one copy_rows call, however small the batch
+    # (by default only columns of 512 KiB a batch and more are).
+    monkeypatch.setattr(raycache.batch, "COPY_ROWS_MIN_BYTES", 1)
+    return copy_calls
+
+
+def test_one_copy_over_all_chunks_gathers_exactly_on_every_path(plain, copying):
+    for path, idx in batches_for_every_path(plain).items():
+        del copying[:]
+        batch = plain.__getitems__(idx.tolist())
+        assert copying, path  # the array columns (image, tensor, nested pair) took it
+        for i, item in zip(idx, batch):
+            assert_same(item, plain_item(int(i)))
+        batch = plain.__getitems__(idx.tolist())
+        expected = default_collate([plain_item(int(i)) for i in idx])
+        assert_collated_equal(plain.collate(batch), expected)
+        batch = plain.__getitems__(idx.tolist())
+        images = [item["image"] for item in batch]
+        assert shares_memory(default_collate(images), images[0].base)  # not stacked again
+
+
+def test_one_copy_over_all_chunks_gathers_rich_values_exactly(ray_address, cache_name, copying):
+    with filled(cache_name, rich_item, n=48, chunk_size=8) as ds:
+        idx = np.random.default_rng(3).permutation(48).tolist()
+        batch = ds.__getitems__(idx)
+        assert copying
+        for i, item in zip(idx, batch):
+            assert_same(item, rich_item(i))
+        fast = ds.collate(ds.__getitems__(idx))
+        f32 = np.stack([rich_item(i)["f32"] for i in idx])
+        assert torch.equal(fast["f32"], torch.from_numpy(f32))
+        assert torch.equal(fast["tensor"], torch.stack([rich_item(i)["tensor"] for i in idx]))
+
+
+def big_item(i):
+    return {"image": np.full((16, 1024), i, dtype=np.float32), "label": i}
+
+
+def test_big_shuffled_batches_are_copied_at_once_by_default(ray_address, cache_name, copy_calls):
+    # 64 KiB rows: a batch of 16 is 1 MiB, over the default COPY_ROWS_MIN_BYTES.
+    order = np.random.default_rng(4).permutation(96)
+    with filled(cache_name, big_item, n=96, chunk_size=8, order=order) as ds:
+        loader = DataLoader(ds, batch_size=16, shuffle=True, collate_fn=ds.collate)
+        seen = []
+        for batch in loader:
+            labels = batch["label"].tolist()
+            assert torch.equal(batch["image"][:, 5, 7], torch.tensor(labels, dtype=torch.float32))
+            assert torch.equal(batch["image"].amin(dim=(1, 2)), batch["image"].amax(dim=(1, 2)))
+            seen += labels
+        assert sorted(seen) == list(range(96))
+        assert len(copy_calls) == 6  # one per batch
+
+
+def test_with_one_torch_thread_big_batches_are_copied_row_by_row(
+    ray_address, cache_name, copy_calls, torch_threads
+):
+    torch_threads(1)
+    order = np.random.default_rng(5).permutation(64)
+    with filled(cache_name, big_item, n=64, chunk_size=8, order=order) as ds:
+        idx = np.random.default_rng(6).permutation(64)[:32].tolist()
+        batch = ds.collate(ds.__getitems__(idx))
+        assert torch.equal(batch["image"][:, 3, 9], torch.tensor(idx, dtype=torch.float32))
+        assert copy_calls == []

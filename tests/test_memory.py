@@ -365,8 +365,11 @@ def test_fill_on_miss_cost():
     slope, fixed = _slope(small, large)
     print(f"fill on miss: {slope:.2f} bytes per byte of data, plus {fixed:.0f} MB fixed")
     # Each inserted item is written to the store as the trainer's call argument and
-    # again as the actor's copy (and merged); freed store pages stay resident.
-    assert slope <= 2.5, (slope, small, large)
+    # again as the actor's copy (and merged); freed store pages stay resident. How many
+    # stay varies from run to run: on 2026-12-02 the same code measured 1.94-2.82 (the
+    # store 545-682 MB and the trainers' heaps 207-288 MB at the larger size), so the
+    # bound is 3.0; a third copy kept would be ~3.5 and more.
+    assert slope <= 3.0, (slope, small, large)
 
 
 def test_dict_cache_per_trainer_costs_k_copies():
