@@ -1106,13 +1106,13 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
     (8 rounds each) gave medians of ~1.19x before and ~1.25x after, a spread (0.96-1.78x)
     of the no-cache baseline's noise: its epoch moved between 1.44 and 2.48 s for the same
     work. No change is visible at this noise.
-  - Later on 2026-12-02 (2,048 items, in-process timers, 4 rounds): the provider's reads
-    took 1.11-1.12 ms each in the cache's epoch against ~0.95-1.0 ms in the no-cache one,
-    about half of the gap. This machine's two vCPUs act like two hardware threads of one
-    core: a pure-Python loop pinned to one ran ~40% slower (0.24 -> 0.34 s) while another
-    ran on the other, and no slower while the other copied memory. Meanwhile the directory
-    actor used 0.25-0.47 s of CPU per epoch and the raylet ~0.08 s; `insert_into_cache`
-    cost ~28 us per item without a spin and 50-60 us between spins. With
+  - Later on 2026-12-02 (2,048 items, in-process timers, rounds after the first): reads
+    of the provider took 1.11-1.12 ms each in the cache's epoch against ~0.95-1.0 ms in
+    the no-cache one, about half of the gap. This machine's two vCPUs act like two hardware
+    threads of one core: a pure-Python loop pinned to one ran ~40% slower (0.24 -> 0.34 s)
+    while another ran on the other, and no slower while the other copied memory. Meanwhile
+    the directory actor used 0.25-0.47 s of CPU per epoch and the raylet ~0.08 s;
+    `insert_into_cache` cost ~28 us per item without a spin and 50-60 us between spins. With
     `flush_interval_s = 2.0` instead of 0.1 (fewer inserts, segments and compactions) one
     run of 3 rounds gave 1.09-1.14x against 1.22-1.32x at 0.1. The default stays 0.1 s:
     it is how soon other processes see an insert.
