@@ -18,6 +18,7 @@ chunk ``from_rows`` would make of the same items.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from typing import Any
 
@@ -26,7 +27,20 @@ import numpy as np
 from raycache.chunk import Chunk, _build, _column, _Stacked, flatten_item, leaves_nbytes
 from raycache.values import IMMUTABLE_LEAVES, _torch, copy_item
 
-__all__ = ["ChunkBuilder", "ColumnSpares"]
+__all__ = ["ChunkBuilder", "ColumnSpares", "release_heap"]
+
+
+def release_heap() -> None:
+    """Return freed heap memory to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    glibc keeps freed memory resident in its arenas (and raises its mmap threshold
+    after large frees, so later large buffers come from the heap too): a process that
+    has stopped copying items still holds what it used while it did.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _as_array(value: Any) -> tuple[np.ndarray, bool] | None:
@@ -105,10 +119,20 @@ class ColumnSpares:
                 free.sort(key=len, reverse=True)
                 del free[self.keep :]
 
+    def __bool__(self) -> bool:
+        """Return True while it holds a spare."""
+        with self._lock:
+            return any(self._free.values())
+
     def clear(self) -> None:
         """Drop every spare."""
         with self._lock:
             self._free.clear()
+
+    def release(self) -> None:
+        """Drop every spare and return the freed memory to the OS (``release_heap``)."""
+        self.clear()
+        release_heap()
 
 
 class ChunkBuilder:

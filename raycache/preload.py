@@ -33,7 +33,6 @@ took ~1 s here, longer than a whole preload of the benchmarks (docs/design.md).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import threading
@@ -47,7 +46,7 @@ import numpy as np
 import ray
 
 from raycache.chunk import Chunk, chunk_rows, flatten_checked
-from raycache.chunk_builder import ChunkBuilder, ColumnSpares
+from raycache.chunk_builder import ChunkBuilder, ColumnSpares, release_heap
 from raycache.provider import load_provider, read_raw
 from raycache.readers import ReaderThreads, UnitReads
 
@@ -75,14 +74,6 @@ def _read_into(provider: Any, idx: int, pos: int, builder: ChunkBuilder) -> str 
         return None
     except Exception as exc:  # reported with its index; the other items go on
         return "".join(traceback.format_exception_only(type(exc), exc)).strip()
-
-
-def _release_heap() -> None:
-    """Return freed heap memory to the OS (glibc only; elsewhere nothing to do)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _build_chunk(
@@ -176,7 +167,7 @@ def read_units(
     # glibc keeps resident: give them back, and the spare columns, once the slot is done.
     if spares is not None:
         spares.clear()
-    _release_heap()
+    release_heap()
 
 
 @ray.remote(max_retries=0)

@@ -354,6 +354,34 @@ def test_an_insert_into_an_idle_buffer_is_sent_within_flush_interval(ray_address
         reader.close()
 
 
+def test_write_buffers_are_freed_once_the_process_stops_inserting(ray_address, cache_name):
+    """The columns kept for the next inserts go once inserts stop; later inserts still work."""
+    from raycache.client import WRITE_IDLE_S
+
+    cache = DataCache(cfg(cache_name, chunk_size=8, flush_interval_s=0.05), ArrayProvider(64))
+    try:
+        for i in range(20):
+            cache.insert_into_cache(i, make_item(i))
+        assert cache.flush(timeout=10.0)
+        client = cache._client
+        assert client._spares, "sent segments' columns are kept for the next inserts"
+        deadline = time.monotonic() + WRITE_IDLE_S + 10.0
+        while client._spares and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not client._spares, f"write buffers still held {WRITE_IDLE_S + 10.0:.0f} s on"
+        for i in range(20, 40):
+            cache.insert_into_cache(i, make_item(i))
+        assert cache.flush(timeout=10.0)
+        other = DataCache(cfg(cache_name), ArrayProvider(64))
+        try:
+            for i in range(40):
+                assert_same(other.try_fetch(i), make_item(i))
+        finally:
+            other.close()
+    finally:
+        cache.close()
+
+
 def test_stats_keys_and_close_keeps_cache(ray_address, cache_name):
     a = DataCache(cfg(cache_name), ArrayProvider(8))
     a.insert_into_cache(1, make_item(1))
