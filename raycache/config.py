@@ -104,7 +104,8 @@ RAYCACHE_KEYS: dict[str, _Key] = {
     "flush_interval_s": _Key(
         0.1,
         (int, float),
-        "Longest time an inserted item waits in this process before it is sent.",
+        "Longest time an inserted item waits in this process before it is sent (while "
+        "this process fills the cache alone: no insert for this long, a full chunk, or 2 s).",
         minimum=0,
     ),
     "zero_copy": _Key(

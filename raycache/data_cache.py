@@ -211,8 +211,10 @@ class DataCache:
         """Insert item ``idx`` into the cache.
 
         The item is validated and copied at once, visible to this process at once and
-        to other processes within ``flush_interval_s`` (or after ``flush()``). An index
-        already cached keeps its first value.
+        to other processes within ``flush_interval_s`` (or after ``flush()``); a process
+        that fills the cache alone sends a chunk's worth at a time, at most 2 s after the
+        oldest item it holds (see ``docs/configuration.md``). An index already cached
+        keeps its first value.
 
         Parameters
         ----------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -352,6 +353,68 @@ def test_an_insert_into_an_idle_buffer_is_sent_within_flush_interval(ray_address
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_process_filling_the_cache_alone_sends_its_inserts_a_chunk_at_a_time(
+    ray_address, cache_name
+):
+    """Nobody else changes the cache: inserts a few ms apart go as one chunk, not per interval."""
+    config = cfg(cache_name, chunk_size=1000, flush_interval_s=0.5)
+    writer = DataCache(config, ArrayProvider(200))
+    try:
+        writer.stats()
+        start = time.monotonic()
+        for i in range(100):
+            writer.insert_into_cache(i, make_item(i))
+            time.sleep(0.005)  # the pace of a provider's reads
+        assert writer.flush(timeout=10.0)
+        took = time.monotonic() - start
+        # 100 items over ~0.5-1 s: before, one segment per 0.5 s, each kept as a chunk.
+        assert writer.stats()["chunks"] == 1, f"inserted over {took:.2f} s"
+        reader = DataCache(config, ArrayProvider(200))
+        try:
+            for i in range(100):
+                assert_same(reader.try_fetch(i), make_item(i))
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+
+
+def test_inserts_are_sent_within_flush_interval_while_another_process_inserts(
+    ray_address, cache_name
+):
+    """With another writer changing the cache, a steady writer's items go every interval."""
+    config = cfg(cache_name, chunk_size=1000, flush_interval_s=0.1)
+    other, writer = DataCache(config, ArrayProvider(400)), DataCache(config, ArrayProvider(400))
+    reader = DataCache(config, ArrayProvider(400))
+    stop = threading.Event()
+
+    def other_inserts() -> None:
+        for i in range(200, 400):
+            if stop.wait(0.02):
+                return
+            other.insert_into_cache(i, make_item(i))
+
+    thread = threading.Thread(target=other_inserts, daemon=True)
+    try:
+        other.insert_into_cache(399, make_item(399))
+        assert other.flush(timeout=10.0)
+        thread.start()
+        writer.stats()  # attached: its map shows the other writer's items
+        first = time.monotonic()
+        seen = None
+        for i in range(150):  # ~3 s of steady inserts, longer than ALONE_FLUSH_S
+            writer.insert_into_cache(i, make_item(i))
+            if seen is None and reader.try_fetch(0) is not None:
+                seen = time.monotonic() - first
+            time.sleep(0.02)
+        assert seen is not None and seen < 1.5, f"item 0 seen after {seen} s"
+    finally:
+        stop.set()
+        thread.join(timeout=10.0)
+        for cache in (other, writer, reader):
+            cache.close()
 
 
 def test_write_buffers_are_freed_once_the_process_stops_inserting(ray_address, cache_name):
