@@ -742,8 +742,10 @@ class CacheClient:
             with self._cond:
                 self._sending = False
                 self._outgoing = {}
-                for segment in batch:  # sent (or lost): its buffers can take new items
-                    self._spares.give(segment.builder.buffers)
+                # Sent (or lost): their buffers can take new items. Nothing else may keep
+                # the segments, or releasing the spares would not free their columns.
+                self._spares.give([b for segment in batch for b in segment.builder.buffers])
+                batch = []
                 if not self._pending:
                     self._flush_requested = False
                 self._cond.notify_all()

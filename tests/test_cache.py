@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -423,16 +425,20 @@ def test_write_buffers_are_freed_once_the_process_stops_inserting(ray_address, c
 
     cache = DataCache(cfg(cache_name, chunk_size=8, flush_interval_s=0.05), ArrayProvider(64))
     try:
-        for i in range(20):
+        for i in range(5):  # one segment, sent in one flush
             cache.insert_into_cache(i, make_item(i))
         assert cache.flush(timeout=10.0)
         client = cache._client
         assert client._spares, "sent segments' columns are kept for the next inserts"
+        columns = [weakref.ref(b) for free in client._spares._free.values() for b in free]
         deadline = time.monotonic() + WRITE_IDLE_S + 10.0
         while client._spares and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not client._spares, f"write buffers still held {WRITE_IDLE_S + 10.0:.0f} s on"
-        for i in range(20, 40):
+        gc.collect()
+        # Freed, not only dropped from the spares: nothing (a sent segment) still holds them.
+        assert columns and all(ref() is None for ref in columns)
+        for i in range(5, 40):
             cache.insert_into_cache(i, make_item(i))
         assert cache.flush(timeout=10.0)
         other = DataCache(cfg(cache_name), ArrayProvider(64))
