@@ -1,4 +1,4 @@
-"""Data providers used by the tests (importable from subprocesses and Ray workers)."""
+"""Data providers and helpers used by the tests (importable from subprocesses and Ray workers)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ import time
 import numpy as np
 
 from raycache import DataCache
+
+
+def wait_write_buffers_freed(cache: DataCache, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``cache``'s client to free its write buffers.
+
+    The client keeps them only while its process inserts (``raycache.client.WRITE_IDLE_S``).
+    Returns True once they are freed.
+    """
+    client = cache._client
+    deadline = time.monotonic() + timeout
+    while client._spares and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not client._spares
 
 
 def make_item(i: int, scale: float = 1.0) -> dict:

@@ -21,6 +21,7 @@ from providers import (
     SizeStepProvider,
     UnpicklableProvider,
     make_item,
+    wait_write_buffers_freed,
 )
 from test_values import assert_same, rich_item
 
@@ -357,6 +358,16 @@ def test_an_insert_into_an_idle_buffer_is_sent_within_flush_interval(ray_address
         reader.close()
 
 
+def assert_another_client_reads(config: dict, length: int, count: int) -> None:
+    """A second client of the cache reads items ``0..count-1`` back exactly."""
+    other = DataCache(config, ArrayProvider(length))
+    try:
+        for i in range(count):
+            assert_same(other.try_fetch(i), make_item(i))
+    finally:
+        other.close()
+
+
 def test_a_process_filling_the_cache_alone_sends_its_inserts_a_chunk_at_a_time(
     ray_address, cache_name
 ):
@@ -373,12 +384,7 @@ def test_a_process_filling_the_cache_alone_sends_its_inserts_a_chunk_at_a_time(
         took = time.monotonic() - start
         # 100 items over ~0.5-1 s: before, one segment per 0.5 s, each kept as a chunk.
         assert writer.stats()["chunks"] == 1, f"inserted over {took:.2f} s"
-        reader = DataCache(config, ArrayProvider(200))
-        try:
-            for i in range(100):
-                assert_same(reader.try_fetch(i), make_item(i))
-        finally:
-            reader.close()
+        assert_another_client_reads(config, 200, 100)
     finally:
         writer.close()
 
@@ -431,22 +437,15 @@ def test_write_buffers_are_freed_once_the_process_stops_inserting(ray_address, c
         client = cache._client
         assert client._spares, "sent segments' columns are kept for the next inserts"
         columns = [weakref.ref(b) for free in client._spares._free.values() for b in free]
-        deadline = time.monotonic() + WRITE_IDLE_S + 10.0
-        while client._spares and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not client._spares, f"write buffers still held {WRITE_IDLE_S + 10.0:.0f} s on"
+        freed = wait_write_buffers_freed(cache, WRITE_IDLE_S + 10.0)
+        assert freed, f"write buffers still held {WRITE_IDLE_S + 10.0:.0f} s on"
         gc.collect()
         # Freed, not only dropped from the spares: nothing (a sent segment) still holds them.
         assert columns and all(ref() is None for ref in columns)
         for i in range(5, 40):
             cache.insert_into_cache(i, make_item(i))
         assert cache.flush(timeout=10.0)
-        other = DataCache(cfg(cache_name), ArrayProvider(64))
-        try:
-            for i in range(40):
-                assert_same(other.try_fetch(i), make_item(i))
-        finally:
-            other.close()
+        assert_another_client_reads(cfg(cache_name), 64, 40)
     finally:
         cache.close()
 

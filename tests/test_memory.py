@@ -107,15 +107,11 @@ def _wait_write_buffers_freed(ds: object) -> None:
     The node is then measured as the warm epochs find it: the client keeps its write
     buffers only while it inserts (``raycache.client.WRITE_IDLE_S``).
     """
-    import time
+    from providers import wait_write_buffers_freed
 
     from raycache.client import WRITE_IDLE_S
 
-    client = ds.cache._client
-    deadline = time.monotonic() + WRITE_IDLE_S + 30.0
-    while client._spares and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if client._spares:
+    if not wait_write_buffers_freed(ds.cache, WRITE_IDLE_S + 30.0):
         raise TimeoutError("the trainer kept its write buffers after it stopped inserting")
 
 
