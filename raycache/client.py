@@ -35,6 +35,7 @@ from raycache.chunk_builder import ChunkBuilder, ColumnSpares
 from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
 from raycache.errors import CacheUnavailableError
+from raycache.fork_pins import ChildPins
 from raycache.relay import InsertRelay
 from raycache.runtime import ensure_ray, in_forked_child
 from raycache.values import check_item, copy_item
@@ -72,6 +73,7 @@ ALONE_FLUSH_S = 2.0
 # (two 64 MiB columns of 48 KiB items), which warm epochs would otherwise keep resident.
 WRITE_IDLE_S = 2.0
 _ROW_MASK = np.int64(0xFFFFFFFF)
+_FORKING = -1  # ChildPins key of the child about to be forked (relay keys are fds, >= 0)
 
 # Where spare_index starts in each process; private, so the user's random state is kept.
 _spare_start = random.Random()
@@ -232,6 +234,8 @@ class CacheClient:
         self.forked = False
         self._warned_fork = False
         self._relay: InsertRelay | None = None  # made at the first fork (see prepare_fork)
+        self._forking: list[int] = []  # chunk ids mapped for the child being forked
+        self._pins = ChildPins()  # retired chunks that forked children may still read
         self._chunk_bytes = int(self.settings["chunk_bytes"])
         self.sync(force=True)
         self._thread = threading.Thread(target=self._flush_loop, name="raycache-flush", daemon=True)
@@ -544,6 +548,8 @@ class CacheClient:
             loc = np.where(
                 chunk_of >= 0, (chunk_of.astype(np.int64) << 32) | row_of.astype(np.int64), -1
             )
+            for cid in [c for c in self._refs if c not in refs]:
+                self._pins.retire(cid, self._refs[cid], self._views.get(cid))
             self._refs = dict(refs)
             self._views = {c: v for c, v in self._views.items() if c in self._refs}
             self._loc = loc
@@ -556,8 +562,8 @@ class CacheClient:
                     self._loc[idx] = (np.int64(cid) << 32) | rows.astype(np.int64)
                 else:
                     for cid in event[1]:
-                        self._refs.pop(cid, None)
-                        self._views.pop(cid, None)
+                        ref = self._refs.pop(cid, None)
+                        self._pins.retire(cid, ref, self._views.pop(cid, None))
         self._version = version
         self._inflight = inflight
 
@@ -574,15 +580,23 @@ class CacheClient:
         self.sync(force=True)
         for cid in list(self._refs):
             self._view(cid)
+        # What the child can read, kept while it lives; held from now on, since the map
+        # may change between here and the fork.
+        self._forking = list(self._views)
+        self._pins.forked(_FORKING, self._forking)
         # The child cannot call Ray: it sends what it reads to this process instead.
         if self._relay is None:
-            self._relay = InsertRelay(self._buffer, self.name)
+            self._relay = InsertRelay(self._buffer, self.name, on_exit=self._pins.exited)
         self._relay.before_fork()
 
     def after_fork_in_parent(self) -> None:
-        """Start reading the inserts of the child just forked."""
-        if self._relay is not None:
-            self._relay.after_fork_in_parent()
+        """Start reading the inserts of the child just forked; keep what it can read."""
+        if self._relay is None:
+            return
+        child = self._relay.after_fork_in_parent()
+        if child is not None:
+            self._pins.forked(child, self._forking)
+        self._pins.exited(_FORKING)
 
     # ------------------------------------------------------------------ writes
     def put(self, idx: int, item: Any) -> None:

@@ -44,10 +44,19 @@ class InsertRelay:
         Called in the parent, from the relay's thread, with each item a child sent.
     name : str
         Cache name, for log messages.
+    on_exit : Callable[[int], None], optional
+        Called in the parent with a child's key (see ``after_fork_in_parent``) once its
+        pipe is closed: the child has exited, or the relay was closed.
     """
 
-    def __init__(self, deliver: Callable[[int, Any], None], name: str):
+    def __init__(
+        self,
+        deliver: Callable[[int, Any], None],
+        name: str,
+        on_exit: Callable[[int], None] | None = None,
+    ):
         self._deliver = deliver
+        self._on_exit = on_exit
         self._name = name
         self._owner = os.getpid()
         self._selector = selectors.DefaultSelector()
@@ -68,10 +77,17 @@ class InsertRelay:
         self._discard_next()  # left over from a fork that failed
         self._next = os.pipe()
 
-    def after_fork_in_parent(self) -> None:
-        """Keep the read end of the new child's pipe and start reading it."""
+    def after_fork_in_parent(self) -> int | None:
+        """Keep the read end of the new child's pipe and start reading it.
+
+        Returns
+        -------
+        int or None
+            The child's key (passed to ``on_exit`` when its pipe closes), or None if the
+            fork was not prepared by ``before_fork``.
+        """
         if self._next is None:
-            return
+            return None
         read_fd, write_fd = self._next
         self._next = None
         os.close(write_fd)
@@ -79,6 +95,7 @@ class InsertRelay:
         with self._lock:
             self._buffers[read_fd] = bytearray()
             self._selector.register(read_fd, selectors.EVENT_READ)
+        return read_fd
 
     def after_fork_in_child(self) -> None:
         """Keep the write end of this child's pipe; drop everything of the parent's."""
@@ -208,11 +225,14 @@ class InsertRelay:
         return True
 
     def _forget(self, fd: int) -> None:
-        self._buffers.pop(fd, None)
+        if self._buffers.pop(fd, None) is None:
+            return
         try:
             self._selector.unregister(fd)
         except (KeyError, ValueError):
             pass
+        if self._on_exit is not None:
+            self._on_exit(fd)  # before the fd is closed, and so before it can be reused
         self._close_quietly(fd)
 
     def _discard_next(self) -> None:

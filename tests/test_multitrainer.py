@@ -12,8 +12,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -29,13 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ITEMS = 384
 EPOCHS = 2
 RUN_TIMEOUT_S = 420
+STORE_BYTES = 512 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def ray_address():
     # Our own Ray, never another one on this machine; 4 logical CPUs so that two
     # Ray Train workers and the preload tasks can all be scheduled on 2 cores.
-    with local_ray(num_cpus=4, object_store_memory=512 * 1024 * 1024) as address:
+    with local_ray(num_cpus=4, object_store_memory=STORE_BYTES) as address:
         yield address
 
 
@@ -179,6 +183,80 @@ def test_forked_workers_fill_the_cache_and_next_epoch_reads_it(ray_address, tmp_
         # Epoch 2's workers, forked after the parent mapped the new chunks, read none.
         assert len(provider.reads()) == 300
         _ray_alive()
+    finally:
+        ds.cache.close()
+        drop_cache(name)
+
+
+class _BlockingSampler(torch.utils.data.Sampler):
+    """Yields ``order`` once ``go`` is set; sets ``started`` when iterated (after the fork)."""
+
+    def __init__(self, order: list[int]):
+        self.order = order
+        self.started = threading.Event()
+        self.go = threading.Event()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        self.started.set()
+        assert self.go.wait(120), "the test's other thread never let the sampler go on"
+        yield from self.order
+
+
+def test_forked_workers_read_segments_compacted_after_their_fork(ray_address):
+    # A forked worker reads the chunks mapped at its fork through inherited memory. If
+    # the parent then learns that they were compacted and lets them go, the store reuses
+    # their memory: the worker served the bytes of later objects as items (2026-12-02).
+    name = "mt-fork-compacted"
+    provider = SyntheticCutouts(24)
+    ds = CachedDataset(provider, {"raycache": {"name": name, "chunk_size": 8, "timeout_s": 120}})
+    try:
+        for i in range(3):  # a small segment, mapped in the parent before the fork
+            ds.cache.insert_into_cache(i, provider[i])
+        assert ds.cache.flush(timeout=60)
+        assert ds.cache.try_fetch(0) is not None
+        sampler = _BlockingSampler([0, 1, 2])
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=None, sampler=sampler, num_workers=1, multiprocessing_context="fork"
+        )
+        failures: list[BaseException] = []
+        junk: list = []
+
+        def compact_and_churn() -> None:
+            try:
+                assert sampler.started.wait(120), "the DataLoader never started"
+                for i in range(3, 12):  # more segments: the first one is compacted away
+                    ds.cache.insert_into_cache(i, provider[i])
+                    if i % 3 == 2:
+                        assert ds.cache.flush(timeout=60)  # the reply carries the retire
+                assert ds.cache.stats()["chunks"] < 4
+                assert ds.cache._client._pins.held >= 1  # retired, held for the worker
+                # New objects of the segment's size filling most of the store: where its
+                # memory is free, the store reuses it.
+                shape = (3, *provider[0]["image"].shape)
+                count = int(0.6 * STORE_BYTES) // (4 * int(np.prod(shape)))
+                junk.extend(ray.put(np.full(shape, -7.0, np.float32)) for _ in range(count))
+            except BaseException as exc:
+                failures.append(exc)
+            finally:
+                sampler.go.set()
+
+        thread = threading.Thread(target=compact_and_churn)
+        thread.start()
+        got = {int(item["index"]): item["image"].numpy() for item in loader}
+        thread.join(timeout=120)
+        assert not failures, failures
+        assert sorted(got) == [0, 1, 2]
+        for i, image in got.items():
+            np.testing.assert_array_equal(image, provider.expected(i)["image"])
+        # The worker has exited with its iterator: the parent lets the segment go.
+        pins = ds.cache._client._pins
+        deadline = time.monotonic() + 60
+        while (pins.held or pins.children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (pins.held, pins.children) == (0, 0)
     finally:
         ds.cache.close()
         drop_cache(name)
