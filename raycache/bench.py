@@ -1057,6 +1057,23 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
     speed). The pool's trainer ended ~0.2 s after its pool. Ratios: 0.90x in the full run,
     a median of 0.96x over 4 rounds. Over three probes of each, both used under one of the
     two CPUs, and raycache's epochs (1.15-1.28 s) and the pool's (1.15-1.20 s) overlapped.
+  - Tried on 2026-12-02, evening, alternating in one process (6 rounds per variant, 4,096
+    items), none kept:
+    - Units of at most ~0.1 s of reading while reads mostly wait, so that the trainer keeps
+      finding items no unit holds (with shares of what is left, the two slots hold ~3,600 of
+      the 4,096 items ~0.1 s after the start). 0.92-1.05x the pool against 0.89-0.99x in 7
+      A/Bs. The 28 small chunks this makes slow shuffled reads: 20,000 items of 48 KiB read
+      at 255k items/s in 1,365-item chunks, 246k in 300-item chunks and 199k in 150-item
+      chunks. Merging them in the actor, as inserted segments are, left a chunk of freed
+      store pages resident: the memory test's preload stored 96 MB of data in 160 MB of
+      store (the bound is 1.1x). With a CPU-bound provider they cost ~4% (1.61x against
+      1.67x the pool) unless the units stay long when reads keep a core busy.
+    - Spare reads kept away from where the next units are handed out, by as many indices
+      as the units in flight hold. Items read twice (a spare or a batch miss that a unit
+      also read) fell from 128-350 to 65-123 per epoch, but the trainer ran out of spares
+      sooner: a median of 1.17 s against 1.14 s.
+    - One task of 8 threads instead of two of 4: 0.94x against 0.89x in one run, 1.04x
+      against 1.04x in another.
 - **First epoch with preload, CPU-bound**: 1.66x, 1.89x and 1.68x in runs since units
   shrink towards the end (1.40-1.45x before: with whole-chunk units, one task read the last
   unit alone while the other core idled); 1.34x and 1.42x with tail units of at least 0.2 s
