@@ -73,7 +73,6 @@ ALONE_FLUSH_S = 2.0
 # (two 64 MiB columns of 48 KiB items), which warm epochs would otherwise keep resident.
 WRITE_IDLE_S = 2.0
 _ROW_MASK = np.int64(0xFFFFFFFF)
-_FORKING = -1  # ChildPins key of the child about to be forked (relay keys are fds, >= 0)
 
 # Where spare_index starts in each process; private, so the user's random state is kept.
 _spare_start = random.Random()
@@ -234,7 +233,6 @@ class CacheClient:
         self.forked = False
         self._warned_fork = False
         self._relay: InsertRelay | None = None  # made at the first fork (see prepare_fork)
-        self._forking: list[int] = []  # chunk ids mapped for the child being forked
         self._pins = ChildPins()  # retired chunks that forked children may still read
         self._chunk_bytes = int(self.settings["chunk_bytes"])
         self.sync(force=True)
@@ -580,10 +578,7 @@ class CacheClient:
         self.sync(force=True)
         for cid in list(self._refs):
             self._view(cid)
-        # What the child can read, kept while it lives; held from now on, since the map
-        # may change between here and the fork.
-        self._forking = list(self._views)
-        self._pins.forked(_FORKING, self._forking)
+        self._pins.preparing(self._views)  # what the child can read, kept while it lives
         # The child cannot call Ray: it sends what it reads to this process instead.
         if self._relay is None:
             self._relay = InsertRelay(self._buffer, self.name, on_exit=self._pins.exited)
@@ -591,12 +586,8 @@ class CacheClient:
 
     def after_fork_in_parent(self) -> None:
         """Start reading the inserts of the child just forked; keep what it can read."""
-        if self._relay is None:
-            return
-        child = self._relay.after_fork_in_parent()
-        if child is not None:
-            self._pins.forked(child, self._forking)
-        self._pins.exited(_FORKING)
+        child = self._relay.after_fork_in_parent() if self._relay is not None else None
+        self._pins.forked(child)
 
     # ------------------------------------------------------------------ writes
     def put(self, idx: int, item: Any) -> None:

@@ -25,27 +25,45 @@ __all__ = ["ChildPins"]
 class ChildPins:
     """The chunks each live forked child can read, and the retired ones held for them.
 
-    Children are identified by any key the caller chooses (the relay uses the read end
-    of the child's pipe); a key may be reused once ``exited`` was called for it.
+    Before a fork, ``preparing`` records what the child will be able to read (held from
+    then on: the map may change before the fork happens); after it, ``forked`` gives
+    that record the child's key. Children are identified by any key the caller chooses
+    (the relay uses the read end of the child's pipe); a key may be reused once
+    ``exited`` was called for it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._children: dict[int, frozenset[int]] = {}  # child -> chunk ids it has mapped
+        self._preparing: frozenset[int] | None = None  # for the child about to be forked
         self._held: dict[int, tuple[Any, Any]] = {}  # chunk id -> (ref, view)
 
-    def forked(self, child: int, cids: Iterable[int]) -> None:
-        """Record that ``child`` was forked with chunks ``cids`` mapped.
+    def preparing(self, cids: Iterable[int]) -> None:
+        """Record that a child is about to be forked with chunks ``cids`` mapped.
 
         Parameters
         ----------
-        child : int
-            The child's key.
         cids : Iterable[int]
-            Ids of the chunks mapped in this process at the fork.
+            Ids of the chunks mapped in this process for the fork.
         """
         with self._lock:
-            self._children[child] = frozenset(cids)
+            self._preparing = frozenset(cids)
+
+    def forked(self, child: int | None) -> None:
+        """Give the record of ``preparing`` to the child just forked.
+
+        Parameters
+        ----------
+        child : int or None
+            The child's key; None if there is no child to keep (a fork this process
+            did not prepare, or that failed).
+        """
+        with self._lock:
+            cids, self._preparing = self._preparing, None
+            if child is not None and cids is not None:
+                self._children[child] = cids
+            else:
+                self._release_unneeded()
 
     def exited(self, child: int) -> None:
         """Forget ``child``; release the retired chunks no live child can read.
@@ -56,11 +74,13 @@ class ChildPins:
             The key given to ``forked`` (unknown keys are ignored).
         """
         with self._lock:
-            if self._children.pop(child, None) is None:
-                return
-            needed = frozenset().union(*self._children.values())
-            for cid in [c for c in self._held if c not in needed]:
-                del self._held[cid]
+            if self._children.pop(child, None) is not None:
+                self._release_unneeded()
+
+    def _release_unneeded(self) -> None:
+        needed = frozenset().union(self._preparing or (), *self._children.values())
+        for cid in [c for c in self._held if c not in needed]:
+            del self._held[cid]
 
     def retire(self, cid: int, ref: Any, view: Any) -> None:
         """Hold retired chunk ``cid`` if a live child can read it; otherwise drop it.
@@ -76,7 +96,8 @@ class ChildPins:
             or None.
         """
         with self._lock:
-            if any(cid in cids for cids in self._children.values()):
+            mapped = [self._preparing or frozenset(), *self._children.values()]
+            if any(cid in cids for cids in mapped):
                 self._held[cid] = (ref, view)
 
     @property
