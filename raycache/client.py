@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -36,6 +35,7 @@ from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
 from raycache.errors import CacheUnavailableError
 from raycache.fork_pins import ChildPins
+from raycache.preload import READ_IT, STORED
 from raycache.relay import InsertRelay
 from raycache.runtime import ensure_ray, in_forked_child
 from raycache.values import check_item, copy_item
@@ -56,8 +56,9 @@ POLL_S = 0.005
 # scheduled (trainers holding every CPU): then the trainer reads the unit's items itself.
 INFLIGHT_WAIT_S = 5.0
 HEARTBEAT_S = 5.0
-# Indices spare_index scans at a time for one the map lacks.
-SPARE_WINDOW = 4096
+# Spare items reserved at a time, with the misses of a batch that waits for a unit: about
+# what a trainer reads while it waits for one (2 ms reads, units of ~0.02-0.3 s).
+SPARE_BLOCK = 8
 # Items buffered before a flush is sent regardless of flush_interval_s.
 FLUSH_BYTES = 8 * 1024 * 1024
 # While this process fills the cache alone (``_filling_alone``), nobody else is waiting
@@ -74,8 +75,6 @@ ALONE_FLUSH_S = 2.0
 WRITE_IDLE_S = 2.0
 _ROW_MASK = np.int64(0xFFFFFFFF)
 
-# Where spare_index starts in each process; private, so the user's random state is kept.
-_spare_start = random.Random()
 _Directory = ray.remote(CacheDirectory)
 _live_clients: weakref.WeakSet = weakref.WeakSet()
 
@@ -205,8 +204,9 @@ class CacheClient:
         self._refs: dict[int, Any] = {}
         self._views: dict[int, Chunk] = {}
         self._inflight: dict[int, int] = {}  # preload unit being read: start -> stop
+        self._preloading = False  # a preload was running at the last sync
         self._stalled: set[int] = set()  # units whose preload reader did not end in time
-        self._spare_top: int | None = None  # spare_index walks down from here
+        self._spare_block: list[int] = []  # spare items reserved for this process
         self._last_sync = 0.0  # when the actor was asked for the state the map holds
         self._force_sync = True
         self._sync_ask: tuple | None = None  # (ref, when asked): a sync reply on its way
@@ -285,8 +285,20 @@ class CacheClient:
             return self._read_mapped(idx, copy)
         return None
 
-    def being_preloaded(self, indices: np.ndarray) -> np.ndarray:
-        """Return, per index, whether a preload unit this client may wait for holds it."""
+    def being_preloaded(self, indices: np.ndarray, spares: bool = False) -> np.ndarray:
+        """Return, per index, whether a preload unit this client may wait for holds it.
+
+        While a preload runs, the actor is asked, and the misses no unit holds are
+        reserved for this process, which reads them: the preload's units leave them out
+        (``raycache.reservations``). With ``spares``, a batch that will wait for a unit
+        also gets a block of spare items to read meanwhile (``spare_index``). A forked
+        child, which makes no Ray call, goes by the units it knew of at the fork.
+        """
+        if self._preloading and self._usable():
+            block = SPARE_BLOCK if spares and not self._spare_block else 0
+            held, picked = self._reserve(indices, block)
+            self._spare_block += picked.tolist()
+            return held
         held = np.zeros(len(indices), dtype=bool)
         for start, stop in list(self._inflight.items()):
             if start not in self._stalled:
@@ -363,6 +375,10 @@ class CacheClient:
             return False
         return self._await_unit(idx, meanwhile)
 
+    def _unit_of(self, idx: int) -> int | None:
+        """Return the first index of the preload unit reading ``idx`` (as last heard)."""
+        return next((a for a, b in self._inflight.items() if a <= idx < b), None)
+
     def _await_unit(self, idx: int, meanwhile: Callable[[], bool] | None) -> bool:
         """Wait for the preload unit reading ``idx``; True if ``idx`` is cached then.
 
@@ -371,7 +387,7 @@ class CacheClient:
         """
         # A preload reader is reading idx (as of the last sync, which may be a moment
         # old): wait for it instead of reading it too.
-        unit = next((a for a, b in self._inflight.items() if a <= idx < b), None)
+        unit = self._unit_of(idx)
         if unit is None or unit in self._stalled:
             return False
         patience = min(self.timeout, INFLIGHT_WAIT_S)
@@ -381,8 +397,11 @@ class CacheClient:
             self._lost(exc)
             return False
         # meanwhile's own errors (the provider's) are its caller's, not the cache's.
-        while meanwhile is not None and not self._unit_done(ref) and meanwhile():
-            pass
+        try:
+            while meanwhile is not None and not self._unit_done(ref) and meanwhile():
+                pass
+        finally:
+            self.release_spares()
         try:
             cached = ray.get(ref, timeout=patience + self.timeout)
         except Exception as exc:
@@ -402,39 +421,65 @@ class CacheClient:
             return True
 
     def spare_index(self) -> int | None:
-        """Return an index that no preload unit has reached and this process lacks.
+        """Return an index reserved for this process to read while it waits, or None.
 
-        Units are handed out in index order, so the indices past the last unit handed
-        out (as of the last sync) are left for the preload to reach later. A trainer
-        waiting for a unit reads such an index meanwhile, as a reader more: the preload
-        skips what is cached by the time it gets there (a unit handed out since the
-        last sync may read it too; the first copy stored wins). Each process starts at
-        a random place among them and walks down, so that processes doing the same
-        rarely pick one index.
+        The actor hands out spare items from the top of the indices no preload unit has
+        reached (the preload reaches them last) and reserves them for this process, so
+        neither the preload nor another trainer reads them too. They come in blocks of
+        ``SPARE_BLOCK``, with the misses of a batch that waits (``being_preloaded``), or
+        here when the block is used up; ``release_spares`` gives back the rest.
 
         Returns
         -------
         int or None
             The index, or None when no preload is running or none is left.
         """
-        if not self._inflight:
-            return None
-        low = max(self._inflight.values())
-        if low >= self.length:
-            return None
-        top = self._spare_top
-        if top is None or top <= low:
-            top = self.length if top is not None else _spare_start.randrange(low, self.length) + 1
-        while top > low:
-            base = max(low, top - SPARE_WINDOW)
-            free = np.flatnonzero(self._loc[base:top] < 0)
-            for idx in (free[::-1] + base).tolist():
-                if idx not in self._pending and idx not in self._outgoing:
-                    self._spare_top = idx
+        while self._usable():
+            while self._spare_block:
+                idx = self._spare_block.pop(0)
+                if self._loc[idx] < 0 and idx not in self._pending and idx not in self._outgoing:
                     return idx
-            top = base
-        self._spare_top = top
+            if not self._preloading:
+                return None
+            _, picked = self._reserve(np.zeros(0, dtype=np.int64), SPARE_BLOCK)
+            if not len(picked):
+                return None
+            self._spare_block = picked.tolist()
         return None
+
+    def _reserve(self, indices: np.ndarray, spares: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ask the actor to reserve ``indices`` and ``spares`` (``CacheDirectory.reserve``).
+
+        Returns, per index, whether to wait for it instead of reading it (a unit holds
+        it, or it was stored since the last sync, which the next miss then forces),
+        and the spares reserved.
+        """
+        try:
+            reply = self.actor.reserve.remote(self.client_id, indices, spares)
+            state, picked, inflight = ray.get(reply, timeout=self.timeout)
+        except Exception as exc:
+            self._lost(exc)
+            return np.zeros(len(indices), dtype=bool), np.zeros(0, dtype=np.int64)
+        self._preloading = inflight is not None
+        self._inflight = inflight or {}
+        if (state == STORED).any():
+            self._force_sync = True
+        return state != READ_IT, picked
+
+    def release_spares(self) -> None:
+        """Give back the spare items reserved for this process and not read yet."""
+        block, self._spare_block = self._spare_block, []
+        if block:
+            self.release_reserved(block)
+
+    def release_reserved(self, indices: list[int]) -> None:
+        """Tell the actor this process will not read ``indices``: the preload reads them."""
+        if not (self._preloading and self._usable()):
+            return
+        try:
+            self.actor.release_reserved.remote(self.client_id, np.asarray(indices, np.int64))
+        except Exception as exc:
+            self._lost(exc)
 
     def _usable(self) -> bool:
         """Return True if this client may call Ray now.
@@ -466,10 +511,14 @@ class CacheClient:
         """Return True while this process inserts and the map changes only through it.
 
         Then a miss is almost surely an item nobody has stored, and waiting for the
-        actor to say so is wasted; at any other time (other trainers inserting, warm
-        epochs) a miss asks and waits, so items stored elsewhere are never read again.
+        actor to say so is wasted; at any other time (other trainers inserting, a
+        preload running, warm epochs) a miss asks and waits, so items stored elsewhere
+        are never read again. While a preload runs, this process's inserts are also
+        what the preload waits for at its end (``raycache.reservations``): they are
+        sent every ``flush_interval_s``, not a chunk's worth at a time.
         """
-        return not self._changed_elsewhere and time.monotonic() - self._last_put < STALE_S
+        alone = not self._changed_elsewhere and not self._preloading
+        return alone and time.monotonic() - self._last_put < STALE_S
 
     def poll(self) -> None:
         """Learn what changed without waiting for the actor, where the map is recent.
@@ -563,7 +612,8 @@ class CacheClient:
                         ref = self._refs.pop(cid, None)
                         self._pins.retire(cid, ref, self._views.pop(cid, None))
         self._version = version
-        self._inflight = inflight
+        self._preloading = inflight is not None
+        self._inflight = inflight or {}
 
     def prepare_fork(self) -> None:
         """Send buffered items, catch up and map every chunk, for children forked next.

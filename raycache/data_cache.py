@@ -333,12 +333,17 @@ class DataCache:
         self._timed("hit" if hits == len(out) else "miss", start)
         return out
 
-    def _being_preloaded(self, indices: np.ndarray) -> np.ndarray:
-        """Return, per index, whether a preload task is reading it (worth waiting for)."""
+    def _being_preloaded(self, indices: np.ndarray, spares: bool = False) -> np.ndarray:
+        """Return, per index, whether a preload task is reading it (worth waiting for).
+
+        The others are reserved for this process while a preload runs: the caller
+        reads them (or calls ``_release_reserved``). ``spares``: the caller reads spare
+        items while it waits (``_spare_index``), which are reserved with them.
+        """
         client = self._client
         if client is None or not self._active():
             return np.zeros(len(indices), dtype=bool)
-        return client.being_preloaded(np.asarray(indices, dtype=np.int64))
+        return client.being_preloaded(np.asarray(indices, dtype=np.int64), spares)
 
     def _await_preloaded(self, idx: int, meanwhile: Callable[[], bool] | None = None) -> Any:
         """Wait for an index a preload task is reading; the item, or None.
@@ -357,11 +362,17 @@ class DataCache:
         return item
 
     def _spare_index(self) -> int | None:
-        """Return an index the preload has not reached and this process lacks, or None."""
+        """Return an index reserved for this process to read while it waits, or None."""
         client = self._client
         if client is None or not self._active():
             return None
         return client.spare_index()
+
+    def _release_reserved(self, idx: int) -> None:
+        """Give back an index this process reserved and could not read: the preload will."""
+        client = self._client
+        if client is not None and self._active():
+            client.release_reserved([idx])
 
     def _idx_array(self, indices: Sequence[int]) -> np.ndarray:
         """Validate a batch of indices at once; the seed's errors for a bad one."""
@@ -432,7 +443,8 @@ class DataCache:
             ``chunks``, ``hits``, ``misses`` (over all clients), ``rejected_items``,
             ``inserted_items`` and ``preloaded_items`` (how many of ``items`` were
             stored from inserts and from the preload), ``clients``, ``preload``
-            (state, ``loaded``: items its tasks read, seconds), ``preload_errors``
+            (state, ``loaded``: items its tasks read, ``reserved``: items trainers
+            are reading for it now, seconds), ``preload_errors``
             (``[{"index", "error"}]``), and ``client`` (this process's hits, misses
             and buffered items). With ``use_cache`` off: ``length``, zero counts.
         """

@@ -75,8 +75,11 @@ class CachedDataset(torch.utils.data.Dataset):
         item = self.cache.try_fetch(idx)
         if item is None:
             idx = self.cache._idx_check(idx)
-            item = read_raw(self.provider, idx)
-            self.cache.insert_into_cache(idx, item)
+            # As a batch's miss: reserved for this process unless a unit has it now.
+            if self.cache._being_preloaded(np.array([idx], dtype=np.int64))[0]:
+                item = self.cache._await_preloaded(idx)
+            if item is None:
+                item = self._read_and_insert(idx)
         return item
 
     def __getitems__(self, indices: Sequence[int]) -> list:
@@ -98,11 +101,12 @@ class CachedDataset(torch.utils.data.Dataset):
             return items
         missing = [p for p, item in enumerate(items) if item is None]
         wanted = np.array([int(indices[p]) for p in missing], dtype=np.int64)
-        held = self.cache._being_preloaded(wanted)
-        # Misses no preload task holds are read here first, while the units being read
-        # go on: this process then reads alongside the preload, which skips what it
-        # has stored by the time it gets there, instead of waiting idle and then
-        # reading. A miss a preload task holds is waited for, then read if it failed.
+        held = self.cache._being_preloaded(wanted, spares=self._spares_wanted())
+        # Misses no preload task holds are reserved for this process (the preload leaves
+        # them out) and read here first, while the units being read go on: this process
+        # reads alongside the preload instead of waiting idle and then reading. A miss
+        # a preload task holds is waited for (reading spares meanwhile), then read here
+        # if its unit failed.
         misses = list(zip(missing, wanted.tolist(), held.tolist()))
         for p, idx, waits in misses:
             if not waits:
@@ -114,14 +118,14 @@ class CachedDataset(torch.utils.data.Dataset):
         return items
 
     def _read_spare(self) -> bool:
-        """Read and insert one item the preload has not reached; False if none is left.
+        """Read and insert a spare item reserved for this process; False if none is left.
 
         Called while this process waits for a preload unit: the wait then reads as a
         reader more, as a thread pool preloader's trainer does with its misses. Not
         while this process's reads compute more than they wait (see
         ``SPARE_READ_CPU_SHARE``).
         """
-        if self._spare_failed or self._read_cpu_s > SPARE_READ_CPU_SHARE * self._read_wall_s:
+        if not self._spares_wanted():
             return False
         idx = self.cache._spare_index()
         if idx is None:
@@ -143,9 +147,18 @@ class CachedDataset(torch.utils.data.Dataset):
             return False
         return True
 
+    def _spares_wanted(self) -> bool:
+        return not self._spare_failed and (
+            self._read_cpu_s <= SPARE_READ_CPU_SHARE * self._read_wall_s
+        )
+
     def _read_and_insert(self, idx: int) -> Any:
         wall, cpu = time.perf_counter(), time.thread_time()
-        item = read_raw(self.provider, idx)
+        try:
+            item = read_raw(self.provider, idx)
+        except BaseException:
+            self.cache._release_reserved(idx)  # reserved for this process: the preload reads it
+            raise
         self._read_cpu_s += time.thread_time() - cpu
         self._read_wall_s += time.perf_counter() - wall
         self.cache.insert_into_cache(idx, item)

@@ -135,6 +135,13 @@ class CacheDirectory:
             self._clients.pop(client_id, None)
             if not self._clients:
                 self._idle_since = time.monotonic()
+        self._release_all(client_id)
+
+    def _release_all(self, client_id: str) -> None:
+        # Not under self._lock: the preload takes its own lock, then this one.
+        run = self._preload
+        if run is not None:
+            run.release(client_id)
 
     def touch(self, client_id: str, hits: int = 0, misses: int = 0) -> None:
         """Heartbeat from a client, with its hit and miss counts since the last one."""
@@ -155,12 +162,13 @@ class CacheDirectory:
             behind client, ``("snapshot", version, chunk_of, row_of, refs, inflight)``.
             ``refs`` holds the ObjectRefs of chunks added (all live ones in a snapshot);
             ``inflight`` maps the first index of each preload unit being read to its
-            end (``wait_cached`` waits for one).
+            end (``wait_cached`` waits for one); None when no preload is running.
         """
         self.touch(client_id, hits, misses)
         with self._lock:
             version = len(self._events)
-            inflight = dict(self._preload.inflight) if self._preload is not None else {}
+            run = self._running()
+            inflight = dict(run.inflight) if run is not None else None
             # (A client at 0 has no map yet; while nothing is mapped, nothing changed.)
             if (since <= 0 and version > 0) or version - since > SNAPSHOT_AFTER:
                 return (
@@ -391,6 +399,33 @@ class CacheDirectory:
             return None
         return run.claim(done)
 
+    def _running(self) -> PreloadRun | None:
+        run = self._preload
+        return run if run is not None and not run.done_event.is_set() else None
+
+    def reserve(self, client_id: str, indices: np.ndarray, spares: int = 0) -> tuple:
+        """Reserve for a trainer the misses no preload unit holds (see ``PreloadRun.reserve``).
+
+        Returns
+        -------
+        tuple
+            ``(state, spare_indices, inflight)``: as ``PreloadRun.reserve``, and the
+            units being read (as in ``sync``); ``inflight`` is None when no preload is
+            running, and then nothing is held or reserved.
+        """
+        run = self._running()
+        indices = np.asarray(indices, dtype=np.int64)
+        if run is None or self._dropped:
+            return np.zeros(len(indices), dtype=np.int8), np.zeros(0, dtype=np.int64), None
+        state, picked = run.reserve(client_id, indices, int(spares))
+        return state, picked, dict(run.inflight)
+
+    def release_reserved(self, client_id: str, indices: np.ndarray) -> None:
+        """End a trainer's reservations on ``indices``: the preload reads them."""
+        run = self._preload
+        if run is not None:
+            run.release(client_id, np.asarray(indices, dtype=np.int64))
+
     def wait_cached(self, idx: int, timeout: float) -> bool:
         """Block until ``idx`` is cached, or up to ``timeout`` s; True if it is.
 
@@ -479,13 +514,15 @@ class CacheDirectory:
                     self._clients.pop(c)
                 if not self._clients and self._idle_since is None:
                     self._idle_since = now
-                running = self._preload is not None and not self._preload.done_event.is_set()
+                running = self._running() is not None
                 expire = (
                     not self.spec["detached"]
                     and not running
                     and self._idle_since is not None
                     and now - self._idle_since >= float(self.spec["linger_s"])
                 )
+            for c in gone:  # what a silent client reserved, the preload reads
+                self._release_all(c)
             if expire:
                 logger.info("raycache %s: no client for linger_s; freeing", self.spec["name"])
                 self.drop()

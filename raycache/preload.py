@@ -26,6 +26,10 @@ are small probes that tell how many bytes an item takes; the largest mean item s
 any unit read so far sizes the next units, so items that grow along the dataset
 overfill only the units sized before a unit of bigger items came back.
 
+Items a trainer reads itself meanwhile (its batches' misses no unit holds, spare items
+while it waits for a unit) are reserved for it first, and the units leave them out; what
+a trainer reserved and never stored is read after the other units (``raycache.reservations``).
+
 Reader processes kept as actors for the run and killed after it (which returns the
 memory a provider costs a process) were tried and measured slower: starting an actor
 took ~1 s here, longer than a whole preload of the benchmarks (docs/design.md).
@@ -49,6 +53,7 @@ from raycache.chunk import Chunk, chunk_rows, flatten_checked
 from raycache.chunk_builder import ChunkBuilder, ColumnSpares, release_heap
 from raycache.provider import load_provider, read_raw
 from raycache.readers import ReaderThreads, UnitReads
+from raycache.reservations import Reservations
 
 __all__ = ["PreloadRun", "read_units", "read_units_task"]
 
@@ -62,6 +67,13 @@ MIN_UNIT_ITEMS = 64  # below this a unit's fixed cost (a call, a chunk) dominate
 UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left ...
 MIN_UNIT_S = 0.05  # ... unless that would take less than this to read
 STARTUP_WARNING_S = 30.0  # no unit back after this long: say why it may be stuck
+# A trainer's reservation lasts its reads' expected time plus this: time to insert them and
+# for the insert to reach the actor (flush_interval_s, 0.1 s by default), with a margin for
+# a loaded machine. Only a trainer that dies or fails a read makes the preload wait it out.
+RESERVE_LEASE_S = 5.0
+SPARE_SCAN = 1024  # indices scanned at a time for spare items to hand out
+RESERVED_POLL_S = 0.02  # how often the end of a run looks for reserved items being stored
+READ_IT, HELD, STORED = 0, 1, 2  # what ``PreloadRun.reserve`` says of each index asked about
 
 
 def _read_into(provider: Any, idx: int, pos: int, builder: ChunkBuilder) -> str | None:
@@ -272,6 +284,9 @@ class PreloadRun:
         self._next_start = 0
         self._claim_lock = threading.Lock()
         self._claimed: dict[int, np.ndarray] = {}  # unit start -> indices, until registered
+        self._reserved = Reservations()  # items trainers are reading themselves
+        self._leftover = np.zeros(0, dtype=np.int64)  # reserved, never stored: read last
+        self._spare_top = length  # spare items are handed out from the top down
         self.started = time.time()
         self.finished: float | None = None
         self.inflight: dict[int, int] = {}  # unit start -> stop, for trainers to wait on
@@ -298,6 +313,7 @@ class PreloadRun:
             "tasks": self.tasks,
             "threads_per_task": self.threads_per_task,
             "units": self.units,
+            "reserved": self._reserved.live_count(),
             "seconds": end - self.started,
         }
 
@@ -343,17 +359,97 @@ class PreloadRun:
                 # Items may differ in size: the largest unit mean so far sizes the next.
                 self._item_bytes = max(self._item_bytes, nbytes / rows)
                 self.unit_rows = chunk_rows(self.chunk_size, self.chunk_bytes, self._item_bytes)
+            if len(self._reserved):  # forget reservations whose items are stored
+                self._reserved.keep_only(self._missing(self._reserved.indices()))
             while not self._stop.is_set() and self._next_start < self.length:
                 start = self._next_start
                 stop = start + self._unit_size(self.length - start)
                 self._next_start = stop
                 todo = self._missing(np.arange(start, stop))
+                if len(self._reserved) and len(todo):
+                    todo = todo[~np.isin(todo, self._reserved.live(start, stop))]
                 if len(todo):
-                    self._claimed[start] = todo
-                    self.inflight[start] = stop
-                    self.units += 1
-                    return start, todo
+                    return self._hand_out(start, stop, todo)
+            while not self._stop.is_set() and len(self._leftover):
+                rows = self.unit_rows or PROBE_ITEMS
+                todo = self._missing(self._leftover[:rows])
+                self._leftover = self._leftover[rows:]
+                if len(todo):
+                    return self._hand_out(int(todo[0]), int(todo[-1]) + 1, todo)
             return None
+
+    def _hand_out(self, start: int, stop: int, todo: np.ndarray) -> tuple:
+        self._claimed[start] = todo
+        self.inflight[start] = stop
+        self.units += 1
+        return start, todo
+
+    def reserve(self, client_id: str, indices: np.ndarray, spares: int = 0) -> tuple:
+        """Reserve for a trainer the ``indices`` no unit holds, and maybe spare items.
+
+        The units claimed from now on leave reserved items out: the trainer reads them.
+
+        Parameters
+        ----------
+        client_id : str
+            The trainer's client.
+        indices : np.ndarray
+            Indices the trainer misses (not cached as far as it knows).
+        spares : int
+            Spare items to reserve as well, from the top of the indices no unit has
+            reached, when a unit holds one of ``indices`` (the trainer will wait for it,
+            reading spares meanwhile) or ``indices`` is empty.
+
+        Returns
+        -------
+        tuple
+            ``(state, spare_indices)``: per index of ``indices``, ``READ_IT`` (reserved
+            for the trainer), ``HELD`` (a unit holds it: wait for it instead of reading
+            it) or ``STORED`` (cached since the trainer last looked); and the spares
+            reserved.
+        """
+        with self._claim_lock:
+            state = np.full(len(indices), READ_IT, dtype=np.int8)
+            for todo in self._claimed.values():
+                state[np.isin(indices, todo)] = HELD
+            # A unit registered since the trainer's last sync: reading it would be a copy more.
+            state[~np.isin(indices, self._missing(indices))] = STORED
+            picked = np.zeros(0, dtype=np.int64)
+            if self._stop.is_set():
+                return state, picked
+            if spares and ((state == HELD).any() or not len(indices)):
+                picked = self._pick_spares(spares)
+            mine = np.concatenate([indices[state == READ_IT], picked])
+            # One slot reads an item in threads_per_task / rows_per_s; so does the trainer.
+            read_s = self.threads_per_task / self._rows_per_s if self._rows_per_s else 0.0
+            self._reserved.add(client_id, mine, RESERVE_LEASE_S + read_s * len(mine))
+            return state, picked
+
+    def _pick_spares(self, count: int) -> np.ndarray:
+        """Return up to ``count`` indices no unit has reached, nor anyone stored or reserved."""
+        picked: list[int] = []
+        while len(picked) < count and self._spare_top > self._next_start:
+            base = max(self._next_start, self._spare_top - SPARE_SCAN)
+            free = self._missing(np.arange(base, self._spare_top))[::-1]
+            if len(self._reserved):
+                free = free[~np.isin(free, self._reserved.indices())]
+            need = count - len(picked)
+            picked += free[:need].tolist()
+            self._spare_top = int(free[need - 1]) if len(free) >= need else base
+        return np.array(picked, dtype=np.int64)
+
+    def release(self, client_id: str, indices: np.ndarray | None = None) -> None:
+        """End ``client_id``'s reservations (on ``indices``, or all): the preload reads them.
+
+        Parameters
+        ----------
+        client_id : str
+            The trainer's client.
+        indices : np.ndarray, optional
+            The reserved indices it will not read after all; None: all of its own.
+        """
+        with self._claim_lock:
+            self._reserved.release(client_id, indices)
 
     def _drive(self) -> None:
         task = read_units_task.options(num_cpus=self.cpus_per_task)
@@ -361,6 +457,21 @@ class PreloadRun:
             task.remote(self._blob_ref, self.key, self._directory, self.threads_per_task)
             for _ in range(self.tasks)
         ]
+        while True:
+            self._wait_for_slots(slots)
+            # Units handed out but never reported: their slot's task died.
+            with self._claim_lock:
+                lost, self._claimed = self._claimed, {}
+                self.inflight.clear()
+            for todo in lost.values():
+                self._lost_unit(todo, "the preload task reading it ended early")
+            if not self._await_reserved():
+                break
+            # Items reserved by a trainer that did not store them: one slot reads them.
+            slots = [task.remote(self._blob_ref, self.key, self._directory, self.threads_per_task)]
+
+    def _wait_for_slots(self, slots: list) -> None:
+        """Register what the slots yield until every slot has ended."""
         last_news = time.monotonic()
         warned = False
         while slots:
@@ -377,12 +488,27 @@ class PreloadRun:
                 last_news = time.monotonic()
                 if not self._take(slot):
                     slots.remove(slot)
-        # Units handed out but never reported: their slot's task died.
-        with self._claim_lock:
-            lost, self._claimed = self._claimed, {}
-            self.inflight.clear()
-        for todo in lost.values():
-            self._lost_unit(todo, "the preload task reading it ended early")
+
+    def _await_reserved(self) -> bool:
+        """Wait for the items trainers reserved to be stored; True if some never will be.
+
+        Those (their lease ended, or their client released them) become the units that
+        ``claim`` hands out last, but for items the preload has already failed to read.
+        """
+        while not self._stop.is_set():
+            with self._claim_lock:
+                self._reserved.keep_only(self._missing(self._reserved.indices()))
+                ended = self._reserved.take_expired()
+                failed = [e["index"] for e in self.errors if e["index"] is not None]
+                ended = ended[~np.isin(ended, failed)]
+                if len(ended):
+                    self._leftover = ended
+                    return True
+                left = self._reserved.next_end()
+            if left is None:
+                return False
+            self._stop.wait(min(left, RESERVED_POLL_S))
+        return False
 
     def _take(self, slot: Any) -> bool:
         """Register the next unit a slot yielded; False once the slot has ended."""

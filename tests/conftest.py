@@ -52,8 +52,11 @@ def cache_name() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 
 
-def run_python(code: str, address: str, timeout: float = 120.0) -> str:
-    """Run ``code`` in a fresh Python process attached to the test's Ray; return stdout."""
+def run_python(code: str, address: str, timeout: float = 120.0, returncode: int = 0) -> str:
+    """Run ``code`` in a fresh Python process attached to the test's Ray; return stdout.
+
+    The process must exit with ``returncode``.
+    """
     env = dict(
         os.environ, RAY_ADDRESS=address, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)])
     )
@@ -64,8 +67,9 @@ def run_python(code: str, address: str, timeout: float = 120.0) -> str:
         text=True,
         timeout=timeout,
     )
-    if proc.returncode != 0:
+    if proc.returncode != returncode:
         raise AssertionError(
-            f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            f"subprocess exited with {proc.returncode}, not {returncode}:\n"
+            f"{proc.stdout}\n{proc.stderr}"
         )
     return proc.stdout

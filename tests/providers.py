@@ -142,3 +142,32 @@ class CrashingProvider(ArrayProvider):
         if i == self.crash_at and os.getpid() != self.safe_pid:
             os._exit(1)  # a preload worker dying mid-unit, as with a segfault or OOM kill
         return super().__getitem__(i)
+
+
+class FailsHereProvider(ArrayProvider):
+    """Raises for the indices in ``fail_here`` in the process that built it, and only there."""
+
+    def __init__(self, n: int, fail_here: tuple, latency_s: float = 0.0):
+        super().__init__(n, latency_s=latency_s)
+        self.fail_here = tuple(fail_here)
+        self.owner_pid = os.getpid()
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.fail_here and os.getpid() == self.owner_pid:
+            raise ValueError(f"item {i} cannot be read in this process")
+        return super().__getitem__(i)
+
+
+EXIT_ON_READ_ENV = "RAYCACHE_TEST_EXIT_ON_READ"
+
+
+class ExitOnReadProvider(ArrayProvider):
+    """Ends the reading process at its first read where ``EXIT_ON_READ_ENV`` is set.
+
+    A trainer that dies in the middle of its reads, with what it reserved not stored.
+    """
+
+    def __getitem__(self, i: int) -> dict:
+        if os.environ.get(EXIT_ON_READ_ENV):
+            os._exit(3)
+        return super().__getitem__(i)
