@@ -26,7 +26,7 @@ import ray
 
 from raycache.chunk import Chunk, chunk_rows
 from raycache.errors import CacheMismatchError
-from raycache.preload import INLINE_LIMIT, PreloadRun
+from raycache.preload import INLINE_LIMIT, READ_IT, STORED, PreloadRun
 
 __all__ = ["CacheDirectory", "SNAPSHOT_AFTER"]
 
@@ -411,12 +411,16 @@ class CacheDirectory:
         tuple
             ``(state, spare_indices, inflight)``: as ``PreloadRun.reserve``, and the
             units being read (as in ``sync``); ``inflight`` is None when no preload is
-            running, and then nothing is held or reserved.
+            running, and then nothing is held or reserved (but what the preload stored
+            before it ended is still ``STORED``).
         """
         run = self._running()
         indices = np.asarray(indices, dtype=np.int64)
         if run is None or self._dropped:
-            return np.zeros(len(indices), dtype=np.int8), np.zeros(0, dtype=np.int64), None
+            with self._lock:
+                stored = self._chunk_of[indices] >= 0
+            state = np.where(stored, STORED, READ_IT).astype(np.int8)
+            return state, np.zeros(0, dtype=np.int64), None
         state, picked = run.reserve(client_id, indices, int(spares))
         return state, picked, dict(run.inflight)
 

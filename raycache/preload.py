@@ -9,8 +9,9 @@ and each keeps a few reads in flight (I/O-bound providers need many).
 ``preload_threads`` bounds the reads in flight over all tasks together, the meaning
 Hyrax gives the knob.
 
-A task claims its next unit and queues its reads before the current unit is done, so
-its threads go straight on while the finished unit is packed and sent. Tasks that read
+A task claims its next unit and queues its reads before the current unit is done (when
+the current unit's last reads start), so its threads go straight on while the finished
+unit is packed and sent. Tasks that read
 one unit each (the design before 2026-12-01) left their slot idle at every unit's end
 while the chunk was stacked and stored, the actor saw the result and the next task was
 leased: the tail of a preload took ~1.6x as long as its reads.
@@ -118,9 +119,10 @@ def read_units(
 ) -> Iterator[Chunk | dict]:
     """Read the units ``claim`` hands out, yielding a chunk and its summary for each.
 
-    The next unit is claimed and its reads queued while the current one is still being
-    read, so the reader threads never wait at a unit's end: they go on with the next
-    unit while the finished one is packed into a chunk and sent.
+    The next unit is claimed and its reads queued once the current one's last reads
+    have started, so the reader threads never wait at a unit's end: they go on with
+    the next unit while the finished one is packed into a chunk and sent. Claiming it
+    no earlier leaves its indices to trainers (spares, misses) for as long as possible.
 
     Parameters
     ----------
@@ -128,7 +130,7 @@ def read_units(
         The provider.
     claim : Callable
         Called with ``(rows, nbytes, seconds)`` of the last finished unit (None before
-        the first); returns ``(start, indices)`` of the next unit, or None when there
+        one has finished); returns ``(start, indices)`` of the next unit, or None when there
         is no more work.
     threads : int
         Reads in flight at once.
@@ -159,9 +161,14 @@ def read_units(
             return readers.queue(unit)
 
         current = queue(claim(None))
-        upcoming = queue(claim(None)) if current is not None else None
+        done = None  # (rows, nbytes, seconds) of the last unit finished
         began = time.monotonic()
         while current is not None:
+            # The next unit is claimed when the current one's last reads start: late
+            # enough that the indices it takes stay free for trainers until then, early
+            # enough that the threads go straight on to it.
+            current.draining.wait()
+            upcoming = queue(claim(done))
             current.done.wait()
             indices = np.asarray(current.indices, dtype=np.int64)
             chunk, summary = _build_chunk(indices, current.results, current.builder, began)
@@ -174,7 +181,6 @@ def read_units(
                 spares.give(current.builder.buffers)
             yield summary
             current = upcoming
-            upcoming = queue(claim(done)) if current is not None else None
     # Reader threads allocated the items in their own malloc arenas, whose freed pages
     # glibc keeps resident: give them back, and the spare columns, once the slot is done.
     if spares is not None:

@@ -23,7 +23,11 @@ __all__ = ["ReaderThreads", "UnitReads"]
 
 
 class UnitReads:
-    """The reads of one unit: a result per position, and an event once all are done.
+    """The reads of one unit: a result per position, and events as they start and end.
+
+    ``draining`` is set once the reads left to start are no more than the reader
+    threads (so they all start within about one read's time), ``done`` once every read
+    has ended.
 
     Parameters
     ----------
@@ -41,10 +45,13 @@ class UnitReads:
         self.builder = builder
         self.results: list[str | None] = [None] * len(indices)
         self.done = threading.Event()
+        self.draining = threading.Event()
+        self.drain_at = 0  # the position whose start sets ``draining`` (see ReaderThreads)
         self._left = len(indices)
         self._lock = threading.Lock()
         if not indices:
             self.done.set()
+            self.draining.set()
 
     def finished(self, pos: int, result: str | None) -> None:
         """Record the read at ``pos`` (its error, or None); set ``done`` after the last.
@@ -105,6 +112,7 @@ class ReaderThreads:
         UnitReads
             The same unit (wait on its ``done``).
         """
+        unit.drain_at = max(0, len(unit.indices) - 1 - len(self._threads))
         with self._cond:
             if self._closed:
                 raise RuntimeError("raycache reader threads are closed; no unit can be queued")
@@ -135,6 +143,8 @@ class ReaderThreads:
                 if self._closed:
                     return
                 unit, pos = self._work.popleft()
+            if pos == unit.drain_at:
+                unit.draining.set()
             try:
                 result = self._read(unit, pos)
             except BaseException as exc:  # recorded against its index; the reads go on
