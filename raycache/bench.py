@@ -1081,14 +1081,19 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
     task. Those were its first batches' misses, read before it had heard of the units
     claimed meanwhile, and spares that units reached before the trainer's insert arrived.
     The trainer now reserves what it reads (`raycache/reservations.py`): 0 items read twice
-    in 3 rounds, the trainer reading ~360 items. Alternating with the pool in one process,
-    8 rounds: 0.93x before, 1.00x with the batch misses reserved, 1.01x with the spares
+    in 3 rounds, the trainer reading ~360 items. Alternating with the pool in one process, 8
+    rounds: 0.93x before, 1.00x with the batch misses reserved, 1.01x with the spares
     reserved too (handed out by the actor from the top down); CPU-bound 1.66x. In the first
     `bench --only preload` run after it (4 rounds): 0.97x, with medians of 1.16 s against
-    the pool's 1.18 s; in the full run of this report, 0.91x (raycache 1.11-1.22 s, the pool
-    1.01-1.20 s). What is left: the 8 task readers alone need ~0.99 s for the ~3,700 items
-    the trainer does not read (2.13 ms a read), the two slots end up to ~45 ms apart, and
-    for the last ~0.1 s every item is in a unit, so the trainer has nothing to read.
+    the pool's 1.18 s; in a full run, 0.91x (raycache 1.11-1.22 s, the pool 1.01-1.20 s).
+    Then the next unit claimed only when the current one's last reads start: 0.97-0.99x
+    against 0.96-0.97x in A/Bs, and 0.93x in the full run of this report (raycache 1.12-1.25
+    s, the pool 1.02-1.17 s; the pool's epochs are shorter in full runs than alone, medians
+    of 1.06-1.16 s in the A/Bs). What is left: the 8 task readers alone need ~0.99 s for the
+    ~3,700 items the trainer does not read (2.13 ms a read), the two slots end up to ~45 ms
+    apart, and for the last ~0.1 s every item is in a unit, so the trainer has nothing to
+    read. Tail units of at least 0.025 s instead of 0.05 s: 0.99x against 1.01x (8 rounds),
+    not kept.
 - **First epoch with preload, CPU-bound**: 1.66x, 1.89x and 1.68x in runs since units
   shrink towards the end (1.40-1.45x before: with whole-chunk units, one task read the last
   unit alone while the other core idled); 1.34x and 1.42x with tail units of at least 0.2 s
