@@ -319,7 +319,7 @@ class PreloadRun:
             "tasks": self.tasks,
             "threads_per_task": self.threads_per_task,
             "units": self.units,
-            "reserved": self._reserved.live_count(),
+            "reserved": self._reserved.live_count() if self.finished is None else 0,
             "seconds": end - self.started,
         }
 
