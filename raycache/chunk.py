@@ -20,6 +20,11 @@ from typing import Any
 
 import numpy as np
 
+# numpy imports numpy.ma on the first np.unique or sorting np.isin, ~12 ms here (more on
+# a loaded machine). Import it with raycache, not inside the first batch a trainer reads
+# or the first reservation the directory actor answers while a trainer waits for it.
+import numpy.ma  # noqa: F401
+
 from raycache.values import IMMUTABLE_LEAVES, Position, _torch, check_item
 
 __all__ = [

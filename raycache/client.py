@@ -59,6 +59,10 @@ HEARTBEAT_S = 5.0
 # Spare items reserved at a time, with the misses of a batch that waits for a unit: about
 # what a trainer reads while it waits for one (2 ms reads, units of ~0.02-0.3 s).
 SPARE_BLOCK = 8
+# A wait that outlasts its block is likely a long one: each further block of the same
+# wait is twice as big, up to this, so that a wait costs a few actor calls, not one per
+# 8 reads (a call took ~4 ms beside a preload here, two reads' time).
+SPARE_BLOCK_MAX = 64
 # Items buffered before a flush is sent regardless of flush_interval_s.
 FLUSH_BYTES = 8 * 1024 * 1024
 # While this process fills the cache alone (``_filling_alone``), nobody else is waiting
@@ -207,6 +211,7 @@ class CacheClient:
         self._preloading = False  # a preload was running at the last sync
         self._stalled: set[int] = set()  # units whose preload reader did not end in time
         self._spare_block: list[int] = []  # spare items reserved for this process
+        self._spare_refills = 0  # blocks asked for since the wait began
         self._last_sync = 0.0  # when the actor was asked for the state the map holds
         self._force_sync = True
         self._sync_ask: tuple | None = None  # (ref, when asked): a sync reply on its way
@@ -391,8 +396,9 @@ class CacheClient:
         if unit is None or unit in self._stalled:
             return False
         patience = min(self.timeout, INFLIGHT_WAIT_S)
+        asked = time.monotonic()
         try:
-            ref = self.actor.wait_cached.remote(idx, patience)
+            ref = self.actor.wait_cached.remote(idx, patience, self.client_id, self._version)
         except Exception as exc:
             self._lost(exc)
             return False
@@ -402,15 +408,20 @@ class CacheClient:
                 pass
         finally:
             self.release_spares()
+        if not self._unit_done(ref):
+            # Nothing left to read here while the unit is read: a good moment to send what
+            # this process inserted (the preload waits for reserved items to be stored).
+            self._send_soon()
         try:
-            cached = ray.get(ref, timeout=patience + self.timeout)
+            reply = ray.get(ref, timeout=patience + self.timeout)
         except Exception as exc:
             self._lost(exc)
             return False
-        if not cached:
+        if reply is None:
             self._stalled.add(unit)
             return False
-        self.sync(force=True)
+        with self._sync_lock:  # the map's news up to idx's unit: no sync of its own
+            self._apply(reply, asked)
         return self._loc[idx] >= 0
 
     def _unit_done(self, ref: Any) -> bool:
@@ -441,7 +452,9 @@ class CacheClient:
                     return idx
             if not self._preloading:
                 return None
-            _, picked = self._reserve(np.zeros(0, dtype=np.int64), SPARE_BLOCK)
+            self._spare_refills += 1
+            count = min(SPARE_BLOCK << self._spare_refills, SPARE_BLOCK_MAX)
+            _, picked = self._reserve(np.zeros(0, dtype=np.int64), count)
             if not len(picked):
                 return None
             self._spare_block = picked.tolist()
@@ -469,6 +482,7 @@ class CacheClient:
     def release_spares(self) -> None:
         """Give back the spare items reserved for this process and not read yet."""
         block, self._spare_block = self._spare_block, []
+        self._spare_refills = 0
         if block:
             self.release_reserved(block)
 
@@ -719,6 +733,13 @@ class CacheClient:
                     return not self._pending
                 self._cond.wait(left)
         return True
+
+    def _send_soon(self) -> None:
+        """Have the flush thread send the buffered items now, without waiting for it."""
+        with self._cond:
+            if self._pending:
+                self._flush_requested = True
+                self._cond.notify_all()
 
     def _due(self, now: float) -> bool:
         """Return True when the buffered items are to be sent now (``_cond`` held)."""

@@ -430,12 +430,30 @@ class CacheDirectory:
         if run is not None:
             run.release(client_id, np.asarray(indices, dtype=np.int64))
 
-    def wait_cached(self, idx: int, timeout: float) -> bool:
-        """Block until ``idx`` is cached, or up to ``timeout`` s; True if it is.
+    def wait_cached(self, idx: int, timeout: float, client_id: str, since: int) -> tuple | None:
+        """Block until ``idx`` is cached, or up to ``timeout`` s; then the client's news.
 
         A trainer that misses an index the preload is reading waits here instead of
-        reading the item a second time. It returns early, False, once no preload unit
+        reading the item a second time. It returns early, None, once no preload unit
         holds ``idx`` any more (read with an error, or the run stopped).
+
+        Parameters
+        ----------
+        idx : int
+            The index waited for.
+        timeout : float
+            Seconds to wait at most.
+        client_id : str
+            The waiting client.
+        since : int
+            The version of the client's map.
+
+        Returns
+        -------
+        tuple or None
+            Once ``idx`` is cached, what ``sync(client_id, since)`` returns, which holds
+            its place (the client needs no sync of its own to read it); None if it is
+            not cached.
         """
         deadline = time.monotonic() + timeout
         with self._added:
@@ -443,11 +461,11 @@ class CacheDirectory:
                 run = self._preload
                 left = deadline - time.monotonic()
                 if run is None or left <= 0 or not run.is_reading(idx):
-                    return False
+                    return None
                 # Woken by every registration; the slice re-checks units that ended
                 # without one (all their items failed).
                 self._added.wait(min(left, 0.1))
-            return True
+        return self.sync(client_id, since)
 
     def wait_preload(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds for the preload to end; True if it has."""

@@ -130,7 +130,7 @@ def read_units(
         The provider.
     claim : Callable
         Called with ``(rows, nbytes, seconds)`` of the last finished unit (None before
-        one has finished); returns ``(start, indices)`` of the next unit, or None when there
+        one has finished); returns ``(key, indices)`` of the next unit, or None when there
         is no more work.
     threads : int
         Reads in flight at once.
@@ -142,8 +142,9 @@ def read_units(
     Yields
     ------
     Chunk or dict
-        For each unit, its chunk, then its summary ``{"start", "indices", "nbytes",
-        "errors", "seconds"}``, which the directory actor reads without the chunk.
+        For each unit, its chunk, then its summary ``{"unit", "indices", "nbytes",
+        "errors", "seconds"}`` (``unit``: its key), which the directory actor reads
+        without the chunk.
     """
     spares = ColumnSpares() if reuse_columns else None
 
@@ -155,9 +156,9 @@ def read_units(
         def queue(claimed: tuple | None) -> UnitReads | None:
             if claimed is None:
                 return None
-            start, indices = claimed
+            key, indices = claimed
             indices = np.asarray(indices, dtype=np.int64)
-            unit = UnitReads(start, indices.tolist(), ChunkBuilder(len(indices), spares))
+            unit = UnitReads(key, indices.tolist(), ChunkBuilder(len(indices), spares))
             return readers.queue(unit)
 
         current = queue(claim(None))
@@ -173,7 +174,7 @@ def read_units(
             indices = np.asarray(current.indices, dtype=np.int64)
             chunk, summary = _build_chunk(indices, current.results, current.builder, began)
             began = time.monotonic()  # the next unit's reads run from here on
-            summary["start"] = current.start
+            summary["unit"] = current.key
             done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
             yield chunk  # Ray has copied the chunk into the object store when this returns
             del chunk
@@ -289,13 +290,16 @@ class PreloadRun:
         self._rows_per_s = 0.0  # how fast a slot read its last unit
         self._next_start = 0
         self._claim_lock = threading.Lock()
-        self._claimed: dict[int, np.ndarray] = {}  # unit start -> indices, until registered
+        self._claimed: dict[int, np.ndarray] = {}  # unit key -> indices, until registered
+        self._ranges: dict[int, tuple[int, int]] = {}  # unit key -> the span of its indices
         self._reserved = Reservations()  # items trainers are reading themselves
         self._leftover = np.zeros(0, dtype=np.int64)  # reserved, never stored: read last
         self._spare_top = length  # spare items are handed out from the top down
         self.started = time.time()
         self.finished: float | None = None
-        self.inflight: dict[int, int] = {}  # unit start -> stop, for trainers to wait on
+        # First index -> end of each span units being read cover, for trainers to wait on;
+        # replaced, never changed, so that a copy taken without the claim lock is whole.
+        self.inflight: dict[int, int] = {}
         self.done_event = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycache-preload", daemon=True)
@@ -332,7 +336,7 @@ class PreloadRun:
             self.errors.append({"index": None, "error": traceback.format_exc(limit=3)})
             self.state = "failed"
         finally:
-            self.inflight.clear()
+            self.inflight = {}
             self.finished = time.time()
             self.done_event.set()
 
@@ -356,7 +360,8 @@ class PreloadRun:
         Returns
         -------
         tuple or None
-            The unit's first index and the indices in it not cached yet.
+            The unit's key (which the slot reports back with its chunk) and the indices
+            to read.
         """
         with self._claim_lock:
             if done is not None and done[0]:
@@ -376,6 +381,14 @@ class PreloadRun:
                     todo = todo[~np.isin(todo, self._reserved.live(start, stop))]
                 if len(todo):
                     return self._hand_out(start, stop, todo)
+            if len(self._reserved):
+                # Leases that ended: a trainer gave back spares it did not read (or a read
+                # failed, or it died) after the units had passed them. The slots still
+                # running read them now rather than a task started after the run.
+                lapsed = self._lapsed()
+                if len(lapsed) and self._claimed:  # one may be in a unit claimed since
+                    lapsed = lapsed[~np.isin(lapsed, np.concatenate(list(self._claimed.values())))]
+                self._leftover = np.union1d(self._leftover, lapsed)
             while not self._stop.is_set() and len(self._leftover):
                 rows = self.unit_rows or PROBE_ITEMS
                 todo = self._missing(self._leftover[:rows])
@@ -385,10 +398,25 @@ class PreloadRun:
             return None
 
     def _hand_out(self, start: int, stop: int, todo: np.ndarray) -> tuple:
-        self._claimed[start] = todo
-        self.inflight[start] = stop
+        key = self.units
         self.units += 1
-        return start, todo
+        self._claimed[key] = todo
+        self._ranges[key] = (start, stop)
+        self._publish_inflight()
+        return key, todo
+
+    def _publish_inflight(self) -> None:
+        """Rebuild ``inflight`` from the units handed out and not registered yet."""
+        spans: dict[int, int] = {}
+        for start, stop in self._ranges.values():  # a leftover unit may share a start
+            spans[start] = max(stop, spans.get(start, stop))
+        self.inflight = spans
+
+    def _lapsed(self) -> np.ndarray:
+        """Remove and return the reserved items whose lease ended, but failed ones."""
+        ended = self._reserved.take_expired()
+        failed = [e["index"] for e in self.errors if e["index"] is not None]
+        return ended[~np.isin(ended, failed)] if failed else ended
 
     def reserve(self, client_id: str, indices: np.ndarray, spares: int = 0) -> tuple:
         """Reserve for a trainer the ``indices`` no unit holds, and maybe spare items.
@@ -433,6 +461,10 @@ class PreloadRun:
 
     def _pick_spares(self, count: int) -> np.ndarray:
         """Return up to ``count`` indices no unit has reached, nor anyone stored or reserved."""
+        # A trainer's share of what no unit has reached (it reads about as fast as one of
+        # the preload's threads): near the end, spares beyond that would mostly be given
+        # back unread, after units claimed meanwhile had left them out.
+        count = min(count, max(1, (self._spare_top - self._next_start) // (self.threads + 1)))
         picked: list[int] = []
         while len(picked) < count and self._spare_top > self._next_start:
             base = max(self._next_start, self._spare_top - SPARE_SCAN)
@@ -468,7 +500,8 @@ class PreloadRun:
             # Units handed out but never reported: their slot's task died.
             with self._claim_lock:
                 lost, self._claimed = self._claimed, {}
-                self.inflight.clear()
+                self._ranges.clear()
+                self._publish_inflight()
             for todo in lost.values():
                 self._lost_unit(todo, "the preload task reading it ended early")
             if not self._await_reserved():
@@ -504,9 +537,7 @@ class PreloadRun:
         while not self._stop.is_set():
             with self._claim_lock:
                 self._reserved.keep_only(self._missing(self._reserved.indices()))
-                ended = self._reserved.take_expired()
-                failed = [e["index"] for e in self.errors if e["index"] is not None]
-                ended = ended[~np.isin(ended, failed)]
+                ended = self._lapsed()
                 if len(ended):
                     self._leftover = ended
                     return True
@@ -531,8 +562,9 @@ class PreloadRun:
         if not self._finish(chunk_ref, summary):
             self._stop.set()  # the byte budget is full: hand out no more units
         with self._claim_lock:
-            self._claimed.pop(summary["start"], None)
-            self.inflight.pop(summary["start"], None)
+            self._claimed.pop(summary["unit"], None)
+            self._ranges.pop(summary["unit"], None)
+            self._publish_inflight()
         return True
 
     def _lost_unit(self, todo: np.ndarray, detail: str) -> None:

@@ -31,16 +31,16 @@ class UnitReads:
 
     Parameters
     ----------
-    start : int
-        The unit's first index (how the directory actor names it).
+    key : int
+        How the directory actor names the unit (``PreloadRun.claim``).
     indices : list of int
         The indices to read, by position.
     builder : Any
         Where the reads put their items (a ``ChunkBuilder``).
     """
 
-    def __init__(self, start: int, indices: list[int], builder: Any):
-        self.start = start
+    def __init__(self, key: int, indices: list[int], builder: Any):
+        self.key = key
         self.indices = indices
         self.builder = builder
         self.results: list[str | None] = [None] * len(indices)

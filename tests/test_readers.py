@@ -30,13 +30,13 @@ def test_results_land_at_their_positions_for_several_units():
 
     def read(unit: UnitReads, pos: int) -> str:
         unit.builder[pos] = unit.indices[pos] * 10
-        return f"{unit.start}:{unit.indices[pos]}"
+        return f"{unit.key}:{unit.indices[pos]}"
 
     layouts = [(0, [0, 1, 2, 3, 4]), (5, [5, 7, 9]), (10, [12]), (20, list(range(20, 37)))]
     with ReaderThreads(read, 3) as readers:
         units = [readers.queue(UnitReads(start, idx, {})) for start, idx in layouts]
         for unit in units:
-            assert unit.done.wait(WAIT_S), f"unit {unit.start} never finished"
+            assert unit.done.wait(WAIT_S), f"unit {unit.key} never finished"
     for unit, (start, indices) in zip(units, layouts):
         assert unit.results == [f"{start}:{i}" for i in indices]
         assert unit.builder == {p: i * 10 for p, i in enumerate(indices)}
@@ -47,7 +47,7 @@ def test_a_unit_is_done_only_after_its_last_read():
     last_started, release = threading.Event(), threading.Event()
 
     def read(unit: UnitReads, pos: int) -> None:
-        if unit.start == 0 and pos == 2:
+        if unit.key == 0 and pos == 2:
             last_started.set()
             assert release.wait(WAIT_S)
         return None
