@@ -10,8 +10,8 @@ and each keeps a few reads in flight (I/O-bound providers need many).
 Hyrax gives the knob.
 
 A task claims its next unit and queues its reads before the current unit is done (when
-the current unit's last reads start), so its threads go straight on while the finished
-unit is packed and sent. Tasks that read
+about two reads per thread of the current unit are left to start), so its threads go
+straight on while the finished unit is packed and sent. Tasks that read
 one unit each (the design before 2026-12-01) left their slot idle at every unit's end
 while the chunk was stacked and stored, the actor saw the result and the next task was
 leased: the tail of a preload took ~1.6x as long as its reads.
@@ -45,7 +45,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -119,10 +119,11 @@ def read_units(
 ) -> Iterator[Chunk | dict]:
     """Read the units ``claim`` hands out, yielding a chunk and its summary for each.
 
-    The next unit is claimed and its reads queued once the current one's last reads
-    have started, so the reader threads never wait at a unit's end: they go on with
-    the next unit while the finished one is packed into a chunk and sent. Claiming it
-    no earlier leaves its indices to trainers (spares, misses) for as long as possible.
+    The next unit is claimed and its reads queued once the current one is draining
+    (``raycache.readers.DRAIN_LEAD_READS`` reads per thread left to start), so the
+    reader threads never wait at a unit's end: they go on with the next unit while the
+    finished one is packed into a chunk and sent. Claiming it no earlier leaves its
+    indices to trainers (spares, misses) for as long as possible.
 
     Parameters
     ----------
@@ -165,9 +166,9 @@ def read_units(
         done = None  # (rows, nbytes, seconds) of the last unit finished
         began = time.monotonic()
         while current is not None:
-            # The next unit is claimed when the current one's last reads start: late
-            # enough that the indices it takes stay free for trainers until then, early
-            # enough that the threads go straight on to it.
+            # The next unit is claimed when the current one drains: late enough that the
+            # indices it takes stay free for trainers until then, early enough that the
+            # claim's round trip ends before the threads run out of reads.
             current.draining.wait()
             upcoming = queue(claim(done))
             current.done.wait()
@@ -218,6 +219,36 @@ def read_units_task(
 
     # Ray copies each yielded chunk into the object store before the generator resumes.
     yield from read_units(provider, claim, threads, reuse_columns=True)
+
+
+class ClaimedUnit(NamedTuple):
+    """A unit handed out to a slot and not registered yet."""
+
+    start: int  # the span of indices it was cut from (waiters go by the span)
+    stop: int
+    todo: np.ndarray  # the indices in the span it reads (not stored, not reserved)
+    scattered: bool  # picked indices (wanted, leftover), not a range: waiters go by ``todo``
+
+
+def index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Return the ``(start, stop)`` runs of consecutive values in sorted ``indices``.
+
+    Parameters
+    ----------
+    indices : np.ndarray
+        Sorted, distinct indices.
+
+    Returns
+    -------
+    list of tuple
+        One half-open span per run of consecutive indices.
+    """
+    if not len(indices):
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(indices)]])
+    return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
 class PreloadRun:
@@ -290,10 +321,13 @@ class PreloadRun:
         self._rows_per_s = 0.0  # how fast a slot read its last unit
         self._next_start = 0
         self._claim_lock = threading.Lock()
-        self._claimed: dict[int, np.ndarray] = {}  # unit key -> indices, until registered
-        self._ranges: dict[int, tuple[int, int]] = {}  # unit key -> the span of its indices
+        self._claimed: dict[int, ClaimedUnit] = {}  # unit key -> unit, until registered
         self._reserved = Reservations()  # items trainers are reading themselves
         self._leftover = np.zeros(0, dtype=np.int64)  # reserved, never stored: read last
+        # Misses a trainer asked for beyond its share of what is left: the next unit. The
+        # range units leave out every index ever wanted (read, being read, or failed).
+        self._wanted = np.zeros(0, dtype=np.int64)
+        self._ever_wanted = np.zeros(0, dtype=np.int64)
         self._spare_top = length  # spare items are handed out from the top down
         self.started = time.time()
         self.finished: float | None = None
@@ -372,6 +406,13 @@ class PreloadRun:
                 self.unit_rows = chunk_rows(self.chunk_size, self.chunk_bytes, self._item_bytes)
             if len(self._reserved):  # forget reservations whose items are stored
                 self._reserved.keep_only(self._missing(self._reserved.indices()))
+            while not self._stop.is_set() and len(self._wanted):
+                # A trainer waits for these: they go before the rest of the range.
+                rows = self.unit_rows or PROBE_ITEMS
+                todo = self._missing(self._wanted[:rows])
+                self._wanted = self._wanted[rows:]
+                if len(todo):
+                    return self._hand_out(int(todo[0]), int(todo[-1]) + 1, todo, True)
             while not self._stop.is_set() and self._next_start < self.length:
                 start = self._next_start
                 stop = start + self._unit_size(self.length - start)
@@ -379,6 +420,8 @@ class PreloadRun:
                 todo = self._missing(np.arange(start, stop))
                 if len(self._reserved) and len(todo):
                     todo = todo[~np.isin(todo, self._reserved.live(start, stop))]
+                if len(self._ever_wanted) and len(todo):  # read (or being read) already
+                    todo = todo[~np.isin(todo, self._ever_wanted)]
                 if len(todo):
                     return self._hand_out(start, stop, todo)
             if len(self._reserved):
@@ -387,28 +430,36 @@ class PreloadRun:
                 # running read them now rather than a task started after the run.
                 lapsed = self._lapsed()
                 if len(lapsed) and self._claimed:  # one may be in a unit claimed since
-                    lapsed = lapsed[~np.isin(lapsed, np.concatenate(list(self._claimed.values())))]
+                    held = np.concatenate([u.todo for u in self._claimed.values()])
+                    lapsed = lapsed[~np.isin(lapsed, held)]
                 self._leftover = np.union1d(self._leftover, lapsed)
             while not self._stop.is_set() and len(self._leftover):
                 rows = self.unit_rows or PROBE_ITEMS
                 todo = self._missing(self._leftover[:rows])
                 self._leftover = self._leftover[rows:]
                 if len(todo):
-                    return self._hand_out(int(todo[0]), int(todo[-1]) + 1, todo)
+                    return self._hand_out(int(todo[0]), int(todo[-1]) + 1, todo, True)
             return None
 
-    def _hand_out(self, start: int, stop: int, todo: np.ndarray) -> tuple:
+    def _hand_out(self, start: int, stop: int, todo: np.ndarray, scattered: bool = False) -> tuple:
         key = self.units
         self.units += 1
-        self._claimed[key] = todo
-        self._ranges[key] = (start, stop)
+        self._claimed[key] = ClaimedUnit(start, stop, todo, scattered)
         self._publish_inflight()
         return key, todo
 
     def _publish_inflight(self) -> None:
-        """Rebuild ``inflight`` from the units handed out and not registered yet."""
+        """Rebuild ``inflight`` from the units handed out and not registered yet.
+
+        A range unit is waited for by its span; picked indices (a scattered unit, the
+        wanted items no unit holds yet) by their runs, so that a trainer waits for none
+        of the indices between them.
+        """
         spans: dict[int, int] = {}
-        for start, stop in self._ranges.values():  # a leftover unit may share a start
+        runs = index_runs(self._wanted)
+        for unit in self._claimed.values():
+            runs += index_runs(unit.todo) if unit.scattered else [(unit.start, unit.stop)]
+        for start, stop in runs:  # a leftover unit may share a start
             spans[start] = max(stop, spans.get(start, stop))
         self.inflight = spans
 
@@ -432,7 +483,9 @@ class PreloadRun:
         spares : int
             Spare items to reserve as well, from the top of the indices no unit has
             reached, when a unit holds one of ``indices`` (the trainer will wait for it,
-            reading spares meanwhile) or ``indices`` is empty.
+            reading spares meanwhile) or ``indices`` is empty. A trainer that asks for
+            spares reserves no more of ``indices`` than its share of what is left; the
+            rest are HELD, the next unit a slot claims.
 
         Returns
         -------
@@ -444,13 +497,17 @@ class PreloadRun:
         """
         with self._claim_lock:
             state = np.full(len(indices), READ_IT, dtype=np.int8)
-            for todo in self._claimed.values():
-                state[np.isin(indices, todo)] = HELD
+            for unit in self._claimed.values():
+                state[np.isin(indices, unit.todo)] = HELD
             # A unit registered since the trainer's last sync: reading it would be a copy more.
             state[~np.isin(indices, self._missing(indices))] = STORED
             picked = np.zeros(0, dtype=np.int64)
             if self._stop.is_set():
                 return state, picked
+            if len(self._wanted):  # another batch's misses, the next unit's
+                state[(state == READ_IT) & np.isin(indices, self._wanted)] = HELD
+            if spares:  # it reads spares while it waits (one whose reads compute would idle)
+                self._defer_beyond_share(indices, state)
             if spares and ((state == HELD).any() or not len(indices)):
                 picked = self._pick_spares(spares)
             mine = np.concatenate([indices[state == READ_IT], picked])
@@ -458,6 +515,30 @@ class PreloadRun:
             read_s = self.threads_per_task / self._rows_per_s if self._rows_per_s else 0.0
             self._reserved.add(client_id, mine, RESERVE_LEASE_S + read_s * len(mine))
             return state, picked
+
+    def _defer_beyond_share(self, indices: np.ndarray, state: np.ndarray) -> None:
+        """Make the misses beyond a trainer's share of what is left the next unit (HELD).
+
+        A trainer reads its misses one at a time. When they are more than its share of
+        what no unit has reached (near the end of a run, or any time in a small one),
+        reading them all would outlast the preload's threads, which then idle: 64
+        misses of 2 ms are 0.13 s, when a preload of 256 such items took 0.1 s. Only for
+        a trainer that asks for spares, which it reads while it waits.
+        """
+        mine = (state == READ_IT) & (indices >= self._next_start)
+        if len(self._ever_wanted):  # wanted once already (its read failed): the trainer's
+            mine &= ~np.isin(indices, self._ever_wanted)
+        mine = np.flatnonzero(mine)
+        left = max(0, self._spare_top - self._next_start)
+        # As many as a slot's threads read meanwhile, or the share of what is left.
+        share = max(1, left // (self.threads + 1), -(-len(mine) // (self.threads_per_task + 1)))
+        if len(mine) <= share:
+            return
+        later = mine[share:]
+        state[later] = HELD
+        self._wanted = np.union1d(self._wanted, indices[later])
+        self._ever_wanted = np.union1d(self._ever_wanted, indices[later])
+        self._publish_inflight()
 
     def _pick_spares(self, count: int) -> np.ndarray:
         """Return up to ``count`` indices no unit has reached, nor anyone stored or reserved."""
@@ -471,6 +552,8 @@ class PreloadRun:
             free = self._missing(np.arange(base, self._spare_top))[::-1]
             if len(self._reserved):
                 free = free[~np.isin(free, self._reserved.indices())]
+            if len(self._ever_wanted):
+                free = free[~np.isin(free, self._ever_wanted)]
             need = count - len(picked)
             picked += free[:need].tolist()
             self._spare_top = int(free[need - 1]) if len(free) >= need else base
@@ -500,10 +583,13 @@ class PreloadRun:
             # Units handed out but never reported: their slot's task died.
             with self._claim_lock:
                 lost, self._claimed = self._claimed, {}
-                self._ranges.clear()
+                # No slot is left to read the wanted items: their trainers read them (or
+                # a task started for reserved items, which the range then leads to).
+                self._ever_wanted = np.setdiff1d(self._ever_wanted, self._wanted)
+                self._wanted = np.zeros(0, dtype=np.int64)
                 self._publish_inflight()
-            for todo in lost.values():
-                self._lost_unit(todo, "the preload task reading it ended early")
+            for unit in lost.values():
+                self._lost_unit(unit.todo, "the preload task reading it ended early")
             if not self._await_reserved():
                 break
             # Items reserved by a trainer that did not store them: one slot reads them.
@@ -563,7 +649,6 @@ class PreloadRun:
             self._stop.set()  # the byte budget is full: hand out no more units
         with self._claim_lock:
             self._claimed.pop(summary["unit"], None)
-            self._ranges.pop(summary["unit"], None)
             self._publish_inflight()
         return True
 

@@ -19,15 +19,21 @@ from collections.abc import Callable
 from itertools import repeat
 from typing import Any
 
-__all__ = ["ReaderThreads", "UnitReads"]
+__all__ = ["DRAIN_LEAD_READS", "ReaderThreads", "UnitReads"]
+
+# ``draining`` is set this many reads per thread before a unit's reads run out. The
+# preload task then claims its next unit from the directory actor: with a lead of one
+# read (2 ms of I/O) the claim's round trip often outlasted it, and a task's threads sat
+# idle 23-37 ms each per run at unit ends (4,096 items, 2026-12-03); with two, ~3 ms.
+DRAIN_LEAD_READS = 2
 
 
 class UnitReads:
     """The reads of one unit: a result per position, and events as they start and end.
 
-    ``draining`` is set once the reads left to start are no more than the reader
-    threads (so they all start within about one read's time), ``done`` once every read
-    has ended.
+    ``draining`` is set once the reads left to start are no more than
+    ``DRAIN_LEAD_READS`` per reader thread (so the threads run out of this unit's reads
+    within about that many reads' time), ``done`` once every read has ended.
 
     Parameters
     ----------
@@ -112,7 +118,8 @@ class ReaderThreads:
         UnitReads
             The same unit (wait on its ``done``).
         """
-        unit.drain_at = max(0, len(unit.indices) - 1 - len(self._threads))
+        lead = DRAIN_LEAD_READS * len(self._threads)
+        unit.drain_at = max(0, len(unit.indices) - 1 - lead)
         with self._cond:
             if self._closed:
                 raise RuntimeError("raycache reader threads are closed; no unit can be queued")

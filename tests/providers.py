@@ -98,24 +98,25 @@ class CountingProvider(ArrayProvider):
 class LoggedReadsProvider(ArrayProvider):
     """Appends each index it reads to a file, so reads in every process are counted."""
 
-    def __init__(self, n: int, log_path: str, latency_s: float = 0.0):
-        super().__init__(n, latency_s=latency_s)
+    def __init__(self, n: int, log_path: str, latency_s: float = 0.0, fail_at: tuple = ()):
+        super().__init__(n, latency_s=latency_s, fail_at=fail_at)
         self.log_path = log_path
 
     def __getitem__(self, i: int) -> dict:
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{i}\n".encode())
+            os.write(fd, f"{i} {os.getpid()}\n".encode())
         finally:
             os.close(fd)
         return super().__getitem__(i)
 
-    def reads(self) -> list[int]:
-        """Every index read so far, by any process."""
+    def reads(self, pid: int | None = None) -> list[int]:
+        """Every index read so far, by any process (or by process ``pid`` only)."""
         if not os.path.exists(self.log_path):
             return []
         with open(self.log_path) as f:
-            return [int(line) for line in f if line.strip()]
+            rows = [line.split() for line in f if line.strip()]
+        return [int(idx) for idx, by in rows if pid is None or int(by) == pid]
 
 
 class SizeStepProvider(ArrayProvider):

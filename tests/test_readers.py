@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from raycache.readers import ReaderThreads, UnitReads
+from raycache.readers import DRAIN_LEAD_READS, ReaderThreads, UnitReads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -197,31 +197,35 @@ def test_no_reader_thread_outlives_close():
     assert not ours & set(threading.enumerate())
 
 
-def test_draining_is_set_when_the_reads_left_to_start_are_no_more_than_the_threads():
-    """With 2 threads and 6 reads, ``draining`` waits for read 3 to start, not for the end."""
-    started = [threading.Event() for _ in range(6)]
-    release = [threading.Event() for _ in range(6)]
+def test_draining_is_set_when_the_reads_left_to_start_are_within_the_lead():
+    """With 2 threads and 10 reads, ``draining`` waits for read 5 to start, not for the end.
+
+    The lead is ``DRAIN_LEAD_READS`` reads per thread: 4 left to start here.
+    """
+    assert DRAIN_LEAD_READS == 2
+    count = 10
+    started = [threading.Event() for _ in range(count)]
+    release = [threading.Event() for _ in range(count)]
 
     def read(unit: UnitReads, pos: int) -> None:
         started[pos].set()
         assert release[pos].wait(WAIT_S)
 
     with ReaderThreads(read, 2) as readers:
-        unit = readers.queue(UnitReads(0, list(range(6)), None))
+        unit = readers.queue(UnitReads(0, list(range(count)), None))
         assert started[0].wait(WAIT_S) and started[1].wait(WAIT_S)
-        # Reads 0 and 1 run, 4 wait to start: more than the 2 threads.
-        assert not unit.draining.is_set()
-        release[0].set()
-        assert started[2].wait(WAIT_S)
-        assert not unit.draining.is_set()  # 3 left to start
-        release[1].set()
-        assert started[3].wait(WAIT_S)
-        assert unit.draining.wait(WAIT_S)  # 2 left to start: the threads take them next
+        for pos in range(3):  # reads 2..4 start as earlier ones end: 7..5 left to start
+            release[pos].set()
+            assert started[pos + 2].wait(WAIT_S)
+            assert not unit.draining.is_set()
+        release[3].set()
+        assert started[5].wait(WAIT_S)
+        assert unit.draining.wait(WAIT_S)  # 4 left to start: two reads per thread
         assert not unit.done.is_set()
         for event in release:
             event.set()
         assert unit.done.wait(WAIT_S)
-    # A unit no larger than the threads drains at its first read; an empty one at once.
+    # A unit within the lead drains at its first read; an empty one at once.
     assert UnitReads(1, [], None).draining.is_set()
     with ReaderThreads(lambda unit, pos: None, 4) as readers:
         small = readers.queue(UnitReads(0, [0, 1, 2], None))

@@ -9,6 +9,7 @@ died) is read by the preload after its other units.
 from __future__ import annotations
 
 import collections
+import os
 import time
 
 import numpy as np
@@ -25,6 +26,7 @@ from providers import (
 from torch.utils.data import DataLoader
 
 from raycache import CachedDataset
+from raycache.preload import index_runs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -86,6 +88,60 @@ def test_a_trainer_reading_alongside_the_preload_reads_nothing_twice(
         assert sorted(set(provider.reads())) == list(range(n))
         # The trainer did read alongside the preload (its batches' misses, spares).
         assert stats["inserted_items"] > 0, stats
+    finally:
+        ds.cache.close()
+
+
+def test_a_batch_missing_more_than_its_share_leaves_the_rest_to_the_next_unit(
+    ray_address, cache_name, tmp_path
+):
+    """A trainer reads only its share of a batch that misses everything; a task reads the rest.
+
+    One task of 4 threads against a trainer reading one item at a time: the trainer's share
+    of 64 misses is 64 / (4 + 1), rounded up, so it reads 13 of them, not all it could
+    reserve, and the batch is whole sooner.
+    """
+    n = 64
+    provider = LoggedReadsProvider(n, str(tmp_path / "reads.log"), latency_s=0.02)
+    ds = CachedDataset(provider, _config(cache_name, threads=4, chunk_size=8))
+    try:
+        assert ds.cache.stats()["preload"]["tasks"] == 1
+        items = ds.__getitems__(list(range(n - 1, -1, -1)))
+        assert [int(item["data"]["label"]) for item in items] == list(range(n - 1, -1, -1))
+        for item in items:
+            np.testing.assert_array_equal(
+                item["data"]["image"], np.full((3, 8, 8), float(item["data"]["label"]))
+            )
+        mine = provider.reads(os.getpid())
+        assert 0 < len(mine) <= 13, f"the trainer read {len(mine)} of {n} items: {mine}"
+        _check_full(ds, n)
+        twice = {i: c for i, c in collections.Counter(provider.reads()).items() if c > 1}
+        assert twice == {}, f"items read more than once (index: reads): {twice}"
+    finally:
+        ds.cache.close()
+
+
+def test_a_wanted_item_that_fails_is_reported_once_and_raises_for_the_batch(
+    ray_address, cache_name, tmp_path
+):
+    """A miss left to the next unit fails there: the batch raises it, the range skips it."""
+    n, bad = 64, 40
+    provider = LoggedReadsProvider(n, str(tmp_path / "reads.log"), latency_s=0.02, fail_at=(bad,))
+    ds = CachedDataset(provider, _config(cache_name, threads=4, chunk_size=8))
+    try:
+        with pytest.raises(ValueError, match=f"cannot read item {bad}"):
+            ds.__getitems__(list(range(n - 1, -1, -1)))
+        assert ds.cache.wait_for_preload(timeout=60), "the preload did not end"
+        stats = ds.cache.stats()
+        assert [e["index"] for e in stats["preload_errors"]] == [bad], stats["preload_errors"]
+        assert stats["items"] == n - 1
+        # Read by the preload once, then by the trainer for its batch; nothing else twice.
+        counts = collections.Counter(provider.reads())
+        assert counts[bad] <= 2
+        assert {i: c for i, c in counts.items() if c > 1 and i != bad} == {}
+        for i in range(n):
+            item = ds.cache.try_fetch(i)
+            assert (item is None) == (i == bad), i
     finally:
         ds.cache.close()
 
@@ -162,3 +218,10 @@ def test_items_reserved_by_a_trainer_that_died_are_read_by_the_preload(ray_addre
         assert stats["inserted_items"] == 0
     finally:
         ds.cache.close()
+
+
+def test_index_runs_are_the_spans_a_trainer_waits_on_for_picked_indices():
+    """Picked indices (wanted, leftover) are waited on by their runs, not by one span."""
+    assert index_runs(np.zeros(0, dtype=np.int64)) == []
+    assert index_runs(np.array([7])) == [(7, 8)]
+    assert index_runs(np.array([3, 4, 5, 9, 11, 12])) == [(3, 6), (9, 10), (11, 13)]
