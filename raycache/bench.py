@@ -1112,6 +1112,20 @@ Profiles taken while building this benchmark (same machine, Nov 2026; CPU time p
     apart, and for the last ~0.1 s every item is in a unit, so the trainer has nothing to
     read. Tail units of at least 0.025 s instead of 0.05 s: 0.99x against 1.01x (8 rounds),
     not kept.
+  - 2026-12-03. The actor's first reservation imported `numpy.ma` (~12 ms, inside the first
+    `np.unique`) while the trainer waited for its first batch; raycache imports it up front.
+    Spare blocks now grow from 8 to 64 within a wait: ~36 reservation calls an epoch became
+    ~20. A paired A/B, 16 rounds: 1.03x the pool before those and that day's other client
+    changes, 1.10x after. A trace of every read by thread then showed each reader thread idle
+    23-37 ms per run at unit ends, waiting for the claim of its next unit: the claim now goes
+    out two reads per thread ahead (~3 ms idle). `--only preload` went from 0.99x to 1.02x.
+    Full runs that day still read 0.88x twice. Those runs' first raycache round was always the
+    slowest (1.41-1.51 s against 1.2-1.3 s). In that round a task took 0.28 s to yield a 48 MB
+    chunk, its workers used ~0.9 s of CPU each against ~0.3 s, and later rounds took 0.013 s
+    per chunk: the first write into store pages never used before. The store's allocator
+    places chunks anywhere, so any round could pay it. The bench now preallocates the store
+    (the same yield: 0.022 s in the first round). The first full run with it read 1.06x
+    (raycache 1.18-1.48 s, the pool 1.10-1.47 s, on a slow host: no cache 9.0-9.2 s).
 - **First epoch with preload, CPU-bound**: 1.66x, 1.89x and 1.68x in runs since units
   shrink towards the end (1.40-1.45x before: with whole-chunk units, one task read the last
   unit alone while the other core idled); 1.34x and 1.42x with tail units of at least 0.2 s
