@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import ray
@@ -12,7 +14,12 @@ from raycache.runtime import ensure_ray
 
 __all__ = ["cache_stats", "drop_cache", "list_caches"]
 
+logger = logging.getLogger(__name__)
+
 _PREFIX = "raycache:"
+# ``ray.kill`` returns before the GCS has freed the actor's name; a drop waits up to this
+# long for it, so that the name is free (and a second drop finds nothing) once it returns.
+NAME_FREED_TIMEOUT_S = 10.0
 _DEFAULT_NS = RAYCACHE_KEYS["namespace"].default
 
 
@@ -37,7 +44,8 @@ def drop_cache(
     Returns
     -------
     bool
-        True if the cache existed.
+        True if the cache existed. Once this returns, the name is free: a new cache by
+        that name starts a new actor, and another drop returns False.
     """
     ensure_ray(address)
     try:
@@ -49,7 +57,30 @@ def drop_cache(
     except Exception:  # the actor is gone or stuck: killing it frees its objects anyway
         pass
     ray.kill(actor, no_restart=True)
+    _await_name_freed(name, namespace, actor)
     return True
+
+
+def _await_name_freed(name: str, namespace: str, killed: Any) -> None:
+    """Return once the killed actor no longer answers to cache ``name`` (or on timeout)."""
+    deadline = time.monotonic() + NAME_FREED_TIMEOUT_S
+    pause = 0.005
+    while True:
+        try:
+            found = directory_actor(name, namespace)
+        except ValueError:
+            return
+        if found._actor_id != killed._actor_id:  # a new cache of that name started since
+            return
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "raycache: cache %r was killed, but Ray still lists its actor after %.0f s",
+                name,
+                NAME_FREED_TIMEOUT_S,
+            )
+            return
+        time.sleep(pause)
+        pause = min(2 * pause, 0.1)
 
 
 def list_caches(namespace: str | None = _DEFAULT_NS, address: str | None = None) -> list[str]:
