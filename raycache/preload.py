@@ -406,13 +406,10 @@ class PreloadRun:
                 self.unit_rows = chunk_rows(self.chunk_size, self.chunk_bytes, self._item_bytes)
             if len(self._reserved):  # forget reservations whose items are stored
                 self._reserved.keep_only(self._missing(self._reserved.indices()))
-            while not self._stop.is_set() and len(self._wanted):
-                # A trainer waits for these: they go before the rest of the range.
-                rows = self.unit_rows or PROBE_ITEMS
-                todo = self._missing(self._wanted[:rows])
-                self._wanted = self._wanted[rows:]
-                if len(todo):
-                    return self._hand_out(int(todo[0]), int(todo[-1]) + 1, todo, True)
+            # A trainer waits for the wanted items: they go before the rest of the range.
+            self._wanted, unit = self._hand_out_picked(self._wanted)
+            if unit is not None:
+                return unit
             while not self._stop.is_set() and self._next_start < self.length:
                 start = self._next_start
                 stop = start + self._unit_size(self.length - start)
@@ -433,13 +430,21 @@ class PreloadRun:
                     held = np.concatenate([u.todo for u in self._claimed.values()])
                     lapsed = lapsed[~np.isin(lapsed, held)]
                 self._leftover = np.union1d(self._leftover, lapsed)
-            while not self._stop.is_set() and len(self._leftover):
-                rows = self.unit_rows or PROBE_ITEMS
-                todo = self._missing(self._leftover[:rows])
-                self._leftover = self._leftover[rows:]
-                if len(todo):
-                    return self._hand_out(int(todo[0]), int(todo[-1]) + 1, todo, True)
-            return None
+            self._leftover, unit = self._hand_out_picked(self._leftover)
+            return unit
+
+    def _hand_out_picked(self, picked: np.ndarray) -> tuple[np.ndarray, tuple | None]:
+        """Hand out the next unit of ``picked`` indices still missing, if any.
+
+        Returns what is left of ``picked`` and the unit (``claim``'s reply), or None.
+        """
+        while not self._stop.is_set() and len(picked):
+            rows = self.unit_rows or PROBE_ITEMS
+            todo = self._missing(picked[:rows])
+            picked = picked[rows:]
+            if len(todo):
+                return picked, self._hand_out(int(todo[0]), int(todo[-1]) + 1, todo, True)
+        return picked, None
 
     def _hand_out(self, start: int, stop: int, todo: np.ndarray, scattered: bool = False) -> tuple:
         key = self.units
