@@ -35,7 +35,7 @@ from raycache.config import CacheConfig
 from raycache.directory import CacheDirectory
 from raycache.errors import CacheUnavailableError
 from raycache.fork_pins import ChildPins
-from raycache.preload import READ_IT, STORED
+from raycache.protocol import READ_IT, STORED
 from raycache.relay import InsertRelay
 from raycache.runtime import ensure_ray, in_forked_child
 from raycache.values import check_item, copy_item

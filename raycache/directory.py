@@ -26,7 +26,8 @@ import ray
 
 from raycache.chunk import Chunk, chunk_rows
 from raycache.errors import CacheMismatchError
-from raycache.preload import INLINE_LIMIT, READ_IT, STORED, PreloadRun
+from raycache.preload import PreloadRun
+from raycache.protocol import INLINE_LIMIT, READ_IT, STORED
 
 __all__ = ["CacheDirectory", "SNAPSHOT_AFTER"]
 

@@ -52,6 +52,7 @@ import ray
 
 from raycache.chunk import Chunk, chunk_rows, flatten_checked
 from raycache.chunk_builder import ChunkBuilder, ColumnSpares, release_heap
+from raycache.protocol import HELD, READ_IT, STORED
 from raycache.provider import load_provider, read_raw
 from raycache.readers import ReaderThreads, UnitReads
 from raycache.reservations import Reservations
@@ -60,9 +61,6 @@ __all__ = ["PreloadRun", "read_units", "read_units_task"]
 
 logger = logging.getLogger(__name__)
 
-# Task returns under 100 KiB are inlined into the owner's heap and copied into every
-# reader; chunks smaller than this are put into the shared store again by the actor.
-INLINE_LIMIT = 100 * 1024
 PROBE_ITEMS = 32  # first unit of each task slot when the chunk size is learned from bytes
 MIN_UNIT_ITEMS = 64  # below this a unit's fixed cost (a call, a chunk) dominates
 UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left ...
@@ -74,7 +72,6 @@ STARTUP_WARNING_S = 30.0  # no unit back after this long: say why it may be stuc
 RESERVE_LEASE_S = 5.0
 SPARE_SCAN = 1024  # indices scanned at a time for spare items to hand out
 RESERVED_POLL_S = 0.02  # how often the end of a run looks for reserved items being stored
-READ_IT, HELD, STORED = 0, 1, 2  # what ``PreloadRun.reserve`` says of each index asked about
 
 
 def _read_into(provider: Any, idx: int, pos: int, builder: ChunkBuilder) -> str | None:
