@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,9 @@ EPOCHS = 2
 
 
 def _command() -> list[str]:
-    script = shutil.which("raycache")
-    return [script] if script else [sys.executable, "-m", "raycache.cli"]
+    # The raycache of this interpreter and path, which a ``raycache`` script found on PATH
+    # might not be.
+    return [sys.executable, "-m", "raycache.cli"]
 
 
 def _processes_naming(text: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Memory is shared, measured: K trainers on one node cost one copy of the cache.
 
 K = 3 trainer processes attach to one cache; the node's memory (PSS summed over the
-Ray session's processes and the trainers, see ``raycache.memory``) is read once every
+Ray session's processes and the trainers, see ``raycache.tools.memory``) is read once every
 trainer is up (code imported, Ray attached) and again once every trainer has read
 every item. The growth of each process beyond that baseline is summed (anonymous and shared memory:
 file-backed library pages are page cache shared with every process on the machine);
@@ -45,7 +45,7 @@ MB = 1024 * 1024
 def _trainer(mode: str, address: str, name: str, items: int, rank: int) -> None:
     import numpy as np
 
-    from raycache.train.data import SyntheticCutouts
+    from raycache.tools.train.data import SyntheticCutouts
 
     provider = SyntheticCutouts(items, SHAPE)
     if mode != "dict":
@@ -160,7 +160,7 @@ import pytest  # noqa: E402
 from conftest import local_ray  # noqa: E402
 
 from raycache import drop_cache  # noqa: E402
-from raycache.memory import node_memory, pss, ray_processes  # noqa: E402
+from raycache.tools.memory import node_memory, pss, ray_processes  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="PSS needs Linux"),

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=None, help="also write every rank's records here")
     args = p.parse_args(argv)
-    from raycache.train.data import parse_shape
+    from raycache.tools.train.data import parse_shape
 
     try:
         args.shape = parse_shape(args.shape)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     deadline = time.monotonic() + args.timeout
     with _data_dir(args.data_dir) as data_dir:
-        from raycache.train.data import write_cutouts
+        from raycache.tools.train.data import write_cutouts
 
         item_bytes = 4 * args.shape[0] * args.shape[1] * args.shape[2]
         data_bytes = args.items * item_bytes
@@ -160,47 +160,11 @@ def _run(
 ) -> dict:
     """Run one training (K trainers, all epochs), printing its table as it goes."""
     print(f"\n== {args.trainers} trainers, {title}", flush=True)
-    ray_started = False
-    address = None
     name = f"raycache-demo-{os.getpid()}"
-    if not no_cache:
-        import ray
-
-        start = time.perf_counter()
-        # A local Ray of our own ("local"): never attach to another Ray on this machine.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            object_store_memory=max(512 * MB, 3 * data_bytes),
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
-        ray_started = True
-        address = ray.get_runtime_context().gcs_address
-        print(f"started a local Ray at {address} ({time.perf_counter() - start:.1f} s)", flush=True)
+    address = None if no_cache else _start_ray(data_bytes)
     try:
         with tempfile.TemporaryDirectory(prefix="raycache-demo-run-") as result_dir:
-            cmd = [
-                sys.executable,
-                "-m",
-                "raycache.train.worker",
-                "--data-dir",
-                str(data_dir),
-                "--latency-ms",
-                str(args.latency_ms),
-                "--epochs",
-                str(args.epochs),
-                "--batch-size",
-                str(args.batch_size),
-                "--name",
-                name,
-                "--result-dir",
-                result_dir,
-            ]
-            # Reads wait on latency, not CPU: more of them in flight fill the cache sooner.
-            cmd += ["--no-cache"] if no_cache else ["--address", address, "--preload-threads", "16"]
-            cmd += ["--no-verify"] if args.no_verify else []
-            cmd += ["--record-indices"] if args.json else []
+            cmd = _trainer_command(args, data_dir, name, result_dir, address)
             events = _launch(cmd, args.trainers, Path(result_dir), deadline)
             rows = _table(events, data_bytes)
             ranks = [
@@ -208,14 +172,8 @@ def _run(
                 for r in range(args.trainers)
             ]
     finally:
-        if ray_started:
-            import ray
-
-            from raycache.admin import drop_cache
-
-            with contextlib.suppress(Exception):
-                drop_cache(name, address=address)
-            ray.shutdown()
+        if address is not None:
+            _stop_ray(name, address)
     ok = all(
         e["shard"]["order_errors"] == 0
         and e["shard"]["bad_values"] == 0
@@ -226,6 +184,65 @@ def _run(
     return {"title": title, "rows": rows, "ok": ok, "no_cache": no_cache, "ranks": ranks}
 
 
+def _start_ray(data_bytes: int) -> str:
+    """Start a local Ray of the demo's own; return its address."""
+    import ray
+
+    start = time.perf_counter()
+    # A local Ray of our own ("local"): never attach to another Ray on this machine.
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        object_store_memory=max(512 * MB, 3 * data_bytes),
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    address = ray.get_runtime_context().gcs_address
+    print(f"started a local Ray at {address} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return address
+
+
+def _stop_ray(name: str, address: str) -> None:
+    """Free the demo's cache and stop its Ray; a cache that cannot be freed is reported."""
+    import ray
+
+    from raycache.admin import drop_cache
+
+    try:
+        drop_cache(name, address=address)
+    except Exception as exc:  # Ray stops below anyway, and with it the cache
+        print(f"could not free cache {name!r} before stopping Ray: {exc}", file=sys.stderr)
+    ray.shutdown()
+
+
+def _trainer_command(
+    args: argparse.Namespace, data_dir: Path, name: str, result_dir: str, address: str | None
+) -> list[str]:
+    """Return the command line of one trainer rank (``address`` None: no cache)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "raycache.tools.train.worker",
+        "--data-dir",
+        str(data_dir),
+        "--latency-ms",
+        str(args.latency_ms),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--name",
+        name,
+        "--result-dir",
+        result_dir,
+    ]
+    # Reads wait on latency, not CPU: more of them in flight fill the cache sooner.
+    cmd += ["--no-cache"] if address is None else ["--address", address, "--preload-threads", "16"]
+    cmd += ["--no-verify"] if args.no_verify else []
+    cmd += ["--record-indices"] if args.json else []
+    return cmd
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -234,49 +251,11 @@ def _free_port() -> int:
 
 def _launch(cmd: list[str], k: int, result_dir: Path, deadline: float) -> Iterator[dict]:
     """Start K ranks with torchrun's environment; yield rank 0's events as they come."""
-    env = dict(os.environ)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE=str(k),
-        LOCAL_WORLD_SIZE=str(k),
-        OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // k)),
-        PYTHONUNBUFFERED="1",
-    )
-    procs, logs = [], []
+    procs: list[subprocess.Popen] = []
+    logs: list = []
     try:
-        for rank in range(k):
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0")
-            log = open(result_dir / f"rank-{rank}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env=dict(env),
-                    stdout=subprocess.PIPE if rank == 0 else log,
-                    stderr=log,
-                    text=True,
-                )
-            )
-        lines: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=_pump, args=(procs[0].stdout, lines), daemon=True)
-        reader.start()
-        while True:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                line = ""
-            if line is None:  # rank 0's stdout closed: it has exited
-                break
-            if line.startswith("RAYCACHE "):
-                yield json.loads(line[len("RAYCACHE ") :])
-            elif line:
-                print(line, end="", flush=True)
-            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                raise _Failed(_failure(failed, procs, result_dir))
-            if time.monotonic() > deadline:
-                raise _Failed("timed out; trainers stopped")
+        _start_ranks(cmd, k, result_dir, procs, logs)
+        yield from _follow(procs, result_dir, deadline)
         for p in procs:
             left = max(1.0, deadline - time.monotonic())
             try:
@@ -293,6 +272,61 @@ def _launch(cmd: list[str], k: int, result_dir: Path, deadline: float) -> Iterat
                 p.wait(timeout=30)
         for log in logs:
             log.close()
+
+
+def _start_ranks(
+    cmd: list[str], k: int, result_dir: Path, procs: list[subprocess.Popen], logs: list
+) -> None:
+    """Start the K ranks, appending each to ``procs`` and its log file to ``logs``.
+
+    The caller's lists are filled as processes start, so that the caller stops every
+    one of them even if a later start fails.
+    """
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(k),
+        LOCAL_WORLD_SIZE=str(k),
+        OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // k)),
+        PYTHONUNBUFFERED="1",
+    )
+    for rank in range(k):
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0")
+        log = open(result_dir / f"rank-{rank}.log", "w")  # noqa: SIM115 - the caller closes it
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=dict(env),
+                stdout=subprocess.PIPE if rank == 0 else log,
+                stderr=log,
+                text=True,
+            )
+        )
+
+
+def _follow(procs: list[subprocess.Popen], result_dir: Path, deadline: float) -> Iterator[dict]:
+    """Yield rank 0's events until its output ends; fail on a rank's error or the deadline."""
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(procs[0].stdout, lines), daemon=True)
+    reader.start()
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            line = ""
+        if line is None:  # rank 0's stdout closed: it has exited
+            return
+        if line.startswith("RAYCACHE "):
+            yield json.loads(line[len("RAYCACHE ") :])
+        elif line:
+            print(line, end="", flush=True)
+        failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed:
+            raise _Failed(_failure(failed, procs, result_dir))
+        if time.monotonic() > deadline:
+            raise _Failed("timed out; trainers stopped")
 
 
 def _pump(stream: object, lines: queue.Queue) -> None:

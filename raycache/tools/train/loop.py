@@ -225,7 +225,7 @@ def train(
         One record per epoch with ``epoch``, ``seconds`` (slowest rank, checks
         excluded), ``items`` (all ranks), ``items_per_s``, ``hits``, ``misses``,
         ``hit_ratio`` (all ranks), ``cache_bytes``, ``loss``, ``memory`` (rank 0 only:
-        ``raycache.memory.node_memory`` totals, without the per-process table), and
+        ``raycache.tools.memory.node_memory`` totals, without the per-process table), and
         this rank's ``shard``: ``expected`` and ``seen`` item counts, ``order_errors``
         and ``bad_values`` (both 0 when the rank got exactly its shard with the right
         values), and ``indices`` when ``settings.record_indices``.
@@ -235,26 +235,11 @@ def train(
     rank, world = _world()
     if reference is None:
         reference = getattr(dataset, "provider", dataset)
-    torch.manual_seed(settings.seed)
-    channels = int(getattr(reference, "shape", (3,))[0])
-    model: nn.Module = SmallCNN(channels).to(device)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    model, optimizer = _model(reference, world, device, settings)
     sampler = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        sampler=sampler,
-        num_workers=settings.num_workers,
-        collate_fn=getattr(dataset, "collate", None),
-        multiprocessing_context=settings.start_method if settings.num_workers else None,
-        persistent_workers=settings.num_workers > 0 and settings.start_method == "spawn",
-    )
+    loader = _loader(dataset, sampler, settings)
     pids = trainer_pids(world) if settings.memory else []
     records = []
     for epoch in range(settings.epochs):
@@ -264,56 +249,107 @@ def train(
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for batch in loader:
-            checker.check(batch)
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(labels)
-        checker.finish()
+        loss_sum = _train_epoch(model, optimizer, loader, checker, device)
         seconds = time.perf_counter() - start - checker.seconds
         hits1, misses1, cache_bytes = _cache_counters(dataset)
-        totals = torch.tensor(
-            [checker.pos, hits1 - hits0, misses1 - misses0, float(loss_sum)], dtype=torch.float64
-        )
-        elapsed = torch.tensor([seconds], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(totals)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        items, hits, misses, loss_total = totals.tolist()
-        record = {
-            "epoch": epoch + 1,
-            "seconds": float(elapsed),
-            "items": int(items),
-            "items_per_s": items / max(float(elapsed), 1e-9),
-            "hits": int(hits),
-            "misses": int(misses),
-            # Reads made in DataLoader workers are not in this process's counters.
-            "hit_ratio": (hits / (hits + misses) if hits + misses else 0.0)
-            if settings.num_workers == 0
-            else None,
-            "cache_bytes": cache_bytes,
-            "loss": loss_total / max(items, 1),
-            "memory": memory_snapshot(pids) if settings.memory and rank == 0 else None,
-            "shard": {
-                "rank": rank,
-                "expected": len(checker.order),
-                "seen": checker.pos,
-                "order_errors": checker.order_errors,
-                "bad_values": checker.bad_values,
-                "verified": settings.verify,
-            },
-        }
-        if settings.record_indices:
-            record["shard"]["indices"] = checker.indices
+        totals = [checker.pos, hits1 - hits0, misses1 - misses0, float(loss_sum)]
+        record = _record(epoch, seconds, totals, world, settings)
+        record["cache_bytes"] = cache_bytes
+        record["memory"] = memory_snapshot(pids) if settings.memory and rank == 0 else None
+        record["shard"] = _shard(checker, rank, settings)
         records.append(record)
         if on_epoch is not None and rank == 0:
             on_epoch(record)
     return records
+
+
+def _model(
+    reference: Any, world: int, device: torch.device, settings: LoopSettings
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Build the seeded model (DDP-wrapped with several ranks) and its optimizer."""
+    torch.manual_seed(settings.seed)
+    channels = int(getattr(reference, "shape", (3,))[0])
+    model: nn.Module = SmallCNN(channels).to(device)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return model, torch.optim.Adam(model.parameters(), lr=settings.lr)
+
+
+def _loader(dataset: Any, sampler: DistributedSampler, settings: LoopSettings) -> DataLoader:
+    """Return the DataLoader over this rank's shard; ``dataset.collate`` when it has one."""
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        num_workers=settings.num_workers,
+        collate_fn=getattr(dataset, "collate", None),
+        multiprocessing_context=settings.start_method if settings.num_workers else None,
+        persistent_workers=settings.num_workers > 0 and settings.start_method == "spawn",
+    )
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    checker: _Checker,
+    device: torch.device,
+) -> torch.Tensor:
+    """Train one epoch, checking every batch; return the summed loss over its items."""
+    loss_sum = torch.zeros((), device=device)
+    for batch in loader:
+        checker.check(batch)
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(labels)
+    checker.finish()
+    return loss_sum
+
+
+def _record(
+    epoch: int, seconds: float, totals: list[float], world: int, settings: LoopSettings
+) -> dict:
+    """Sum this epoch's counts over the ranks and take the slowest rank's time."""
+    summed = torch.tensor(totals, dtype=torch.float64)
+    elapsed = torch.tensor([seconds], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(summed)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    items, hits, misses, loss_total = summed.tolist()
+    return {
+        "epoch": epoch + 1,
+        "seconds": float(elapsed),
+        "items": int(items),
+        "items_per_s": items / max(float(elapsed), 1e-9),
+        "hits": int(hits),
+        "misses": int(misses),
+        # Reads made in DataLoader workers are not in this process's counters.
+        "hit_ratio": (hits / (hits + misses) if hits + misses else 0.0)
+        if settings.num_workers == 0
+        else None,
+        "loss": loss_total / max(items, 1),
+    }
+
+
+def _shard(checker: _Checker, rank: int, settings: LoopSettings) -> dict:
+    """Return what this rank received against its sampler's shard."""
+    shard = {
+        "rank": rank,
+        "expected": len(checker.order),
+        "seen": checker.pos,
+        "order_errors": checker.order_errors,
+        "bad_values": checker.bad_values,
+        "verified": settings.verify,
+    }
+    if settings.record_indices:
+        shard["indices"] = checker.indices
+    return shard
 
 
 def memory_snapshot(pids: list[int]) -> dict | None:
@@ -329,7 +365,7 @@ def memory_snapshot(pids: list[int]) -> dict | None:
     dict or None
         The totals, without the per-process table; None where PSS cannot be read.
     """
-    from raycache.memory import node_memory
+    from raycache.tools.memory import node_memory
 
     try:
         usage = node_memory(pids, children=True)

@@ -1,4 +1,4 @@
-"""One trainer rank of ``raycache demo``: ``python -m raycache.train.worker``.
+"""One trainer rank of ``raycache demo``: ``python -m raycache.tools.train.worker``.
 
 The demo starts K of these with torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``...), so they form a gloo process group exactly as under torchrun.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from raycache.train.data import NpyCutouts, SyntheticCutouts, parse_shape
-from raycache.train.loop import (
+from raycache.tools.train.data import NpyCutouts, SyntheticCutouts, parse_shape
+from raycache.tools.train.loop import (
     LoopSettings,
     memory_snapshot,
     setup_distributed,
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argparse.Namespace
         The options.
     """
-    p = argparse.ArgumentParser(prog="python -m raycache.train.worker")
+    p = argparse.ArgumentParser(prog="python -m raycache.tools.train.worker")
     p.add_argument("--data-dir", default=None, help="shards from write_cutouts; else synthetic")
     p.add_argument("--items", type=int, default=1024)
     p.add_argument("--shape", default="3x64x64")
