@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from raycache.protocol import HELD, READ_IT
+
 __all__ = ["RESERVE_LEASE_S", "SPARE_SCAN", "ReservationPolicy", "Reservations"]
 
 # A trainer's reservation lasts its reads' expected time plus this: time to insert them and
@@ -203,9 +205,7 @@ class ReservationPolicy:
         share = max(1, left // (self.threads + 1), per_slot)
         return positions[share:] if len(positions) > share else _EMPTY
 
-    def pick_spares(
-        self, count: int, frontier: int, ever_wanted: np.ndarray, taken: np.ndarray = _EMPTY
-    ) -> np.ndarray:
+    def pick_spares(self, count: int, frontier: int, exclude: np.ndarray) -> np.ndarray:
         """Return up to ``count`` indices no unit has reached, nor anyone stored or reserved.
 
         Parameters
@@ -214,11 +214,8 @@ class ReservationPolicy:
             Spares asked for.
         frontier : int
             The first index no range unit has reached: spares are at or above it.
-        ever_wanted : np.ndarray
-            Indices left to the preload once: never handed out as spares.
-        taken : np.ndarray
-            Indices the same trainer is about to reserve as its own misses: a spare
-            among them would be read, or given back, twice.
+        exclude : np.ndarray
+            Indices never handed out as spares (ever wanted, the trainer's own misses).
 
         Returns
         -------
@@ -235,14 +232,68 @@ class ReservationPolicy:
             free = self._missing(np.arange(base, self.spare_top))[::-1]
             if len(self.leases):
                 free = free[~np.isin(free, self.leases.indices())]
-            if len(ever_wanted):
-                free = free[~np.isin(free, ever_wanted)]
-            if len(taken):
-                free = free[~np.isin(free, taken)]
+            if len(exclude):
+                free = free[~np.isin(free, exclude)]
             need = count - len(picked)
             picked += free[:need].tolist()
             self.spare_top = int(free[need - 1]) if len(free) >= need else base
         return np.array(picked, dtype=np.int64)
+
+    def reserve(
+        self,
+        client_id: str,
+        indices: np.ndarray,
+        state: np.ndarray,
+        spares: int,
+        frontier: int,
+        ever_wanted: np.ndarray,
+        rows_per_s: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decide what a trainer reads of its misses, and its spares; lease them to it.
+
+        A trainer that asks for spares reads them while it waits for a unit (one whose
+        reads compute asks for none: it would only take CPU from the preload). It then
+        reads no more of its misses than its share (``beyond_share``); the rest turn
+        ``HELD`` in ``state``, and the scheduler makes them the next unit. It gets spares
+        when a unit holds one of its misses (it will wait) or it has no misses.
+
+        Parameters
+        ----------
+        client_id : str
+            The trainer's client.
+        indices : np.ndarray
+            Its misses.
+        state : np.ndarray
+            Their states so far (``READ_IT``, ``HELD``, ``STORED``); changed in place.
+        spares : int
+            Spare items asked for (0: none, and no share limit).
+        frontier : int
+            The first index no range unit has reached.
+        ever_wanted : np.ndarray
+            Indices left to the preload once: the trainer reads them itself if it
+            misses them again, and none is a spare.
+        rows_per_s : float
+            How fast one preload slot read its last unit (0: not known yet).
+
+        Returns
+        -------
+        tuple
+            ``(later, picked)``: the misses left to the next unit, and the spares.
+        """
+        later = _EMPTY
+        if spares:
+            mine = (state == READ_IT) & (indices >= frontier)
+            if len(ever_wanted):  # wanted once already (its read failed): the trainer's
+                mine &= ~np.isin(indices, ever_wanted)
+            positions = self.beyond_share(mine, frontier)
+            state[positions] = HELD
+            later = indices[positions]
+        picked = _EMPTY
+        if spares and ((state == HELD).any() or not len(indices)):
+            # None of its own misses: a spare among them would be read, or given back, twice.
+            picked = self.pick_spares(spares, frontier, np.union1d(ever_wanted, indices))
+        self.hold(client_id, np.concatenate([indices[state == READ_IT], picked]), rows_per_s)
+        return later, picked
 
     def hold(self, client_id: str, indices: np.ndarray, rows_per_s: float) -> None:
         """Lease ``indices`` to ``client_id`` for as long as reading them should take.

@@ -220,6 +220,19 @@ def test_misses_beyond_the_share_are_wanted_and_handed_out_before_the_range():
     assert units.claim(None) is None  # the range [8, 64) is wanted or reserved
 
 
+def test_wanted_items_go_out_before_range_items_that_are_free():
+    """With range indices still to read, the next unit is the wanted items all the same."""
+    units, _, _ = scheduler(200, threads=4, chunk_size=8)
+    units.claim(None)  # [0, 8)
+    misses = np.arange(199, 149, -1)  # 50 misses at the top
+    state, _ = units.reserve("t", misses, spares=1)
+    # Share: max(1, (200 - 8) // 5, ceil(50 / 5)) = 38; the last 12 are wanted.
+    assert misses[state == HELD].tolist() == list(range(161, 149, -1))
+    assert units.claim(None)[1].tolist() == list(range(150, 158))
+    assert units.claim(None)[1].tolist() == list(range(158, 162))
+    assert units.claim(None)[1].tolist() == list(range(8, 16))  # then the range
+
+
 def test_range_units_skip_every_index_ever_wanted_even_after_it_was_read():
     """Once wanted, an index is never in a range unit, stored or not."""
     units, cache, _ = scheduler(200, threads=4, chunk_size=16)
@@ -311,11 +324,12 @@ def test_released_spares_the_range_passed_are_handed_out_after_the_range():
         store_unit(units, cache, unit)
     units.release("b", spares)  # another client's release ends nothing
     assert units.claim(None) is None
-    units.release("a", spares[:2])  # read 61 and 60 itself; gave back 63 and 62
-    cache.store([61, 60])
+    units.release("a", np.array([63, 60]))  # read 62 and 61 itself; gave back 63 and 60
+    cache.store([62, 61])
     unit = units.claim(None)
-    assert unit is not None and unit[1].tolist() == [62, 63]
-    assert units.inflight == {62: 64}
+    assert unit is not None and unit[1].tolist() == [60, 63]
+    # Picked indices are waited on by their runs: a trainer missing 61 does not wait.
+    assert units.inflight == {60: 61, 63: 64}
     store_unit(units, cache, unit)
     assert units.claim(None) is None
 
@@ -370,12 +384,11 @@ def test_policy_share_of_misses():
 def test_policy_spares_are_capped_to_a_share_and_skip_reserved_and_wanted():
     policy = ReservationPolicy(100, threads=1, threads_per_task=1, missing=lambda i: i)
     policy.leases.add("x", np.array([99]), 5.0)
-    picked = policy.pick_spares(5, frontier=90, ever_wanted=np.array([97]))
+    picked = policy.pick_spares(5, frontier=90, exclude=np.array([97]))
     assert picked.tolist() == [98, 96, 95, 94, 93]  # at most (100 - 90) // (1 + 1) = 5
     assert policy.spare_top == 93
-    # Near the frontier the share is 1, and the trainer's own misses are never spares.
-    taken = np.array([92])
-    assert policy.pick_spares(100, 90, np.zeros(0, np.int64), taken).tolist() == [91]
+    # Near the frontier the share is 1.
+    assert policy.pick_spares(100, 90, np.array([92])).tolist() == [91]
 
 
 def test_lease_table_release_only_ends_the_clients_own_leases():
@@ -388,3 +401,21 @@ def test_lease_table_release_only_ends_the_clients_own_leases():
     assert table.take_expired().tolist() == [3]
     clock.now += 1.0
     assert table.take_expired().tolist() == [1, 2] and len(table) == 0
+
+
+def test_a_wanted_item_missed_again_is_the_trainers_to_read():
+    """Wanted once (its unit failed): a trainer missing it again reads it, no share limit."""
+    units, _, _ = scheduler(200, threads=64, chunk_size=8)
+    units.claim(None)  # [0, 8)
+    first = np.arange(199, 149, -1)
+    state, _ = units.reserve("a", first, spares=1)
+    # Share: max(1, (200 - 8) // 65, ceil(50 / 65)) = 2.
+    assert first[state == READ_IT].tolist() == [199, 198]
+    for _ in range(6):  # the wanted units, 150..197; their reads all fail
+        key, todo = units.claim(None)
+        assert todo.min() >= 150
+        units.note_failed(todo.tolist())
+        units.registered(key)
+    again = np.arange(150, 158)
+    state, _ = units.reserve("b", again, spares=1)
+    assert state.tolist() == [READ_IT] * 8

@@ -92,11 +92,7 @@ def read_units(
 ) -> Iterator[Chunk | dict]:
     """Read the units ``claim`` hands out, yielding a chunk and its summary for each.
 
-    The next unit is claimed and its reads queued once the current one is draining
-    (``raycache.preload.readers.DRAIN_LEAD_READS`` reads per thread left to start), so
-    the reader threads never wait at a unit's end: they go on with the next unit while
-    the finished one is packed into a chunk and sent. Claiming it no earlier leaves its
-    indices to trainers (spares, misses) for as long as possible.
+    The next unit is claimed once the current one drains (see the module docstring).
 
     Parameters
     ----------

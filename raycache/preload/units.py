@@ -339,6 +339,8 @@ class UnitScheduler:
         """Reserve for a trainer the ``indices`` no unit holds, and maybe spare items.
 
         The units claimed from now on leave reserved items out: the trainer reads them.
+        What it may reserve (its share, spares) is ``ReservationPolicy.reserve``'s call;
+        the misses beyond its share become wanted items, the next unit.
 
         Parameters
         ----------
@@ -347,11 +349,7 @@ class UnitScheduler:
         indices : np.ndarray
             Indices the trainer misses (not cached as far as it knows).
         spares : int
-            Spare items to reserve as well, from the top of the indices no unit has
-            reached, when a unit holds one of ``indices`` (the trainer will wait for it,
-            reading spares meanwhile) or ``indices`` is empty. A trainer that asks for
-            spares reserves no more of ``indices`` than its share of what is left; the
-            rest are HELD, the next unit a slot claims.
+            Spare items to ask for (see ``ReservationPolicy.reserve``).
 
         Returns
         -------
@@ -371,28 +369,15 @@ class UnitScheduler:
                 return state, _EMPTY
             if len(self._wanted):  # another batch's misses, the next unit's
                 state[(state == READ_IT) & np.isin(indices, self._wanted)] = HELD
-            if spares:  # it reads spares while it waits (one whose reads compute would idle)
-                self._defer_beyond_share(indices, state)
-            picked = _EMPTY
-            own = indices[state == READ_IT]
-            if spares and ((state == HELD).any() or not len(indices)):
-                frontier, wanted = self._next_start, self._ever_wanted
-                picked = self.policy.pick_spares(spares, frontier, wanted, taken=own)
-            self.policy.hold(client_id, np.concatenate([own, picked]), self._rows_per_s)
+            frontier, ever = self._next_start, self._ever_wanted
+            later, picked = self.policy.reserve(
+                client_id, indices, state, spares, frontier, ever, self._rows_per_s
+            )
+            if len(later):
+                self._wanted = np.union1d(self._wanted, later)
+                self._ever_wanted = np.union1d(self._ever_wanted, later)
+                self._publish_inflight()
             return state, picked
-
-    def _defer_beyond_share(self, indices: np.ndarray, state: np.ndarray) -> None:
-        """Make the misses beyond the trainer's share the next unit (HELD)."""
-        mine = (state == READ_IT) & (indices >= self._next_start)
-        if len(self._ever_wanted):  # wanted once already (its read failed): the trainer's
-            mine &= ~np.isin(indices, self._ever_wanted)
-        later = self.policy.beyond_share(mine, self._next_start)
-        if not len(later):
-            return
-        state[later] = HELD
-        self._wanted = np.union1d(self._wanted, indices[later])
-        self._ever_wanted = np.union1d(self._ever_wanted, indices[later])
-        self._publish_inflight()
 
     def release(self, client_id: str, indices: np.ndarray | None = None) -> None:
         """End ``client_id``'s reservations (on ``indices``, or all): the preload reads them.
