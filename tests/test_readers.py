@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from raycache.readers import DRAIN_LEAD_READS, ReaderThreads, UnitReads
+from raycache.preload.readers import DRAIN_LEAD_READS, ReaderThreads, UnitReads
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,13 +1,12 @@
 """Reader threads of a preload task: each takes its next read from one shared queue.
 
-A preload task keeps a few provider reads in flight with threads. Through a
-``ThreadPoolExecutor`` every read cost a ``Future``, and the task's main thread, which
-collected a unit's results in order, was woken at almost every read: on this 2-core
-machine an I/O-bound read (2 ms of sleep) cost ~240 us of CPU that way, against ~140
-us for threads that take reads from a queue and tell the main thread only when a
-unit's last read is done. Two processes of 4 such threads read 4,096 items in 1.23 s
-against 1.35-1.39 s through executors (2026-12-02; ``docs/design.md``). The CPU a
-read costs is taken from the trainer and the store, which share the same cores.
+Runs in the Ray worker process of a preload task. The task keeps ``threads`` provider
+reads in flight; each thread takes the next (unit, position) from one queue and the
+task's main thread is woken only when a unit starts draining and when its last read
+ends, not at every read: the CPU a read costs is taken from the trainer and the object
+store, which share the same cores (``docs/design.md`` has the measurement against a
+``ThreadPoolExecutor``). A read that raises, with any exception, is recorded against its
+position and the unit still finishes, so a waiter never hangs on a failed read.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from typing import Any
 __all__ = ["DRAIN_LEAD_READS", "ReaderThreads", "UnitReads"]
 
 # ``draining`` is set this many reads per thread before a unit's reads run out. The
-# preload task then claims its next unit from the directory actor: with a lead of one
-# read (2 ms of I/O) the claim's round trip often outlasted it, and a task's threads sat
-# idle 23-37 ms each per run at unit ends (4,096 items, 2026-12-03); with two, ~3 ms.
+# preload task then claims its next unit from the directory actor; the lead must outlast
+# that round trip (~1 ms) or the threads idle at every unit's end, and a lead of one 2 ms
+# read often did not (docs/design.md).
 DRAIN_LEAD_READS = 2
 
 

@@ -1,0 +1,180 @@
+"""The preload's worker side: a Ray generator task reads units of items into chunks.
+
+This module runs in Ray worker processes. Each task (one preload slot) asks the
+directory actor for a unit of indices at a time (``preload_claim``), reads it with a few
+threads (``raycache.preload.readers``) and yields its chunk, then a summary the actor
+reads without the chunk. The actor owns what the task yields, so the chunks outlive the
+trainer that asked for the preload. Several tasks run at once (a CPU-bound provider
+needs every core, which threads in one process cannot give) and each keeps a few reads
+in flight (an I/O-bound provider needs many).
+
+A task claims its next unit and queues its reads while the current unit drains (about
+two reads per thread left to start), so its threads go straight on while the finished
+unit is packed and sent, and the claimed indices stay free for trainers until then.
+
+The read path does one provider read, one flatten-and-check and one copy into the
+unit's columns per item; everything else is per unit.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import ray
+
+from raycache.chunk import Chunk, flatten_checked
+from raycache.chunk_builder import ChunkBuilder, ColumnSpares, release_heap
+from raycache.preload.readers import ReaderThreads, UnitReads
+from raycache.provider import load_provider, read_raw
+
+__all__ = ["read_units", "read_units_task"]
+
+
+def _read_into(provider: Any, idx: int, pos: int, builder: ChunkBuilder) -> str | None:
+    """Read item ``idx`` into row ``pos`` of its unit's chunk; the error, if any."""
+    try:
+        item = read_raw(provider, idx)
+        leaves: list = []
+        template = flatten_checked(item, leaves)  # validates; the builder copies the arrays
+        builder.add(pos, item, (template, leaves))
+        return None
+    except Exception as exc:  # reported with its index; the other items go on
+        return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _build_chunk(unit: UnitReads, start: float) -> tuple[Chunk, dict]:
+    """Finish one unit's chunk and the summary the actor reads."""
+    indices = np.asarray(unit.indices, dtype=np.int64)
+    results = unit.results
+    errors = [(int(indices[p]), err) for p, err in enumerate(results) if err is not None]
+    good = np.flatnonzero(np.array([err is None for err in results], dtype=bool))
+    try:
+        chunk = unit.builder.build(indices[good], good)
+    except Exception as exc:  # items that cannot share a chunk: report, do not hang
+        detail = f"{type(exc).__name__}: {exc}"
+        errors += [(int(indices[p]), detail) for p in good]
+        chunk = Chunk.from_rows([], [])
+    summary = {
+        "unit": unit.key,
+        "indices": chunk.indices,
+        "nbytes": chunk.nbytes,
+        "errors": errors,
+        "seconds": time.monotonic() - start,
+    }
+    return chunk, summary
+
+
+class _UnitQueue:
+    """Turns what ``claim`` hands out into units queued on the reader threads."""
+
+    def __init__(self, readers: ReaderThreads, spares: ColumnSpares | None):
+        self._readers = readers
+        self._spares = spares
+
+    def queue(self, claimed: tuple | None) -> UnitReads | None:
+        if claimed is None:
+            return None
+        key, indices = claimed
+        indices = np.asarray(indices, dtype=np.int64)
+        builder = ChunkBuilder(len(indices), self._spares)
+        return self._readers.queue(UnitReads(key, indices.tolist(), builder))
+
+
+def read_units(
+    provider: Any,
+    claim: Callable[[tuple | None], tuple | None],
+    threads: int,
+    reuse_columns: bool = False,
+) -> Iterator[Chunk | dict]:
+    """Read the units ``claim`` hands out, yielding a chunk and its summary for each.
+
+    The next unit is claimed once the current one drains (see the module docstring).
+
+    Parameters
+    ----------
+    provider : Any
+        The provider.
+    claim : Callable
+        Called with ``(rows, nbytes, seconds)`` of the last finished unit (None before
+        one has finished); returns ``(key, indices)`` of the next unit, or None when there
+        is no more work.
+    threads : int
+        Reads in flight at once.
+    reuse_columns : bool
+        Fill later units into the arrays of chunks already yielded (see
+        ``ColumnSpares``). Only for a consumer that copies each chunk before it asks
+        for the next value, as Ray does with what a generator task yields.
+
+    Yields
+    ------
+    Chunk or dict
+        For each unit, its chunk, then its summary ``{"unit", "indices", "nbytes",
+        "errors", "seconds"}`` (``unit``: its key), which the directory actor reads
+        without the chunk.
+    """
+    spares = ColumnSpares() if reuse_columns else None
+
+    def read(unit: UnitReads, pos: int) -> str | None:
+        return _read_into(provider, unit.indices[pos], pos, unit.builder)
+
+    with ReaderThreads(read, threads) as readers:
+        units = _UnitQueue(readers, spares)
+        current = units.queue(claim(None))
+        done = None  # (rows, nbytes, seconds) of the last unit finished
+        began = time.monotonic()
+        while current is not None:
+            # The next unit is claimed when the current one drains: late enough that the
+            # indices it takes stay free for trainers until then, early enough that the
+            # claim's round trip ends before the threads run out of reads.
+            current.draining.wait()
+            upcoming = units.queue(claim(done))
+            current.done.wait()
+            chunk, summary = _build_chunk(current, began)
+            began = time.monotonic()  # the next unit's reads run from here on
+            done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
+            yield chunk  # Ray has copied the chunk into the object store when this returns
+            del chunk
+            if spares is not None:
+                spares.give(current.builder.buffers)
+            yield summary
+            current = upcoming
+    # Reader threads allocated the items in their own malloc arenas, whose freed pages
+    # glibc keeps resident: give them back, and the spare columns, once the slot is done.
+    if spares is not None:
+        spares.clear()
+    release_heap()
+
+
+@ray.remote(max_retries=0)
+def read_units_task(
+    provider_blob: bytes, provider_key: str, directory: Any, threads: int
+) -> Iterator[Chunk | dict]:
+    """Ray generator task: one preload slot, reading units until none is left.
+
+    Parameters
+    ----------
+    provider_blob : bytes
+        The pickled provider.
+    provider_key : str
+        Identifies the preload run (see ``raycache.provider.load_provider``).
+    directory : ray.actor.ActorHandle
+        The cache's directory actor, which hands out the units (``preload_claim``).
+    threads : int
+        Reads in flight at once.
+
+    Yields
+    ------
+    Chunk or dict
+        See ``read_units``. The directory actor owns what is yielded.
+    """
+    provider = load_provider(provider_key, provider_blob)
+
+    def claim(done: tuple | None) -> tuple | None:
+        return ray.get(directory.preload_claim.remote(provider_key, done))
+
+    # Ray copies each yielded chunk into the object store before the generator resumes.
+    yield from read_units(provider, claim, threads, reuse_columns=True)
