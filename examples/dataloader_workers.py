@@ -18,8 +18,8 @@ import ray
 from torch.utils.data import DataLoader
 
 from raycache import CachedDataset, drop_cache
-from raycache.train.data import SyntheticCutouts
-from raycache.train.loop import LoopSettings, train
+from raycache.tools.train.data import SyntheticCutouts
+from raycache.tools.train.loop import LoopSettings, train
 
 
 def read_epoch(ds: CachedDataset, loader: DataLoader) -> float:

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from raycache import CachedDataset
-from raycache.train.data import NpyCutouts, SyntheticCutouts, parse_shape
-from raycache.train.loop import LoopSettings, setup_distributed, train
+from raycache.tools.train.data import NpyCutouts, SyntheticCutouts, parse_shape
+from raycache.tools.train.loop import LoopSettings, setup_distributed, train
 
 
 def parse_args() -> argparse.Namespace:

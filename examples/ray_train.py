@@ -30,8 +30,8 @@ from ray.train.torch import TorchTrainer
 def train_loop_per_worker(config: dict) -> None:
     """Run on every Ray Train worker: attach the shared cache, train, check the shard."""
     from raycache import CachedDataset
-    from raycache.train.data import SyntheticCutouts, parse_shape
-    from raycache.train.loop import LoopSettings, setup_distributed, train
+    from raycache.tools.train.data import SyntheticCutouts, parse_shape
+    from raycache.tools.train.loop import LoopSettings, setup_distributed, train
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
