@@ -31,6 +31,8 @@ import torch
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from raycache.chunk import Chunk, _Numbers, _Stacked
+from raycache.protocol import chunk_ids
+from raycache.protocol import rows as location_rows
 from raycache.span_copy import copy_rows, row_span
 
 __all__ = ["GatheredBatch", "collate", "gather"]
@@ -42,7 +44,6 @@ __all__ = ["GatheredBatch", "collate", "gather"]
 # as many chunks as it has rows.
 GROUP_MIN_ROWS = 64
 GROUP_MAX_BYTES = 4096
-_ROW_MASK = np.int64(0xFFFFFFFF)
 _LEAF = "*"
 _ARRAY_KINDS = ("array", "tensor", "numbers")
 # Columns whose rows ``copy_rows`` can copy in one call over every chunk of a batch, and
@@ -421,7 +422,7 @@ def _assemble(template: Any, leaves: Iterator[Any], n: int) -> list:
 
 
 def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
-    """Build the items at ``loc`` (``chunk << 32 | row``) from mapped chunks.
+    """Build the items at ``loc`` (``raycache.protocol`` locations) from mapped chunks.
 
     Parameters
     ----------
@@ -436,8 +437,8 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
         A ``GatheredBatch`` when all rows share one structure, else a plain list of
         item copies. Either way every item is a private copy, safe to modify.
     """
-    cids = loc >> 32
-    rows = loc & _ROW_MASK
+    cids = chunk_ids(loc)
+    rows = location_rows(loc)
     layouts = dict(zip(chunks, _layouts(chunks.values())))
     first = next(iter(layouts.values()))
     template = first[1]

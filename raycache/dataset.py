@@ -58,10 +58,11 @@ class CachedDataset(torch.utils.data.Dataset):
         self._read_wall_s = 0.0
         self._spare_failed = False  # a spare read failed: read no more
         self.cache = DataCache(config, provider)
-        if self.cache._active():
+        self._misses = self.cache.miss_reads
+        if self.cache.using_cache():
             # Attach now, not on first read: a DataLoader forks its workers before the
             # first read, and a forked worker can only use chunks mapped before the fork.
-            self.cache._connect()
+            self.cache.attach()
         try:
             self.cache.start_preload_thread()
         except BaseException:
@@ -74,10 +75,10 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> Any:
         item = self.cache.try_fetch(idx)
         if item is None:
-            idx = self.cache._idx_check(idx)
+            idx = self.cache.check_index(idx)
             # As a batch's miss: reserved for this process unless a unit has it now.
-            if self.cache._being_preloaded(np.array([idx], dtype=np.int64))[0]:
-                item = self.cache._await_preloaded(idx)
+            if self._misses.being_preloaded(np.array([idx], dtype=np.int64))[0]:
+                item = self._misses.await_preloaded(idx)
             if item is None:
                 item = self._read_and_insert(idx)
         return item
@@ -101,7 +102,7 @@ class CachedDataset(torch.utils.data.Dataset):
             return items
         missing = [p for p, item in enumerate(items) if item is None]
         wanted = np.array([int(indices[p]) for p in missing], dtype=np.int64)
-        held = self.cache._being_preloaded(wanted, spares=self._spares_wanted())
+        held = self._misses.being_preloaded(wanted, spares=self._spares_wanted())
         # Misses no preload task holds are reserved for this process (the preload leaves
         # them out) and read here first, while the units being read go on: this process
         # reads alongside the preload instead of waiting idle and then reading. A miss
@@ -113,7 +114,7 @@ class CachedDataset(torch.utils.data.Dataset):
                 items[p] = self._read_and_insert(idx)
         for p, idx, waits in misses:
             if waits:
-                item = self.cache._await_preloaded(idx, self._read_spare)
+                item = self._misses.await_preloaded(idx, self._read_spare)
                 items[p] = item if item is not None else self._read_and_insert(idx)
         return items
 
@@ -127,7 +128,7 @@ class CachedDataset(torch.utils.data.Dataset):
         """
         if not self._spares_wanted():
             return False
-        idx = self.cache._spare_index()
+        idx = self._misses.spare_index()
         if idx is None:
             return False
         try:
@@ -157,7 +158,7 @@ class CachedDataset(torch.utils.data.Dataset):
         try:
             item = read_raw(self.provider, idx)
         except BaseException:
-            self.cache._release_reserved(idx)  # reserved for this process: the preload reads it
+            self._misses.release_reserved(idx)  # reserved for this process: the preload reads it
             raise
         self._read_cpu_s += time.thread_time() - cpu
         self._read_wall_s += time.perf_counter() - wall
