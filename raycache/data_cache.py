@@ -25,6 +25,7 @@ from raycache.batch import gather
 from raycache.client import CacheClient
 from raycache.config import CacheConfig
 from raycache.errors import CacheUnavailableError
+from raycache.indices import check_index, index_array
 from raycache.metrics import ReadMetrics
 from raycache.miss_reads import MissReads
 from raycache.naming import default_name, fingerprint
@@ -121,15 +122,7 @@ class DataCache:
         IndexError
             If ``idx`` is out of range.
         """
-        if isinstance(idx, (bool, np.bool_)) or not isinstance(idx, (int, np.integer)):
-            raise RuntimeError(
-                f"cache index must be an int or numpy integer, got {type(idx).__name__} {idx!r}"
-            )
-        idx = int(idx)
-        length = self._length()
-        if not 0 <= idx < length:
-            raise IndexError(f"cache index {idx} is out of range [0, {length})")
-        return idx
+        return check_index(idx, self._length())
 
     # ------------------------------------------------------------------ attach
     def using_cache(self) -> bool:
@@ -213,13 +206,7 @@ class DataCache:
         client = self.attach()
         if client is None:
             return
-        ray.get(
-            client.actor.start_preload.remote(
-                blob, self.config.preload_threads, self.config.preload_cpus
-            ),
-            timeout=client.timeout,
-        )
-        client.sync(force=True)
+        client.waits.start(blob, self.config.preload_threads, self.config.preload_cpus)
 
     def try_fetch(self, idx: int) -> dict | None:
         """Fetch item ``idx`` from the cache.
@@ -244,7 +231,7 @@ class DataCache:
         """
         if not self.using_cache():
             return None
-        idx = self.check_index(idx)
+        idx = check_index(idx, self._length())
         start = time.perf_counter()
         client = self.attach()
         item = None if client is None else client.get(idx, copy=not self.config.zero_copy)
@@ -280,7 +267,7 @@ class DataCache:
         """
         if not self.using_cache():
             return
-        idx = self.check_index(idx)
+        idx = check_index(idx, self._length())
         start = time.perf_counter()
         client = self.attach()
         if client is None:
@@ -340,7 +327,7 @@ class DataCache:
         IndexError
             If an index is out of range.
         """
-        idx = self._idx_array(indices)
+        idx = index_array(indices, self._length())
         if not self.using_cache() or not len(idx):
             return [None] * len(idx)
         client = self.attach()
@@ -355,37 +342,11 @@ class DataCache:
                 client.count(hits=len(idx))
                 self._metrics.timed("hit", start)
                 return gather(chunks, loc)
-        hit = loc >= 0
-        cid_of = chunk_ids(loc)
-        cids = np.unique(cid_of[hit])
-        chunks = dict(zip(cids.tolist(), client.views(cids)))
-        if any(v is None for v in chunks.values()):
-            hit &= np.isin(cid_of, [c for c, v in chunks.items() if v is not None])
-        if hit.all() and copy:
-            out = gather(chunks, loc)
-        else:
-            out = [None] * len(idx)
-            row_of = rows(loc).tolist()
-            cid_list = cid_of.tolist()
-            for p in np.flatnonzero(hit).tolist():
-                out[p] = chunks[cid_list[p]].row(row_of[p], copy)
-            for p in np.flatnonzero(~hit).tolist():
-                out[p] = client.get(int(idx[p]), copy, wait)  # buffered here, or just arrived
+        out = _read_some(client, idx, loc, copy, wait)
         hits = sum(item is not None for item in out)
         client.count(hits, len(out) - hits)
         self._metrics.timed("hit" if hits == len(out) else "miss", start)
         return out
-
-    def _idx_array(self, indices: Sequence[int]) -> np.ndarray:
-        """Validate a batch of indices at once; the seed's errors for a bad one."""
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or idx.dtype.kind not in "iu":
-            return np.array([self.check_index(i) for i in indices], dtype=np.int64)
-        length = self._length()
-        bad = (idx < 0) | (idx >= length)
-        if bad.any():
-            raise IndexError(f"cache index {int(idx[bad][0])} is out of range [0, {length})")
-        return idx.astype(np.int64, copy=False)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send this process's buffered inserts to the cache now.
@@ -424,16 +385,7 @@ class DataCache:
         client = self.attach()
         if client is None:
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
-            if left <= 0:
-                return False
-            # The actor blocks at most `left` seconds per call, so no call outlives it.
-            done = ray.get(client.actor.wait_preload.remote(left), timeout=left + client.timeout)
-            if done:
-                client.sync(force=True)
-                return True
+        return client.waits.wait_for_end(timeout)
 
     def stats(self) -> dict:
         """Return the cache's counters.
@@ -492,6 +444,32 @@ class DataCache:
         if name is None and self._use_cache and not self._inert:
             name = self.name
         return (_restore, (config, name, self._data_provider))
+
+
+def _read_some(
+    client: CacheClient, idx: np.ndarray, loc: np.ndarray, copy: bool, wait: bool
+) -> list:
+    """Read a batch that is not all cached and mapped: the items, None for each miss.
+
+    Rows of chunks that cannot be mapped count as misses; a miss is looked up once
+    more (``CacheClient.get``): it may be buffered in this process, or just arrived.
+    """
+    hit = loc >= 0
+    cid_of = chunk_ids(loc)
+    cids = np.unique(cid_of[hit])
+    chunks = dict(zip(cids.tolist(), client.views(cids)))
+    if any(v is None for v in chunks.values()):
+        hit &= np.isin(cid_of, [c for c, v in chunks.items() if v is not None])
+    if hit.all() and copy:
+        return gather(chunks, loc)
+    out = [None] * len(idx)
+    row_of = rows(loc).tolist()
+    cid_list = cid_of.tolist()
+    for p in np.flatnonzero(hit).tolist():
+        out[p] = chunks[cid_list[p]].row(row_of[p], copy)
+    for p in np.flatnonzero(~hit).tolist():
+        out[p] = client.get(int(idx[p]), copy, wait)
+    return out
 
 
 def _restore(config: CacheConfig, name: str | None, provider: Any) -> DataCache:

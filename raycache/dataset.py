@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
-from raycache.batch import GatheredBatch, collate
 from raycache.data_cache import DataCache
+from raycache.gathered import GatheredBatch, collate
 from raycache.provider import read_raw
 
 __all__ = ["CachedDataset"]
@@ -177,6 +177,6 @@ class CachedDataset(torch.utils.data.Dataset):
         Returns
         -------
         Any
-            The batch (see ``raycache.batch.collate``).
+            The batch (see ``raycache.gathered.collate``).
         """
         return collate(batch)

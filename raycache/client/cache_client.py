@@ -28,19 +28,16 @@ import ray
 from ray.exceptions import RayActorError
 
 from raycache.chunk import Chunk, flatten_checked, flatten_item
-from raycache.client.forking import forget, register
-from raycache.client.link import LOST, ActorLink
+from raycache.client.forking import ForkSide, forget, register
+from raycache.client.link import ActorLink
 from raycache.client.local_map import STALE_S, LocalMap
 from raycache.client.preload_waits import PreloadWaits
 from raycache.client.write_buffer import WriteBuffer
 from raycache.config import CacheConfig
 from raycache.directory import directory_actor
 from raycache.errors import CacheUnavailableError
-from raycache.fork_pins import ChildPins
-from raycache.protocol import ROW_BITS, ROW_MASK, InsertResult, Settings
-from raycache.relay import InsertRelay
+from raycache.protocol import ROW_BITS, ROW_MASK, Settings
 from raycache.runtime import ensure_ray
-from raycache.values import check_item
 
 __all__ = ["CacheClient", "ClientState"]
 
@@ -123,18 +120,16 @@ class CacheClient:
         self.misses = 0
         self._sent_counts = (0, 0)
         self.closed = False
-        self._warned_fork = False
-        self._relay: InsertRelay | None = None  # made at the first fork (see prepare_fork)
-        self._pins = ChildPins()  # retired chunks that forked children may still read
-        self._map = LocalMap(self._link, length, self._pins, self._counter_deltas)
+        self._fork = ForkSide(name, self._buffer_item)
+        self._map = LocalMap(self._link, length, self._fork.pins, self._counter_deltas)
         self._map.sync(force=True)
         self._buffer = WriteBuffer(
             self._link,
+            self._map,
             self.settings.chunk_size,
             self.settings.chunk_bytes,
             config.flush_interval_s,
-            send=self._send,
-            beat=self._beat,
+            counts=self._counter_deltas,
             alone=self._filling_alone,
         )
         self.waits = PreloadWaits(self._link, self._map, self._buffer)
@@ -201,8 +196,8 @@ class CacheClient:
             locations=self._map.loc.copy(),
             chunk_ids=list(self._map.refs),
             spare_buffers=self._buffer.spares.buffers(),
-            pins_held=self._pins.held,
-            pin_children=self._pins.children,
+            pins_held=self._fork.pins.held,
+            pin_children=self._fork.pins.children,
             preloading=self._map.preloading,
             dead=self._link.dead,
         )
@@ -311,25 +306,11 @@ class CacheClient:
     def put(self, idx: int, item: Any) -> None:
         """Buffer ``item`` (validated and copied) for index ``idx``."""
         if self._link.forked:
-            self._put_from_child(idx, item)
+            self._fork.send_from_child(idx, item)
             return
         leaves: list = []
         template = flatten_checked(item, leaves)  # a bad item fails here
         self._buffer_item(idx, item, (template, leaves))
-
-    def _put_from_child(self, idx: int, item: Any) -> None:
-        check_item(item)  # a bad item fails here, as in the parent; pickling copies it
-        if self._relay is not None and self._relay.send(idx, item):
-            return
-        if not self._warned_fork:
-            self._warned_fork = True
-            logger.warning(
-                "raycache %s: this forked process cannot insert into the cache (Ray is not "
-                "fork-safe) and has no pipe to its parent; misses here are read from the "
-                "provider and not cached. Preload the cache, or use "
-                "multiprocessing_context='spawn'.",
-                self.name,
-            )
 
     def _buffer_item(self, idx: int, item: Any, flat: tuple | None = None) -> None:
         """Buffer a validated item (parent side); also what forked children send.
@@ -346,27 +327,9 @@ class CacheClient:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send buffered items now; True when the buffer is empty within ``timeout``."""
-        if self._relay is not None and not self._link.forked and not self._link.dead:
-            self._relay.drain()  # what forked workers have sent so far
+        if not self._link.forked and not self._link.dead:
+            self._fork.drain()  # what forked workers have sent so far
         return self._buffer.flush(self.timeout if timeout is None else timeout)
-
-    def _send(self, chunks: list[Chunk]) -> None:
-        """Send a batch of chunks to the actor and apply its reply (the flush thread)."""
-        start = time.monotonic()
-        reply: InsertResult = self._link.call("insert", chunks, self.client_id, self._map.version)
-        if reply is LOST:
-            lost = sum(len(chunk) for chunk in chunks)
-            logger.warning("raycache %s: %d inserted items were not cached", self.name, lost)
-            return
-        # The reply holds the map's changes since the version sent, these items' places
-        # among them: applying it here spares the trainer's next miss a sync of its own
-        # (a round trip to an actor that is busy storing).
-        with self._map.lock:
-            self._map.apply(reply.sync, start, news=reply.news_from_elsewhere())
-
-    def _beat(self) -> None:
-        """Tell the actor this client is alive, with its counts (the flush thread)."""
-        self._link.submit("touch", self.client_id, *self._counter_deltas())
 
     def _counter_deltas(self) -> tuple[int, int]:
         sent_hits, sent_misses = self._sent_counts
@@ -380,7 +343,7 @@ class CacheClient:
         if self._link.dead or self._link.forked:
             raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
         self.flush()
-        self._beat()
+        self._buffer.beat()
         out = ray.get(self.actor.stats.remote(), timeout=self.timeout)
         out["client"] = {"hits": self.hits, "misses": self.misses, "pending": len(self._buffer)}
         return out
@@ -392,8 +355,7 @@ class CacheClient:
         usable = not self._link.forked and not self._link.dead
         if usable:
             self.flush()
-        if self._relay is not None:
-            self._relay.close()
+        self._fork.close()
         self.closed = True
         self._buffer.close(self.timeout)
         if usable and not self._link.dead and ray.is_initialized():
@@ -419,21 +381,15 @@ class CacheClient:
         self._map.lock.release()
         self.flush()
         self._map.sync(force=True)
-        self._pins.preparing(self._map.map_all())  # what the child can read, kept
-        # The child cannot call Ray: it sends what it reads to this process instead.
-        if self._relay is None:
-            self._relay = InsertRelay(self._buffer_item, self.name, on_exit=self._pins.exited)
-        self._relay.before_fork()
+        self._fork.before_fork(self._map.map_all())
 
     def after_fork_in_parent(self) -> None:
         """Start reading the inserts of the child just forked; keep what it can read."""
-        child = self._relay.after_fork_in_parent() if self._relay is not None else None
-        self._pins.forked(child)
+        self._fork.after_fork_in_parent()
 
     def after_fork_in_child(self) -> None:
         """Become a read-only client: serve mapped chunks, make no Ray call."""
         self._link.forked = True
         self._map.after_fork_in_child()
         self._buffer.after_fork_in_child()
-        if self._relay is not None:
-            self._relay.after_fork_in_child()
+        self._fork.after_fork_in_child()

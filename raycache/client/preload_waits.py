@@ -62,6 +62,43 @@ class PreloadWaits:
         self._spare_block: list[int] = []  # spare items reserved for this process
         self._spare_refills = 0  # blocks asked for since the wait began
 
+    def start(self, provider_blob: bytes, threads: int, cpus_per_task: float) -> None:
+        """Have the actor start the cache's preload (once per cache), then catch up.
+
+        Parameters
+        ----------
+        provider_blob : bytes
+            The pickled provider the preload tasks read.
+        threads : int
+            Provider reads in flight.
+        cpus_per_task : float
+            CPUs each preload task reserves.
+        """
+        ray.get(
+            self._link.actor.start_preload.remote(provider_blob, threads, cpus_per_task),
+            timeout=self._link.timeout,
+        )
+        self._map.sync(force=True)
+
+    def wait_for_end(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (None: no limit) for the preload to end.
+
+        Returns
+        -------
+        bool
+            True once no preload runs; False if ``timeout`` passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            # The actor blocks at most `left` seconds per call, so no call outlives it.
+            ref = self._link.actor.wait_preload.remote(left)
+            if ray.get(ref, timeout=left + self._link.timeout):
+                self._map.sync(force=True)
+                return True
+
     def being_preloaded(self, indices: np.ndarray, spares: bool = False) -> np.ndarray:
         """Return, per index, whether a preload unit this client may wait for holds it.
 

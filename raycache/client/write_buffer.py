@@ -17,6 +17,7 @@ a batch is at most one chunk's worth of items per segment.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,8 @@ import ray
 
 from raycache.chunk import Chunk, chunk_rows, leaves_nbytes
 from raycache.chunk_builder import ChunkBuilder, ColumnSpares
-from raycache.client.link import ActorLink
+from raycache.client.link import LOST, ActorLink
+from raycache.client.local_map import LocalMap
 from raycache.values import copy_item
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "Segment",
     "WriteBuffer",
 ]
+
+logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 # Items buffered before a flush is sent regardless of flush_interval_s.
@@ -107,17 +111,17 @@ class WriteBuffer:
     Parameters
     ----------
     link : ActorLink
-        The line to the directory actor (whether the cache is usable).
+        The line to the directory actor.
+    local_map : LocalMap
+        The map, which each insert's reply brings up to date.
     chunk_size : int or None
         The cache's ``chunk_size`` setting.
     chunk_bytes : int
         The cache's ``chunk_bytes`` setting.
     flush_interval_s : float
         Longest an item waits before it is sent, unless filling alone.
-    send : Callable[[list[Chunk]], None]
-        Sends a batch to the actor and applies its reply (called from the thread).
-    beat : Callable[[], None]
-        Sends a heartbeat (called from the thread).
+    counts : Callable[[], tuple[int, int]]
+        Returns the hits and misses to report with a heartbeat.
     alone : Callable[[], bool]
         Whether this process fills the cache alone (see ``ALONE_FLUSH_S``).
     """
@@ -125,18 +129,19 @@ class WriteBuffer:
     def __init__(
         self,
         link: ActorLink,
+        local_map: LocalMap,
         chunk_size: int | None,
         chunk_bytes: int,
         flush_interval_s: float,
-        send: Callable[[list[Chunk]], None],
-        beat: Callable[[], None],
+        counts: Callable[[], tuple[int, int]],
         alone: Callable[[], bool],
     ):
         self._link = link
+        self._map = local_map
         self._chunk_size = chunk_size
         self._chunk_bytes = chunk_bytes
         self._interval = flush_interval_s
-        self._send, self._beat, self._alone = send, beat, alone
+        self._counts, self._alone = counts, alone
         self.spares = ColumnSpares()
         self.last_put = -WRITE_IDLE_S  # when an item was last buffered
         self.closed = False
@@ -253,8 +258,7 @@ class WriteBuffer:
             if job is _RELEASE:
                 self.spares.release()
             elif job is _BEAT:
-                if not self._link.dead:
-                    self._beat()
+                self.beat()
                 last_beat = time.monotonic()
             else:
                 self._send_batch(job)
@@ -281,6 +285,25 @@ class WriteBuffer:
             elif self.spares:
                 wait = min(wait, WRITE_IDLE_S - (now - self.last_put))
             self._cond.wait(max(0.001, wait))
+
+    def beat(self) -> None:
+        """Tell the actor this client is alive, with its counts since the last time."""
+        if not self._link.dead:
+            self._link.submit("touch", self._link.client_id, *self._counts())
+
+    def _send(self, chunks: list[Chunk]) -> None:
+        """Send a batch of chunks to the actor and apply its reply to the map."""
+        start = time.monotonic()
+        reply = self._link.call("insert", chunks, self._link.client_id, self._map.version)
+        if reply is LOST:
+            lost = sum(len(chunk) for chunk in chunks)
+            logger.warning("raycache %s: %d inserted items were not cached", self._link.name, lost)
+            return
+        # The reply holds the map's changes since the version sent, these items' places
+        # among them: applying it here spares the trainer's next miss a sync of its own
+        # (a round trip to an actor that is busy storing).
+        with self._map.lock:
+            self._map.apply(reply.sync, start, news=reply.news_from_elsewhere())
 
     def _send_batch(self, batch: list[Segment]) -> None:
         if not self._link.dead:
