@@ -34,10 +34,9 @@ __all__ = ["GatheredBatch", "collate", "gather"]
 GROUP_MIN_ROWS = 64
 GROUP_MAX_BYTES = 4096
 # Columns whose rows ``copy_rows`` can copy in one call over every chunk of a batch, and
-# the bytes of a column's batch from which it does: it costs ~30 us more than copying row
+# the bytes of a column's batch from which it does: a call costs more than copying row
 # by row (or numpy's fancy index of one chunk), and copies over torch's threads, which
-# pays for big copies only (measured 2026-12-02, 2 threads: 64 rows of 48 KiB 420-450 ->
-# 270-335 us; 64 rows of 1 KiB from ~12 chunks 20% slower than row by row).
+# pays for big copies only (docs/design.md, "Gathering a batch").
 _COPY_KINDS = ("array", "tensor")
 COPY_ROWS_MIN_BYTES = 512 * 1024
 # Attribute under which a mapped chunk keeps its layout (see ``_layout``).
@@ -98,8 +97,8 @@ def _row_values(sources: Sequence[Any], rows: Sequence[int]) -> list:
 def _copies_rows(kind: tuple, count: int) -> bool:
     """Return True if ``count`` rows of a column of ``kind`` are worth ``copy_rows``.
 
-    Only with more than one torch thread: on one, ``copy_rows`` was slower than the
-    row-by-row copy (500 against 442 us for 64 rows of 48 KiB).
+    Only with more than one torch thread: on one, ``copy_rows`` is slower than the
+    row-by-row copy (docs/design.md, "Gathering a batch").
     """
     return (
         kind[0] in _COPY_KINDS

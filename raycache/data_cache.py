@@ -83,7 +83,7 @@ class DataCache:
         self._inert = False
         self._closed = False
         self._warned_fork = False
-        self._metrics = ReadMetrics(self.logging_interval)
+        self._metrics = ReadMetrics(lambda: self.logging_interval)
         self._miss_reads = MissReads(self)
 
     # ------------------------------------------------------------------ identity

@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 # While it waits for a preload unit, a process reads items the preload has not reached,
 # but only while its provider reads spend less than this share of their time on its
 # CPU: a read that waits (I/O) adds a reader, a read that computes takes a CPU from the
-# preload's tasks. Measured 2026-12-02 (2 CPUs, 4,096 items): first epoch 1.47 -> 1.41 s
-# with 2 ms of sleep per read, 2.78 -> 3.17 s with 1 ms of pure-Python work.
+# preload's tasks (docs/design.md, "Spare reads": spare reads sped up a first epoch of
+# sleeping reads and slowed one of computing reads).
 SPARE_READ_CPU_SHARE = 0.5
 
 

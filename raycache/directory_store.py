@@ -88,9 +88,9 @@ class ChunkStore:
         """Store one inserted chunk; return the result and the segments due to be merged.
 
         The ``ray.put`` runs under the lock, one insert at a time: with puts in
-        parallel, freed store pages stay resident and three trainers filling on miss
-        grew the node's memory by 2.8-2.9 bytes per byte of data instead of 1.7-1.9,
-        with no measured gain for the trainer.
+        parallel, freed store pages stay resident and trainers filling on miss grew the
+        node's memory by more per byte of data, with no gain for the trainer
+        (docs/design.md, "One put at a time").
         """
         with self.lock:
             if self.dropped:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from raycache.values import data_size
@@ -63,14 +64,15 @@ class ReadMetrics:
 
     Parameters
     ----------
-    interval : int
-        Samples averaged into one logged value (Hyrax's ``logging_interval``).
+    interval : Callable[[], int]
+        Returns how many samples are averaged into one logged value (Hyrax's
+        ``DataCache.logging_interval``, which a user may change at any time).
     """
 
     _NAMES = {"hit": "hit_s", "miss": "miss_s", "insert": "cache_insert_s"}
 
-    def __init__(self, interval: int):
-        self.interval = int(interval)
+    def __init__(self, interval: Callable[[], int]):
+        self._interval = interval
         self._writer: Metrics | None = None
         self._samples: dict[str, list[float]] = {"hit": [], "miss": [], "insert": []}
         self._inserts = 0
@@ -94,7 +96,7 @@ class ReadMetrics:
             return
         samples = self._samples[what]
         samples.append(time.perf_counter() - start)
-        if len(samples) >= self.interval:
+        if len(samples) >= self._interval():
             self._writer.scalar(f"DataCache/{self._NAMES[what]}", sum(samples) / len(samples))
             samples.clear()
 
@@ -104,7 +106,7 @@ class ReadMetrics:
         if self._writer is None:
             return
         self._insert_bytes += data_size(data)
-        if self._inserts % self.interval == 0:
+        if self._inserts % self._interval() == 0:
             self._writer.scalar("DataCache/cache_count", self._inserts)
             self._writer.scalar("DataCache/cache_bytes", self._insert_bytes)
 
