@@ -24,7 +24,7 @@ from raycache.protocol import chunk_ids
 from raycache.protocol import rows as location_rows
 from raycache.span_copy import copy_rows, row_span
 
-__all__ = ["GatheredBatch", "collate", "gather"]
+__all__ = ["GatheredBatch", "collate", "gather", "read_partial"]
 
 # How a batch spread over several chunks is gathered (measured, 2-core EPYC): copying
 # row by row costs a Python step (~0.4 us) per row; gathering per chunk costs ~10 us per
@@ -257,3 +257,45 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
     else:
         columns = _take_mixed(chunks, layouts, cids, rows)
     return GatheredBatch.of(template, columns, len(loc))
+
+
+def read_partial(client: Any, idx: np.ndarray, loc: np.ndarray, copy: bool, wait: bool) -> list:
+    """Read a batch that is not all cached and mapped: the items, None for each miss.
+
+    Rows of chunks that cannot be mapped count as misses; a miss is looked up once
+    more (``CacheClient.get``): it may be buffered in this process, or just arrived.
+
+    Parameters
+    ----------
+    client : CacheClient
+        The attached client.
+    idx : numpy.ndarray
+        The indices.
+    loc : numpy.ndarray
+        Their locations (``client.locate``), ``MISSING`` for misses.
+    copy : bool
+        Return private copies (else read-only views where an item is not gathered).
+    wait : bool
+        As for ``CacheClient.get``.
+
+    Returns
+    -------
+    list
+        A ``GatheredBatch`` if every row could be gathered, else the items in order.
+    """
+    hit = loc >= 0
+    cid_of = chunk_ids(loc)
+    cids = np.unique(cid_of[hit])
+    chunks = dict(zip(cids.tolist(), client.views(cids)))
+    if any(v is None for v in chunks.values()):
+        hit &= np.isin(cid_of, [c for c, v in chunks.items() if v is not None])
+    if hit.all() and copy:
+        return gather(chunks, loc)
+    out = [None] * len(idx)
+    row_of = location_rows(loc).tolist()
+    cid_list = cid_of.tolist()
+    for p in np.flatnonzero(hit).tolist():
+        out[p] = chunks[cid_list[p]].row(row_of[p], copy)
+    for p in np.flatnonzero(~hit).tolist():
+        out[p] = client.get(int(idx[p]), copy, wait)
+    return out

@@ -18,10 +18,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import ray
 
-from raycache.batch import gather
+from raycache.batch import gather, read_partial
 from raycache.client import CacheClient
 from raycache.config import CacheConfig
 from raycache.errors import CacheUnavailableError
@@ -29,7 +28,7 @@ from raycache.indices import check_index, index_array
 from raycache.metrics import ReadMetrics
 from raycache.miss_reads import MissReads
 from raycache.naming import default_name, fingerprint
-from raycache.protocol import chunk_ids, rows
+from raycache.protocol import chunk_ids
 from raycache.provider import (
     bypass_active,
     pickle_provider,
@@ -342,7 +341,7 @@ class DataCache:
                 client.count(hits=len(idx))
                 self._metrics.timed("hit", start)
                 return gather(chunks, loc)
-        out = _read_some(client, idx, loc, copy, wait)
+        out = read_partial(client, idx, loc, copy, wait)
         hits = sum(item is not None for item in out)
         client.count(hits, len(out) - hits)
         self._metrics.timed("hit" if hits == len(out) else "miss", start)
@@ -444,32 +443,6 @@ class DataCache:
         if name is None and self._use_cache and not self._inert:
             name = self.name
         return (_restore, (config, name, self._data_provider))
-
-
-def _read_some(
-    client: CacheClient, idx: np.ndarray, loc: np.ndarray, copy: bool, wait: bool
-) -> list:
-    """Read a batch that is not all cached and mapped: the items, None for each miss.
-
-    Rows of chunks that cannot be mapped count as misses; a miss is looked up once
-    more (``CacheClient.get``): it may be buffered in this process, or just arrived.
-    """
-    hit = loc >= 0
-    cid_of = chunk_ids(loc)
-    cids = np.unique(cid_of[hit])
-    chunks = dict(zip(cids.tolist(), client.views(cids)))
-    if any(v is None for v in chunks.values()):
-        hit &= np.isin(cid_of, [c for c, v in chunks.items() if v is not None])
-    if hit.all() and copy:
-        return gather(chunks, loc)
-    out = [None] * len(idx)
-    row_of = rows(loc).tolist()
-    cid_list = cid_of.tolist()
-    for p in np.flatnonzero(hit).tolist():
-        out[p] = chunks[cid_list[p]].row(row_of[p], copy)
-    for p in np.flatnonzero(~hit).tolist():
-        out[p] = client.get(int(idx[p]), copy, wait)
-    return out
 
 
 def _restore(config: CacheConfig, name: str | None, provider: Any) -> DataCache:
