@@ -8,8 +8,8 @@ from typing import Any
 
 import ray
 
-from raycache.client import directory_actor
 from raycache.config import RAYCACHE_KEYS
+from raycache.directory import directory_actor
 from raycache.runtime import ensure_ray
 
 __all__ = ["cache_stats", "drop_cache", "list_caches"]

@@ -124,6 +124,11 @@ class ColumnSpares:
         with self._lock:
             return any(self._free.values())
 
+    def buffers(self) -> list[np.ndarray]:
+        """Return the spares held now (for checks that they are freed)."""
+        with self._lock:
+            return [b for free in self._free.values() for b in free]
+
     def clear(self) -> None:
         """Drop every spare."""
         with self._lock:

@@ -15,17 +15,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import ray
 
-from raycache.batch import gather
+from raycache.batch import gather, read_partial
 from raycache.client import CacheClient
 from raycache.config import CacheConfig
 from raycache.errors import CacheUnavailableError
+from raycache.indices import check_index, index_array
+from raycache.metrics import ReadMetrics
+from raycache.miss_reads import MissReads
 from raycache.naming import default_name, fingerprint
+from raycache.protocol import chunk_ids
 from raycache.provider import (
     bypass_active,
     pickle_provider,
@@ -79,10 +82,8 @@ class DataCache:
         self._inert = False
         self._closed = False
         self._warned_fork = False
-        self._metrics = None
-        self._insert_count = 0
-        self._data_size_bytes = 0
-        self._timings: dict[str, list[float]] = {"hit": [], "miss": [], "insert": []}
+        self._metrics = ReadMetrics(lambda: self.logging_interval)
+        self._miss_reads = MissReads(self)
 
     # ------------------------------------------------------------------ identity
     @property
@@ -100,25 +101,67 @@ class DataCache:
     def __len__(self) -> int:
         return self._length()
 
-    def _idx_check(self, idx: Any) -> int:
-        """Return ``idx`` as an int, or raise the seed's error types."""
-        if isinstance(idx, (bool, np.bool_)) or not isinstance(idx, (int, np.integer)):
-            raise RuntimeError(
-                f"cache index must be an int or numpy integer, got {type(idx).__name__} {idx!r}"
-            )
-        idx = int(idx)
-        length = self._length()
-        if not 0 <= idx < length:
-            raise IndexError(f"cache index {idx} is out of range [0, {length})")
-        return idx
+    def check_index(self, idx: Any) -> int:
+        """Return ``idx`` as an int, or raise the seed's error types.
+
+        Parameters
+        ----------
+        idx : Any
+            A provider index.
+
+        Returns
+        -------
+        int
+            The index.
+
+        Raises
+        ------
+        RuntimeError
+            If ``idx`` is not an integer.
+        IndexError
+            If ``idx`` is out of range.
+        """
+        return check_index(idx, self._length())
 
     # ------------------------------------------------------------------ attach
-    def _active(self) -> bool:
-        """Return True when this call should use the cache (not disabled, bypassed, inert)."""
+    def using_cache(self) -> bool:
+        """Return True when a call now should use the cache (not disabled, bypassed, inert).
+
+        Returns
+        -------
+        bool
+            False with ``use_cache`` off, inside a preload task, or while the provider
+            reads through its own cache (``raycache.provider.bypass_active``).
+        """
         return self._use_cache and not self._inert and not bypass_active()
 
-    def _connect(self) -> CacheClient | None:
-        """Attach to the shared cache on first use; None where Ray cannot be used."""
+    @property
+    def client(self) -> CacheClient | None:
+        """The attached client, or None before the first use (attaches nothing)."""
+        return self._client
+
+    @property
+    def miss_reads(self) -> MissReads:
+        """What a reader does about its misses while a preload runs (``MissReads``)."""
+        return self._miss_reads
+
+    def attach(self) -> CacheClient | None:
+        """Attach to the shared cache unless attached; the client, None if unusable here.
+
+        Attaching happens on first use; a dataset attaches at once instead, so that
+        DataLoader workers forked later can read what was mapped before the fork.
+
+        Returns
+        -------
+        CacheClient or None
+            The client; None where Ray cannot be used (a forked child that had not
+            attached, or a lost cache).
+
+        Raises
+        ------
+        CacheUnavailableError
+            If this cache was closed in this process.
+        """
         client = self._client
         if client is not None:
             return None if client.dead else client
@@ -140,9 +183,7 @@ class DataCache:
                     self.config, self.name, length, fingerprint(self._data_provider, length)
                 )
                 if self.config.log_dir:
-                    from raycache.metrics import Metrics
-
-                    self._metrics = Metrics(self.config.log_dir, f"client-{self.name}")
+                    self._metrics.open(self.config.log_dir, f"client-{self.name}")
         return self._client
 
     # ------------------------------------------------------------------ seed API
@@ -158,19 +199,13 @@ class DataCache:
         ProviderNotPicklableError
             If the provider cannot be pickled for the preload tasks.
         """
-        if not (self._active() and self._preload_cache):
+        if not (self.using_cache() and self._preload_cache):
             return
         blob = pickle_provider(self._data_provider)
-        client = self._connect()
+        client = self.attach()
         if client is None:
             return
-        ray.get(
-            client.actor.start_preload.remote(
-                blob, self.config.preload_threads, self.config.preload_cpus
-            ),
-            timeout=client.timeout,
-        )
-        client.sync(force=True)
+        client.waits.start(blob, self.config.preload_threads, self.config.preload_cpus)
 
     def try_fetch(self, idx: int) -> dict | None:
         """Fetch item ``idx`` from the cache.
@@ -193,18 +228,15 @@ class DataCache:
         IndexError
             If ``idx`` is out of range.
         """
-        if not self._active():
+        if not self.using_cache():
             return None
-        idx = self._idx_check(idx)
+        idx = check_index(idx, self._length())
         start = time.perf_counter()
-        client = self._connect()
+        client = self.attach()
         item = None if client is None else client.get(idx, copy=not self.config.zero_copy)
         if client is not None:
-            if item is None:
-                client.misses += 1
-            else:
-                client.hits += 1
-        self._timed("hit" if item is not None else "miss", start)
+            client.count(int(item is not None), int(item is None))
+        self._metrics.timed("hit" if item is not None else "miss", start)
         return item
 
     def insert_into_cache(self, idx: int, data: Any) -> None:
@@ -232,21 +264,16 @@ class DataCache:
         IndexError
             If ``idx`` is out of range.
         """
-        if not self._active():
+        if not self.using_cache():
             return
-        idx = self._idx_check(idx)
+        idx = check_index(idx, self._length())
         start = time.perf_counter()
-        client = self._connect()
+        client = self.attach()
         if client is None:
             return
         client.put(idx, data)
-        self._insert_count += 1
-        if self._metrics is not None:
-            self._data_size_bytes += data_size(data)
-            if self._insert_count % self.logging_interval == 0:
-                self._metrics.scalar("DataCache/cache_count", self._insert_count)
-                self._metrics.scalar("DataCache/cache_bytes", self._data_size_bytes)
-        self._timed("insert", start)
+        self._metrics.inserted(data)
+        self._metrics.timed("insert", start)
 
     @staticmethod
     def _data_size(data: Any, seen: set[int] | None = None) -> int:
@@ -299,91 +326,26 @@ class DataCache:
         IndexError
             If an index is out of range.
         """
-        idx = self._idx_array(indices)
-        if not self._active() or not len(idx):
+        idx = index_array(indices, self._length())
+        if not self.using_cache() or not len(idx):
             return [None] * len(idx)
-        client = self._connect()
+        client = self.attach()
         if client is None:
             return [None] * len(idx)
         start = time.perf_counter()
         loc = client.locate(idx, wait)
         copy = not self.config.zero_copy
         if copy and loc.min() >= 0:  # all cached: no np.unique, one dict lookup per chunk
-            chunks = client.mapped(dict.fromkeys((loc >> 32).tolist()))
+            chunks = client.mapped(dict.fromkeys(chunk_ids(loc).tolist()))
             if chunks is not None:
-                client.hits += len(idx)
-                self._timed("hit", start)
+                client.count(hits=len(idx))
+                self._metrics.timed("hit", start)
                 return gather(chunks, loc)
-        hit = loc >= 0
-        cids = np.unique(loc[hit] >> 32)
-        chunks = dict(zip(cids.tolist(), client.views(cids)))
-        if any(v is None for v in chunks.values()):
-            hit &= np.isin(loc >> 32, [c for c, v in chunks.items() if v is not None])
-        if hit.all() and copy:
-            out = gather(chunks, loc)
-        else:
-            out = [None] * len(idx)
-            for p in np.flatnonzero(hit).tolist():
-                out[p] = chunks[int(loc[p] >> 32)].row(int(loc[p] & 0xFFFFFFFF), copy)
-            for p in np.flatnonzero(~hit).tolist():
-                out[p] = client.get(int(idx[p]), copy, wait)  # buffered here, or just arrived
+        out = read_partial(client, idx, loc, copy, wait)
         hits = sum(item is not None for item in out)
-        client.hits += hits
-        client.misses += len(out) - hits
-        self._timed("hit" if hits == len(out) else "miss", start)
+        client.count(hits, len(out) - hits)
+        self._metrics.timed("hit" if hits == len(out) else "miss", start)
         return out
-
-    def _being_preloaded(self, indices: np.ndarray, spares: bool = False) -> np.ndarray:
-        """Return, per index, whether a preload task is reading it (worth waiting for).
-
-        The others are reserved for this process while a preload runs: the caller
-        reads them (or calls ``_release_reserved``). ``spares``: the caller reads spare
-        items while it waits (``_spare_index``), which are reserved with them.
-        """
-        client = self._client
-        if client is None or not self._active():
-            return np.zeros(len(indices), dtype=bool)
-        return client.being_preloaded(np.asarray(indices, dtype=np.int64), spares)
-
-    def _await_preloaded(self, idx: int, meanwhile: Callable[[], bool] | None = None) -> Any:
-        """Wait for an index a preload task is reading; the item, or None.
-
-        For a miss that ``fetch_many(..., wait=False)`` has counted already: when the
-        item arrives, that miss is counted as a hit instead. ``meanwhile`` is called
-        while the unit is being read, until it returns False.
-        """
-        client = self._client
-        if client is None or not self._active():
-            return None
-        item = client.get(idx, not self.config.zero_copy, wait=True, meanwhile=meanwhile)
-        if item is not None:
-            client.misses -= 1
-            client.hits += 1
-        return item
-
-    def _spare_index(self) -> int | None:
-        """Return an index reserved for this process to read while it waits, or None."""
-        client = self._client
-        if client is None or not self._active():
-            return None
-        return client.spare_index()
-
-    def _release_reserved(self, idx: int) -> None:
-        """Give back an index this process reserved and could not read: the preload will."""
-        client = self._client
-        if client is not None and self._active():
-            client.release_reserved([idx])
-
-    def _idx_array(self, indices: Sequence[int]) -> np.ndarray:
-        """Validate a batch of indices at once; the seed's errors for a bad one."""
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or idx.dtype.kind not in "iu":
-            return np.array([self._idx_check(i) for i in indices], dtype=np.int64)
-        length = self._length()
-        bad = (idx < 0) | (idx >= length)
-        if bad.any():
-            raise IndexError(f"cache index {int(idx[bad][0])} is out of range [0, {length})")
-        return idx.astype(np.int64, copy=False)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send this process's buffered inserts to the cache now.
@@ -417,21 +379,12 @@ class DataCache:
             was started); False if ``timeout`` passed first. Errors are in
             ``stats()["preload_errors"]``.
         """
-        if not self._active():
+        if not self.using_cache():
             return True
-        client = self._connect()
+        client = self.attach()
         if client is None:
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
-            if left <= 0:
-                return False
-            # The actor blocks at most `left` seconds per call, so no call outlives it.
-            done = ray.get(client.actor.wait_preload.remote(left), timeout=left + client.timeout)
-            if done:
-                client.sync(force=True)
-                return True
+        return client.waits.wait_for_end(timeout)
 
     def stats(self) -> dict:
         """Return the cache's counters.
@@ -459,7 +412,7 @@ class DataCache:
                 "use_cache": False,
                 "preload_errors": [],
             }
-        client = self._connect()
+        client = self.attach()
         if client is None:
             raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
         out = client.stats()
@@ -472,25 +425,13 @@ class DataCache:
         client, self._client = self._client, None
         if client is not None:
             client.close()
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        self._metrics.close()
 
     def __enter__(self) -> DataCache:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-    def _timed(self, what: str, start: float) -> None:
-        if self._metrics is None:
-            return
-        samples = self._timings[what]
-        samples.append(time.perf_counter() - start)
-        if len(samples) >= self.logging_interval:
-            names = {"hit": "hit_s", "miss": "miss_s", "insert": "cache_insert_s"}
-            self._metrics.scalar(f"DataCache/{names[what]}", sum(samples) / len(samples))
-            samples.clear()
 
     # ------------------------------------------------------------------ pickling
     def __reduce__(self) -> tuple:

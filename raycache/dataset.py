@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
-from raycache.batch import GatheredBatch, collate
 from raycache.data_cache import DataCache
+from raycache.gathered import GatheredBatch, collate
 from raycache.provider import read_raw
 
 __all__ = ["CachedDataset"]
@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 # While it waits for a preload unit, a process reads items the preload has not reached,
 # but only while its provider reads spend less than this share of their time on its
 # CPU: a read that waits (I/O) adds a reader, a read that computes takes a CPU from the
-# preload's tasks. Measured 2026-12-02 (2 CPUs, 4,096 items): first epoch 1.47 -> 1.41 s
-# with 2 ms of sleep per read, 2.78 -> 3.17 s with 1 ms of pure-Python work.
+# preload's tasks (docs/design.md, "Spare reads": spare reads sped up a first epoch of
+# sleeping reads and slowed one of computing reads).
 SPARE_READ_CPU_SHARE = 0.5
 
 
@@ -58,10 +58,11 @@ class CachedDataset(torch.utils.data.Dataset):
         self._read_wall_s = 0.0
         self._spare_failed = False  # a spare read failed: read no more
         self.cache = DataCache(config, provider)
-        if self.cache._active():
+        self._misses = self.cache.miss_reads
+        if self.cache.using_cache():
             # Attach now, not on first read: a DataLoader forks its workers before the
             # first read, and a forked worker can only use chunks mapped before the fork.
-            self.cache._connect()
+            self.cache.attach()
         try:
             self.cache.start_preload_thread()
         except BaseException:
@@ -74,10 +75,10 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> Any:
         item = self.cache.try_fetch(idx)
         if item is None:
-            idx = self.cache._idx_check(idx)
+            idx = self.cache.check_index(idx)
             # As a batch's miss: reserved for this process unless a unit has it now.
-            if self.cache._being_preloaded(np.array([idx], dtype=np.int64))[0]:
-                item = self.cache._await_preloaded(idx)
+            if self._misses.being_preloaded(np.array([idx], dtype=np.int64))[0]:
+                item = self._misses.await_preloaded(idx)
             if item is None:
                 item = self._read_and_insert(idx)
         return item
@@ -101,7 +102,7 @@ class CachedDataset(torch.utils.data.Dataset):
             return items
         missing = [p for p, item in enumerate(items) if item is None]
         wanted = np.array([int(indices[p]) for p in missing], dtype=np.int64)
-        held = self.cache._being_preloaded(wanted, spares=self._spares_wanted())
+        held = self._misses.being_preloaded(wanted, spares=self._spares_wanted())
         # Misses no preload task holds are reserved for this process (the preload leaves
         # them out) and read here first, while the units being read go on: this process
         # reads alongside the preload instead of waiting idle and then reading. A miss
@@ -113,7 +114,7 @@ class CachedDataset(torch.utils.data.Dataset):
                 items[p] = self._read_and_insert(idx)
         for p, idx, waits in misses:
             if waits:
-                item = self.cache._await_preloaded(idx, self._read_spare)
+                item = self._misses.await_preloaded(idx, self._read_spare)
                 items[p] = item if item is not None else self._read_and_insert(idx)
         return items
 
@@ -127,7 +128,7 @@ class CachedDataset(torch.utils.data.Dataset):
         """
         if not self._spares_wanted():
             return False
-        idx = self.cache._spare_index()
+        idx = self._misses.spare_index()
         if idx is None:
             return False
         try:
@@ -157,7 +158,7 @@ class CachedDataset(torch.utils.data.Dataset):
         try:
             item = read_raw(self.provider, idx)
         except BaseException:
-            self.cache._release_reserved(idx)  # reserved for this process: the preload reads it
+            self._misses.release_reserved(idx)  # reserved for this process: the preload reads it
             raise
         self._read_cpu_s += time.thread_time() - cpu
         self._read_wall_s += time.perf_counter() - wall
@@ -176,6 +177,6 @@ class CachedDataset(torch.utils.data.Dataset):
         Returns
         -------
         Any
-            The batch (see ``raycache.batch.collate``).
+            The batch (see ``raycache.gathered.collate``).
         """
         return collate(batch)

@@ -4,9 +4,9 @@ A forked child reads from the chunks its parent had mapped when it was forked, t
 the memory it inherited, and makes no Ray call (``raycache.relay``). The parent, though,
 goes on applying the map's changes: when the actor compacts segments into one chunk and
 retires them, the parent drops its references, the object store frees the segments and
-reuses their memory for the next objects. A child still reading them then served other
-objects' bytes as items (measured 2026-12-02: a forked worker returned -7.0 images, the
-values of arrays put after the compaction, for items 0-2 of a retired segment).
+reuses their memory for the next objects. A child still reading them would serve other
+objects' bytes as items (``tests/test_multitrainer.py`` puts arrays after a compaction
+and checks that a forked worker still returns the retired segment's items).
 
 So the parent holds on to a retired chunk (its reference and its mapped view, which
 keeps the store from reusing the memory) for as long as a child forked while it was

@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["Metrics"]
+from raycache.values import data_size
+
+__all__ = ["Metrics", "ReadMetrics"]
 
 
 class Metrics:
@@ -51,3 +55,63 @@ class Metrics:
     def close(self) -> None:
         """Flush and close the event file."""
         self._writer.close()
+
+
+class ReadMetrics:
+    """One process's ``DataCache`` metrics: mean hit, miss and insert times, inserts.
+
+    Until ``open`` is called it records nothing, at the cost of one call per read.
+
+    Parameters
+    ----------
+    interval : Callable[[], int]
+        Returns how many samples are averaged into one logged value (Hyrax's
+        ``DataCache.logging_interval``, which a user may change at any time).
+    """
+
+    _NAMES = {"hit": "hit_s", "miss": "miss_s", "insert": "cache_insert_s"}
+
+    def __init__(self, interval: Callable[[], int]):
+        self._interval = interval
+        self._writer: Metrics | None = None
+        self._samples: dict[str, list[float]] = {"hit": [], "miss": [], "insert": []}
+        self._inserts = 0
+        self._insert_bytes = 0
+
+    def open(self, log_dir: str, tag: str) -> None:
+        """Start writing to ``log_dir`` under ``tag``."""
+        self._writer = Metrics(log_dir, tag)
+
+    def timed(self, what: str, start: float) -> None:
+        """Record one ``"hit"``, ``"miss"`` or ``"insert"`` that began at ``start``.
+
+        Parameters
+        ----------
+        what : str
+            The kind of call.
+        start : float
+            Its ``time.perf_counter()`` at the start.
+        """
+        if self._writer is None:
+            return
+        samples = self._samples[what]
+        samples.append(time.perf_counter() - start)
+        if len(samples) >= self._interval():
+            self._writer.scalar(f"DataCache/{self._NAMES[what]}", sum(samples) / len(samples))
+            samples.clear()
+
+    def inserted(self, data: Any) -> None:
+        """Count one inserted item; log the count and bytes every ``interval`` inserts."""
+        self._inserts += 1
+        if self._writer is None:
+            return
+        self._insert_bytes += data_size(data)
+        if self._inserts % self._interval() == 0:
+            self._writer.scalar("DataCache/cache_count", self._inserts)
+            self._writer.scalar("DataCache/cache_bytes", self._insert_bytes)
+
+    def close(self) -> None:
+        """Close the event file, if one is open."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()

@@ -1,7 +1,7 @@
 """Carry the inserts of forked DataLoader workers to the parent process, which can call Ray.
 
 Ray is not fork-safe: a forked child that makes a Ray call can kill the node's raylet
-(``../shared/RAY-FACTS.md``), so a forked DataLoader worker reads its misses from the
+(``docs/design.md``), so a forked DataLoader worker reads its misses from the
 provider but cannot insert them. Without help, a trainer that uses the default start
 method and no preload never fills its cache.
 
@@ -65,7 +65,6 @@ class InsertRelay:
         self._next: tuple[int, int] | None = None  # (read fd, write fd) for the next fork
         self._write_fd: int | None = None  # in a child: where its items go
         self._stop = threading.Event()
-        self.received = 0
         self._thread = threading.Thread(target=self._pump, name="raycache-relay", daemon=True)
         self._thread.start()
 
@@ -121,11 +120,6 @@ class InsertRelay:
             pass
 
     # ------------------------------------------------------------------ child side
-    @property
-    def can_send(self) -> bool:
-        """True in a forked child that has a pipe to its parent."""
-        return self._write_fd is not None
-
     def send(self, idx: int, item: Any) -> bool:
         """Send one item to the parent (child side); False if it could not be sent."""
         fd = self._write_fd
@@ -215,7 +209,6 @@ class InsertRelay:
                 del buffer[: _HEADER.size + size]
         for message in messages:
             idx, item = pickle.loads(message)
-            self.received += 1
             try:
                 self._deliver(idx, item)
             except Exception:  # one bad item must not stop the relay

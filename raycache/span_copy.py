@@ -8,9 +8,8 @@ starts at every element, holds every row of every chunk. ``torch.index_select`` 
 copies all the rows of a batch in one call, split over torch's intra-op threads
 (``torch.get_num_threads()``; DataLoader workers have one).
 
-Measured 2026-12-02 (2-core EPYC, 64 shuffled rows of 48 KiB from ~18 chunks): 270-335 us
-a batch with torch's 2 threads, against 420-450 us row by row and 335 us for numpy's fancy
-index of one in-process array. With one torch thread it took 500 us: ``raycache.batch``
+With two or more torch threads it copies a batch of big rows faster than a row-by-row
+copy; with one it is slower (docs/design.md, "Gathering a batch"), so ``raycache.batch``
 uses it only with more than one.
 
 Only rows of chunks the caller holds are read: the span's other bytes (other objects,

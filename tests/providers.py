@@ -17,11 +17,11 @@ def wait_write_buffers_freed(cache: DataCache, timeout: float) -> bool:
     The client keeps them only while its process inserts (``raycache.client.WRITE_IDLE_S``).
     Returns True once they are freed.
     """
-    client = cache._client
+    client = cache.client
     deadline = time.monotonic() + timeout
-    while client._spares and time.monotonic() < deadline:
+    while client.inspect().spare_buffers and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not client._spares
+    return not client.inspect().spare_buffers
 
 
 def make_item(i: int, scale: float = 1.0) -> dict:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, default_collate
 import raycache
 import raycache.batch
 from raycache import CachedDataset, GatheredBatch
+from raycache.protocol import chunk_ids
 
 
 class ItemsProvider:
@@ -51,7 +52,7 @@ def filled(name, make, n=200, chunk_size=16, order=None):
         for i in range(n) if order is None else order:
             ds[int(i)]
         assert ds.cache.flush(timeout=30)
-        ds.cache._connect().sync(force=True)
+        ds.cache.attach().sync(force=True)
         assert ds.cache.stats()["items"] == n
         yield ds
     finally:
@@ -60,7 +61,7 @@ def filled(name, make, n=200, chunk_size=16, order=None):
 
 
 def chunk_of(ds):
-    return ds.cache._client._loc >> 32
+    return chunk_ids(ds.cache.client.inspect().locations)
 
 
 def assert_collated_equal(a, b):

@@ -434,9 +434,10 @@ def test_write_buffers_are_freed_once_the_process_stops_inserting(ray_address, c
         for i in range(5):  # one segment, sent in one flush
             cache.insert_into_cache(i, make_item(i))
         assert cache.flush(timeout=10.0)
-        client = cache._client
-        assert client._spares, "sent segments' columns are kept for the next inserts"
-        columns = [weakref.ref(b) for free in client._spares._free.values() for b in free]
+        kept = cache.client.inspect().spare_buffers
+        assert kept, "sent segments' columns are kept for the next inserts"
+        columns = [weakref.ref(b) for b in kept]
+        del kept
         freed = wait_write_buffers_freed(cache, WRITE_IDLE_S + 10.0)
         assert freed, f"write buffers still held {WRITE_IDLE_S + 10.0:.0f} s on"
         gc.collect()
@@ -621,9 +622,9 @@ def test_chunk_bytes_holds_once_bigger_items_are_seen(ray_address, cache_name):
     ds = CachedDataset(provider, config)
     assert ds.cache.wait_for_preload(timeout=120)
     assert ds.cache.stats()["items"] == 600
-    client = ds.cache._client
+    client = ds.cache.client
     client.sync(force=True)
-    chunks = [client._view(c) for c in client._refs]
+    chunks = client.views(client.inspect().chunk_ids)
     assert sum(len(chunk) for chunk in chunks) == 600
     # Units sized before a unit of big items came back can be too big: each task slot
     # holds the unit it reads and claims one ahead, so at most two per slot (2 slots

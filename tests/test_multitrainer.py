@@ -232,7 +232,7 @@ def test_forked_workers_read_segments_compacted_after_their_fork(ray_address):
                     if i % 3 == 2:
                         assert ds.cache.flush(timeout=60)  # the reply carries the retire
                 assert ds.cache.stats()["chunks"] < 4
-                assert ds.cache._client._pins.held >= 1  # retired, held for the worker
+                assert ds.cache.client.inspect().pins_held >= 1  # retired, held for the worker
                 # New objects of the segment's size filling most of the store: where its
                 # memory is free, the store reuses it.
                 shape = (3, *provider[0]["image"].shape)
@@ -252,11 +252,15 @@ def test_forked_workers_read_segments_compacted_after_their_fork(ray_address):
         for i, image in got.items():
             np.testing.assert_array_equal(image, provider.expected(i)["image"])
         # The worker has exited with its iterator: the parent lets the segment go.
-        pins = ds.cache._client._pins
+        client = ds.cache.client
         deadline = time.monotonic() + 60
-        while (pins.held or pins.children) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            state = client.inspect()
+            if not (state.pins_held or state.pin_children):
+                break
             time.sleep(0.05)
-        assert (pins.held, pins.children) == (0, 0)
+        state = client.inspect()
+        assert (state.pins_held, state.pin_children) == (0, 0)
     finally:
         ds.cache.close()
         drop_cache(name)

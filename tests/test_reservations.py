@@ -153,7 +153,7 @@ def test_spare_items_handed_to_two_trainers_differ_and_are_left_by_the_preload(
     n = 256
     ds = CachedDataset(ArrayProvider(n, latency_s=0.02), _config(cache_name, 1, chunk_size=8))
     try:
-        actor = ds.cache._client.actor
+        actor = ds.cache.client.actor
         none = np.zeros(0, dtype=np.int64)
         _, a, inflight = ray.get(actor.reserve.remote("trainer-a", none, 8), timeout=30)
         _, b, _ = ray.get(actor.reserve.remote("trainer-b", none, 8), timeout=30)
@@ -208,7 +208,7 @@ def test_items_reserved_by_a_trainer_that_died_are_read_by_the_preload(ray_addre
             ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
             os.environ[EXIT_ON_READ_ENV] = "1"
             ds = CachedDataset(ExitOnReadProvider({n}, latency_s=0.02), {config!r})
-            assert ds.cache._client._preloading, "the trainer should see the preload"
+            assert ds.cache.client.preloading, "the trainer should see the preload"
             ds.__getitems__([{n - 1}, {n - 2}, {n - 3}])  # reserves them, dies reading
             """,
             ray_address,

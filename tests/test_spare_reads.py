@@ -181,7 +181,7 @@ def test_a_failing_spare_read_stops_spare_reads_and_keeps_the_cache(ray_address,
         assert item["label"] == 0
         assert len(provider.reads_here) == 1, f"went on reading spares: {provider.reads_here}"
         assert provider.reads_here[0] >= UNIT
-        assert not ds.cache._client.dead  # the cache is still in use
+        assert not ds.cache.client.dead  # the cache is still in use
         check_filled(ds)  # the preload read the failed spare, in its own process
         assert ds.cache.stats()["inserted_items"] == 0
     finally:

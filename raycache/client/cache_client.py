@@ -1,0 +1,395 @@
+"""``CacheClient``: one process's attachment to a cache, composed of the client's parts.
+
+It attaches to the directory actor (``ActorLink``), keeps the map and the mapped
+chunks (``LocalMap``), buffers inserts (``WriteBuffer``) and waits on the preload
+(``PreloadWaits``); it counts hits and misses, answers reads and closes. The read path
+(``get``, ``locate``, ``mapped``) touches only the local map and mapped chunks unless
+an index is missing.
+
+Guarantees: no call here raises because the cache was lost (the actor died, a call
+timed out): the client marks itself ``dead`` and answers every read as a miss, so the
+caller reads from its provider. Bad input (an unsupported item) still raises.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from raycache.chunk import Chunk, flatten_checked, flatten_item
+from raycache.client.forking import ForkSide, forget, register
+from raycache.client.link import ActorLink
+from raycache.client.local_map import STALE_S, LocalMap
+from raycache.client.preload_waits import PreloadWaits
+from raycache.client.write_buffer import WriteBuffer
+from raycache.config import CacheConfig
+from raycache.directory import directory_actor
+from raycache.errors import CacheUnavailableError
+from raycache.protocol import ROW_BITS, ROW_MASK, Settings
+from raycache.runtime import ensure_ray
+
+__all__ = ["CacheClient", "ClientState"]
+
+logger = logging.getLogger(__name__)
+
+
+class ClientState(NamedTuple):
+    """What ``CacheClient.inspect`` reports: a snapshot of a client's inner state.
+
+    Attributes
+    ----------
+    locations : numpy.ndarray
+        A copy of the local map (``raycache.protocol`` locations).
+    chunk_ids : list of int
+        The live chunks the map knows of.
+    spare_buffers : list of numpy.ndarray
+        The write buffers kept for the next inserts.
+    pins_held : int
+        Retired chunks kept for forked children.
+    pin_children : int
+        Forked children the pins are kept for.
+    preloading : bool
+        A preload was running at the last reply.
+    dead : bool
+        The cache is lost for this process.
+    """
+
+    locations: np.ndarray
+    chunk_ids: list[int]
+    spare_buffers: list[np.ndarray]
+    pins_held: int
+    pin_children: int
+    preloading: bool
+    dead: bool
+
+
+class CacheClient:
+    """The attached state of one cache in one process.
+
+    Parameters
+    ----------
+    config : CacheConfig
+        Validated settings.
+    name : str
+        The cache name.
+    length : int
+        Number of provider items.
+    fingerprint : str
+        Provider description checked against the cache's.
+
+    Attributes
+    ----------
+    hits, misses : int
+        Reads answered from the cache and not, counted by ``count``.
+    waits : PreloadWaits
+        Waits on the preload, reservations and spare items.
+    """
+
+    def __init__(self, config: CacheConfig, name: str, length: int, fingerprint: str):
+        ensure_ray(config.address)
+        self.config = config
+        self.name = name
+        self.length = length
+        self.pid = os.getpid()
+        self.client_id = f"{socket.gethostname()}:{self.pid}:{uuid.uuid4().hex[:8]}"
+        self.timeout = float(config.timeout_s)
+        spec = {
+            "name": name,
+            "length": length,
+            "fingerprint": fingerprint,
+            "chunk_size": config.chunk_size,
+            "chunk_bytes": config.chunk_bytes,
+            "max_bytes": config.max_bytes,
+            "detached": config.detached,
+            "linger_s": config.linger_s,
+            "log_dir": config.log_dir,
+        }
+        self.settings = self._attach(spec, {"host": socket.gethostname(), "pid": self.pid})
+        self.hits = 0
+        self.misses = 0
+        self._sent_counts = (0, 0)
+        self.closed = False
+        self._fork = ForkSide(name, self._buffer_item)
+        self._map = LocalMap(self._link, length, self._fork.pins, self._counter_deltas)
+        self._map.sync(force=True)
+        self._buffer = WriteBuffer(
+            self._link,
+            self._map,
+            self.settings.chunk_size,
+            self.settings.chunk_bytes,
+            config.flush_interval_s,
+            counts=self._counter_deltas,
+            alone=self._filling_alone,
+        )
+        self.waits = PreloadWaits(self._link, self._map, self._buffer)
+        register(self)
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close())
+
+    def _attach(self, spec: dict, info: dict) -> Settings:
+        # The actor may be freeing itself (linger expired) at this moment: try again,
+        # and a fresh actor is created under the same name.
+        for attempt in range(3):
+            self.actor = directory_actor(self.name, self.config.namespace, spec)
+            try:
+                settings = ray.get(
+                    self.actor.attach.remote(self.client_id, info, spec), timeout=self.timeout
+                )
+            except RayActorError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            self._link = ActorLink(self.actor, self.client_id, self.name, self.timeout)
+            return settings
+        raise RuntimeError(f"cache {self.name!r}: could not attach")
+
+    # ------------------------------------------------------------------ state
+    @property
+    def dead(self) -> bool:
+        """True once the cache is lost for this process (reads are misses from then on)."""
+        return self._link.dead
+
+    @property
+    def forked(self) -> bool:
+        """True in a forked child: it reads what was mapped at the fork, makes no Ray call."""
+        return self._link.forked
+
+    @property
+    def preloading(self) -> bool:
+        """True if a preload was running when the actor last answered this process."""
+        return self._map.preloading
+
+    def count(self, hits: int = 0, misses: int = 0) -> None:
+        """Add reads to this client's hit and miss counts (reported with syncs).
+
+        Parameters
+        ----------
+        hits : int
+            Reads answered from the cache (negative to take back).
+        misses : int
+            Reads that were not (negative: a miss later answered, counted as a hit).
+        """
+        self.hits += hits
+        self.misses += misses
+
+    def inspect(self) -> ClientState:
+        """Return a snapshot of this client's inner state, for tests and diagnosis.
+
+        Returns
+        -------
+        ClientState
+            The map, the live chunks, kept write buffers, fork pins and flags.
+        """
+        return ClientState(
+            locations=self._map.loc.copy(),
+            chunk_ids=list(self._map.refs),
+            spare_buffers=self._buffer.spares.buffers(),
+            pins_held=self._fork.pins.held,
+            pin_children=self._fork.pins.children,
+            preloading=self._map.preloading,
+            dead=self._link.dead,
+        )
+
+    # ------------------------------------------------------------------ reads
+    def get(
+        self,
+        idx: int,
+        copy: bool = True,
+        wait: bool = True,
+        meanwhile: Callable[[], bool] | None = None,
+    ) -> Any:
+        """Return the cached item ``idx`` or None (idx already validated).
+
+        With ``wait``, a miss on an index a preload task is reading waits for its unit
+        (see ``PreloadWaits.await_unit``, and ``meanwhile`` there); without, it returns
+        None at once, and while this process fills the cache alone it does not wait for
+        the actor's answer either.
+        """
+        item = self._read_mapped(idx, copy)
+        if item is not None:
+            return item
+        if self._buffer.holds(idx):
+            item = self._buffer.item(idx)
+            if item is not None:
+                return item
+        if self._refresh(idx, wait, meanwhile):
+            return self._read_mapped(idx, copy)
+        return None
+
+    def _read_mapped(self, idx: int, copy: bool) -> Any:
+        loc = int(self._map.loc[idx])
+        if loc < 0:
+            return None
+        # One item: the protocol's shift and mask inline (no helper call per read).
+        view = self._map.view(loc >> ROW_BITS)
+        if view is None:
+            return None
+        return view.row(loc & ROW_MASK, copy)
+
+    def locate(self, indices: np.ndarray, wait: bool = True) -> np.ndarray:
+        """Return the location of each index (``MISSING`` where missing), syncing once.
+
+        ``wait`` as for ``get``.
+        """
+        loc = self._map.loc[indices]
+        if (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
+            loc = self._map.loc[indices]
+        return loc
+
+    def mapped(self, cids: Any) -> dict[int, Chunk] | None:
+        """Return the mapped chunk of each chunk id, or None if one cannot be mapped."""
+        views = self._map.views
+        try:
+            return {c: views[c] for c in cids}
+        except KeyError:
+            chunks = {c: self._map.view(c) for c in cids}
+            return None if any(v is None for v in chunks.values()) else chunks
+
+    def views(self, cids: np.ndarray) -> list[Chunk | None]:
+        """Return the mapped chunk for each chunk id (None where it cannot be mapped)."""
+        return [self._map.view(int(c)) for c in cids]
+
+    def sync(self, force: bool = False) -> None:
+        """Bring the local map up to date with the directory actor."""
+        self._map.sync(force)
+
+    def _refresh(
+        self, idx: int, wait: bool = True, meanwhile: Callable[[], bool] | None = None
+    ) -> bool:
+        """After a miss: learn what changed (rate-limited); True if ``idx`` is now cached.
+
+        With ``wait``, an index that a preload unit is being read for is waited for
+        (calling ``meanwhile`` until it returns False, if given). Without, it is not;
+        and while this process fills the cache alone, the client does not wait for the
+        actor's answer either (see ``LocalMap.poll``).
+        """
+        if self._link.dead or self._link.forked:
+            return False
+        if not wait and self._filling_alone():
+            self._map.poll()
+            return self._map.loc[idx] >= 0
+        if self._map.sync_due():
+            self._map.sync()
+            if self._map.loc[idx] >= 0:
+                return True
+        if not wait:
+            return False
+        return self.waits.await_unit(idx, meanwhile)
+
+    def _filling_alone(self) -> bool:
+        """Return True while this process inserts and the map changes only through it.
+
+        Then a miss is almost surely an item nobody has stored, and waiting for the
+        actor to say so is wasted; at any other time (other trainers inserting, a
+        preload running, warm epochs) a miss asks and waits, so items stored elsewhere
+        are never read again. While a preload runs, this process's inserts are also
+        what the preload waits for at its end (``raycache.reservations``): they are
+        sent every ``flush_interval_s``, not a chunk's worth at a time.
+        """
+        if self._map.changed_elsewhere or self._map.preloading:
+            return False
+        return time.monotonic() - self._buffer.last_put < STALE_S
+
+    # ------------------------------------------------------------------ writes
+    def put(self, idx: int, item: Any) -> None:
+        """Buffer ``item`` (validated and copied) for index ``idx``."""
+        if self._link.forked:
+            self._fork.send_from_child(idx, item)
+            return
+        leaves: list = []
+        template = flatten_checked(item, leaves)  # a bad item fails here
+        self._buffer_item(idx, item, (template, leaves))
+
+    def _buffer_item(self, idx: int, item: Any, flat: tuple | None = None) -> None:
+        """Buffer a validated item (parent side); also what forked children send.
+
+        ``flat``: the item's ``(template, leaves)`` (see ``chunk.flatten_checked``),
+        where the caller has them (the relay of forked workers' inserts does not).
+        """
+        if self._link.dead or self.closed or self._map.loc[idx] >= 0:
+            return  # cached already; the first value wins, as in the actor
+        if flat is None:
+            leaves: list = []
+            flat = (flatten_item(item, leaves), leaves)
+        self._buffer.add(idx, item, flat)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send buffered items now; True when the buffer is empty within ``timeout``."""
+        if not self._link.forked and not self._link.dead:
+            self._fork.drain()  # what forked workers have sent so far
+        return self._buffer.flush(self.timeout if timeout is None else timeout)
+
+    def _counter_deltas(self) -> tuple[int, int]:
+        sent_hits, sent_misses = self._sent_counts
+        hits, misses = self.hits, self.misses
+        self._sent_counts = (hits, misses)
+        return hits - sent_hits, misses - sent_misses
+
+    # ------------------------------------------------------------------ lifetime
+    def stats(self) -> dict:
+        """Return the directory's counters plus this client's own."""
+        if self._link.dead or self._link.forked:
+            raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
+        self.flush()
+        self._buffer.beat()
+        out = ray.get(self.actor.stats.remote(), timeout=self.timeout)
+        out["client"] = {"hits": self.hits, "misses": self.misses, "pending": len(self._buffer)}
+        return out
+
+    def close(self) -> None:
+        """Send buffered items, stop the background thread and detach from the cache."""
+        if self.closed or os.getpid() != self.pid:
+            return
+        usable = not self._link.forked and not self._link.dead
+        if usable:
+            self.flush()
+        self._fork.close()
+        self.closed = True
+        self._buffer.close(self.timeout)
+        if usable and not self._link.dead and ray.is_initialized():
+            self._map.forget_pending_reply()  # let Ray forget the reply while it is up
+            try:
+                ray.get(
+                    self.actor.detach.remote(self.client_id, *self._counter_deltas()),
+                    timeout=self.timeout,
+                )
+            except Exception as exc:  # the cache may be gone: detaching is best effort
+                logger.debug("raycache %s: detach failed: %s", self.name, exc)
+        forget(self)
+
+    # ------------------------------------------------------------------ fork hooks
+    def prepare_fork(self) -> None:
+        """Send buffered items, catch up and map every chunk, for children forked next.
+
+        Skipped when this thread is inside a sync already (a fork from within raycache's
+        own calls, such as Ray starting a process), so the hook can never deadlock.
+        """
+        if not self._map.lock.acquire(blocking=False):
+            return
+        self._map.lock.release()
+        self.flush()
+        self._map.sync(force=True)
+        self._fork.before_fork(self._map.map_all())
+
+    def after_fork_in_parent(self) -> None:
+        """Start reading the inserts of the child just forked; keep what it can read."""
+        self._fork.after_fork_in_parent()
+
+    def after_fork_in_child(self) -> None:
+        """Become a read-only client: serve mapped chunks, make no Ray call."""
+        self._link.forked = True
+        self._map.after_fork_in_child()
+        self._buffer.after_fork_in_child()
+        self._fork.after_fork_in_child()

@@ -1,0 +1,238 @@
+"""What a trainer does about a miss while the cache's preload runs.
+
+A miss on an index a preload unit is reading is waited for, not read a second time
+(``await_unit``); the other misses of a batch are reserved for this process, which
+reads them itself while the preload reads the rest (``being_preloaded``, and
+``raycache.reservations`` on the actor's side). While it waits, the process reads
+spare items: indices reserved for it from the top of what the preload has not reached
+(``spare_index``), so that a wait adds a reader instead of idling.
+
+Guarantees: a wait is bounded (``INFLIGHT_WAIT_S``, or the unit is given up on and the
+trainer reads the item itself); every reserved index is either read by this process
+or given back (``release_reserved``), so the preload never waits on an index nobody
+reads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+
+from raycache.client.link import LOST, ActorLink
+from raycache.client.local_map import LocalMap
+from raycache.client.write_buffer import WriteBuffer
+from raycache.protocol import READ_IT, STORED, held_by_units, unit_holding
+
+__all__ = ["INFLIGHT_WAIT_S", "SPARE_BLOCK", "SPARE_BLOCK_MAX", "PreloadWaits"]
+
+# Longest a miss waits for the preload task reading its unit. The task may not even be
+# scheduled (trainers holding every CPU): then the trainer reads the unit's items itself.
+INFLIGHT_WAIT_S = 5.0
+# Spare items reserved at a time, with the misses of a batch that waits for a unit: about
+# what a trainer reads while it waits for one (2 ms reads, units of ~0.02-0.3 s).
+SPARE_BLOCK = 8
+# A wait that outlasts its block is likely a long one: each further block of the same
+# wait is twice as big, up to this, so that a wait costs a few actor calls, not one per
+# 8 reads (a call took ~4 ms beside a preload, two reads' time).
+SPARE_BLOCK_MAX = 64
+
+
+class PreloadWaits:
+    """Waits on preload units, reservations and spare items for one client.
+
+    Parameters
+    ----------
+    link : ActorLink
+        The line to the directory actor.
+    local_map : LocalMap
+        The client's map (its units, its version).
+    buffer : WriteBuffer
+        The client's write buffer (a spare it holds is not read again).
+    """
+
+    def __init__(self, link: ActorLink, local_map: LocalMap, buffer: WriteBuffer):
+        self._link = link
+        self._map = local_map
+        self._buffer = buffer
+        self.stalled: set[int] = set()  # units whose preload reader did not end in time
+        self._spare_block: list[int] = []  # spare items reserved for this process
+        self._spare_refills = 0  # blocks asked for since the wait began
+
+    def start(self, provider_blob: bytes, threads: int, cpus_per_task: float) -> None:
+        """Have the actor start the cache's preload (once per cache), then catch up.
+
+        Parameters
+        ----------
+        provider_blob : bytes
+            The pickled provider the preload tasks read.
+        threads : int
+            Provider reads in flight.
+        cpus_per_task : float
+            CPUs each preload task reserves.
+        """
+        ray.get(
+            self._link.actor.start_preload.remote(provider_blob, threads, cpus_per_task),
+            timeout=self._link.timeout,
+        )
+        self._map.sync(force=True)
+
+    def wait_for_end(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (None: no limit) for the preload to end.
+
+        Returns
+        -------
+        bool
+            True once no preload runs; False if ``timeout`` passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            # The actor blocks at most `left` seconds per call, so no call outlives it.
+            ref = self._link.actor.wait_preload.remote(left)
+            if ray.get(ref, timeout=left + self._link.timeout):
+                self._map.sync(force=True)
+                return True
+
+    def being_preloaded(self, indices: np.ndarray, spares: bool = False) -> np.ndarray:
+        """Return, per index, whether a preload unit this client may wait for holds it.
+
+        While a preload runs, the actor is asked, and the misses no unit holds are
+        reserved for this process, which reads them: the preload's units leave them out.
+        With ``spares``, a batch that will wait for a unit also gets a block of spare
+        items to read meanwhile (``spare_index``). A forked child, which makes no Ray
+        call, goes by the units it knew of at the fork.
+
+        Parameters
+        ----------
+        indices : numpy.ndarray
+            The misses (int64).
+        spares : bool
+            Reserve a block of spare items too.
+
+        Returns
+        -------
+        numpy.ndarray
+            A bool per index: wait for it (True) or read it (False).
+        """
+        if self._map.preloading and self._link.usable():
+            block = SPARE_BLOCK if spares and not self._spare_block else 0
+            held, picked = self._reserve(indices, block)
+            self._spare_block += picked.tolist()
+            return held
+        return held_by_units(self._map.inflight, indices, skip=self.stalled)
+
+    def await_unit(self, idx: int, meanwhile: Callable[[], bool] | None) -> bool:
+        """Wait for the preload unit reading ``idx``; True if ``idx`` is cached then.
+
+        ``meanwhile`` is called again and again while the unit is not done, as long as
+        it returns True (it reads an item the preload has not reached). Its errors (the
+        provider's) are its caller's, and propagate.
+        """
+        # A preload reader is reading idx (as of the last sync, which may be a moment
+        # old): wait for it instead of reading it too.
+        unit = unit_holding(self._map.inflight, idx)
+        if unit is None or unit in self.stalled:
+            return False
+        patience = min(self._link.timeout, INFLIGHT_WAIT_S)
+        asked = time.monotonic()
+        ref = self._link.submit(
+            "wait_cached", idx, patience, self._link.client_id, self._map.version
+        )
+        if ref is LOST:
+            return False
+        try:
+            while meanwhile is not None and not _answered(ref) and meanwhile():
+                pass
+        finally:
+            self.release_spares()
+        if not _answered(ref):
+            # Nothing left to read here while the unit is read: a good moment to send what
+            # this process inserted (the preload waits for reserved items to be stored).
+            self._buffer.send_soon()
+        reply = self._link.get(ref, patience + self._link.timeout)
+        if reply is LOST:
+            return False
+        if reply is None:
+            self.stalled.add(unit)
+            return False
+        with self._map.lock:  # the map's news up to idx's unit: no sync of its own
+            self._map.apply(reply, asked)
+        return self._map.loc[idx] >= 0
+
+    def spare_index(self) -> int | None:
+        """Return an index reserved for this process to read while it waits, or None.
+
+        The actor hands out spare items from the top of the indices no preload unit has
+        reached (the preload reaches them last) and reserves them for this process, so
+        neither the preload nor another trainer reads them too. They come in blocks of
+        ``SPARE_BLOCK``, with the misses of a batch that waits (``being_preloaded``), or
+        here when the block is used up; ``release_spares`` gives back the rest.
+
+        Returns
+        -------
+        int or None
+            The index, or None when no preload is running or none is left.
+        """
+        while self._link.usable():
+            while self._spare_block:
+                idx = self._spare_block.pop(0)
+                if self._map.loc[idx] < 0 and not self._buffer.holds(idx):
+                    return idx
+            if not self._map.preloading:
+                return None
+            self._spare_refills += 1
+            count = min(SPARE_BLOCK << self._spare_refills, SPARE_BLOCK_MAX)
+            _, picked = self._reserve(np.zeros(0, dtype=np.int64), count)
+            if not len(picked):
+                return None
+            self._spare_block = picked.tolist()
+        return None
+
+    def release_spares(self) -> None:
+        """Give back the spare items reserved for this process and not read yet."""
+        block, self._spare_block = self._spare_block, []
+        self._spare_refills = 0
+        if block:
+            self.release_reserved(block)
+
+    def release_reserved(self, indices: list[int]) -> None:
+        """Tell the actor this process will not read ``indices``: the preload reads them.
+
+        Parameters
+        ----------
+        indices : list of int
+            Indices reserved for this process.
+        """
+        if self._map.preloading and self._link.usable():
+            self._link.submit(
+                "release_reserved", self._link.client_id, np.asarray(indices, np.int64)
+            )
+
+    def _reserve(self, indices: np.ndarray, spares: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ask the actor to reserve ``indices`` and ``spares`` (``CacheDirectory.reserve``).
+
+        Returns, per index, whether to wait for it instead of reading it (a unit holds
+        it, or it was stored since the last sync, which the next miss then forces),
+        and the spares reserved.
+        """
+        reply = self._link.call("reserve", self._link.client_id, indices, spares)
+        if reply is LOST:
+            return np.zeros(len(indices), dtype=bool), np.zeros(0, dtype=np.int64)
+        self._map.note_units(reply.inflight)
+        if (reply.state == STORED).any():
+            self._map.force_sync = True
+        return reply.state != READ_IT, reply.spares
+
+
+def _answered(ref: Any) -> bool:
+    """Return True once the actor has answered a ``wait_cached`` call (``ref``)."""
+    try:
+        return bool(ray.wait([ref], timeout=0)[0])
+    except Exception:  # the ray.get after it reports what went wrong
+        return True
