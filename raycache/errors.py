@@ -82,17 +82,18 @@ def plain_error(exc: BaseException, what: str | None = None) -> BaseException:
     """
     where = f" while {what}" if what else ""
     if isinstance(exc, RayTaskError):
+        # Ray's dual class forwards unknown attributes to the cause: read with defaults.
+        function = getattr(exc, "function_name", None) or "a Ray task"
+        pid = getattr(exc, "pid", None)
         cause = getattr(exc, "cause", None)
         if isinstance(cause, BaseException) and not isinstance(cause, RayTaskError):
             inner = plain_error(cause, what)
             if inner is cause:
-                note = f"raised inside Ray by {exc.function_name} (pid {exc.pid}){where}"
+                note = f"raised inside Ray by {function} (pid {pid}){where}"
                 if note not in getattr(cause, "__notes__", ()):
                     cause.add_note(note)
             return inner
-        return RemoteError(
-            f"error inside Ray{where} in {exc.function_name}: {str(exc).strip()[-2000:]}"
-        )
+        return RemoteError(f"error inside Ray{where} in {function}: {str(exc).strip()[-2000:]}")
     if isinstance(exc, RayActorError) and not isinstance(exc, CacheUnavailableError):
         return CacheUnavailableError(
             f"the cache's directory actor is gone or unreachable{where} "
