@@ -83,13 +83,14 @@ def plain_error(exc: BaseException, what: str | None = None) -> BaseException:
     where = f" while {what}" if what else ""
     if isinstance(exc, RayTaskError):
         # Ray's dual class forwards unknown attributes to the cause: read with defaults.
-        function = getattr(exc, "function_name", None) or "a Ray task"
+        function = getattr(exc, "function_name", None)
         pid = getattr(exc, "pid", None)
+        origin = "".join([f" by {function}" if function else "", f" (pid {pid})" if pid else ""])
         cause = getattr(exc, "cause", None)
         if isinstance(cause, BaseException) and not isinstance(cause, RayTaskError):
             inner = plain_error(cause, what)
             if inner is cause:
-                note = f"raised inside Ray by {function} (pid {pid}){where}"
+                note = f"raised inside Ray{origin}{where}"
                 if note not in getattr(cause, "__notes__", ()):
                     cause.add_note(note)
             return inner

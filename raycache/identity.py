@@ -40,6 +40,7 @@ import socket
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any
@@ -443,12 +444,21 @@ class CacheIdentity:
         return text + ")"
 
 
+# (id(provider), length, stated) -> identity, for providers alive in this process.
+_taken: dict[tuple[int, int, str | None], CacheIdentity] = {}
+_taken_lock = threading.Lock()
+
+
 def derive_identity(provider: Any, length: int, stated: str | None = None) -> CacheIdentity:
-    """Compute a provider's cache identity.
+    """Compute a provider's cache identity, once per provider object in a process.
 
     Precedence: ``stated`` (the ``raycache.identity`` config key), then the provider's
     ``cache_identity()`` method, then the digest of the provider's attributes under the
     rule in ``docs/identity.md``.
+
+    The identity is taken the first time it is asked for and kept while the provider
+    lives: a provider's read counters and other state that changes as it serves items
+    must not move a second ``DataCache`` over the same provider to another cache.
 
     Parameters
     ----------
@@ -470,6 +480,26 @@ def derive_identity(provider: Any, length: int, stated: str | None = None) -> Ca
     TypeError
         If ``cache_identity`` exists but is not callable.
     """
+    key = (id(provider), int(length), stated)
+    with _taken_lock:
+        known = _taken.get(key)
+    if known is not None:
+        return known
+    identity = _derive(provider, length, stated)
+    try:
+        weakref.finalize(provider, _forget, key)
+    except TypeError:  # not weak-referenceable: no way to know when the id is reused
+        return identity
+    with _taken_lock:
+        return _taken.setdefault(key, identity)
+
+
+def _forget(key: tuple[int, int, str | None]) -> None:
+    with _taken_lock:
+        _taken.pop(key, None)
+
+
+def _derive(provider: Any, length: int, stated: str | None) -> CacheIdentity:
     qualname = type(provider).__qualname__
     digester = _Digester()
     left_out: tuple[str, ...] = ()

@@ -64,7 +64,7 @@ def test_error_from_a_real_actor_becomes_plain_and_pickles(ray_address, kind):
     back = pickle.loads(pickle.dumps(plain))
     assert type(back) is type(plain)
     assert "cache 'x' holds other items" in str(back)
-    assert any("raised inside Ray by" in note for note in back.__notes__)
+    assert any("raised inside Ray" in note and "attaching" in note for note in back.__notes__)
     ray.kill(actor)
 
 

@@ -282,3 +282,13 @@ def test_same_identity_in_script_importer_and_spawned_worker(tmp_path):
     assert seen["import"][0] == "myscript"
     assert seen["worker"][0] == "__mp_main__"
     assert len({(name, fp) for _, name, fp in seen.values()}) == 1, seen
+
+
+def test_identity_is_taken_once_per_provider_object():
+    p = Files("/data/a")
+    first = ident(p)
+    p.reads = 17  # state a provider changes as it serves items
+    assert ident(p) is first
+    fresh = Files("/data/a")
+    fresh.reads = 17
+    assert ident(fresh).digest != first.digest  # a new object is digested as it is now

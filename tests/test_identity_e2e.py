@@ -121,14 +121,18 @@ WORKER = """
 import os
 import torch
 from providers import ArrayProvider
+import raycache
 from raycache import CachedDataset, DataCache
 
 if __name__ == "__main__":
     name = os.environ["CACHE"]
+    dataset = CachedDataset(ArrayProvider(4, scale=3.0), {"raycache": {"name": name}})
+    # Another job drops the cache and makes its own under the same name: the worker,
+    # attaching by name, finds items of another provider.
+    raycache.drop_cache(name)
     holder = DataCache({"raycache": {"name": name}}, ArrayProvider(4, scale=1.0))
     holder.insert_into_cache(0, ArrayProvider(4)[0])
     holder.flush(timeout=60)
-    dataset = CachedDataset(ArrayProvider(4, scale=3.0), {"raycache": {"name": name}})
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=1,
         multiprocessing_context="spawn", timeout=60,
