@@ -10,7 +10,9 @@ surfacing later as a cache that silently does the wrong thing.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ class _Key:
     doc: str
     minimum: float | None = None
     nullable: bool = False
+    choices: tuple[Any, ...] | None = None
 
 
 # The data_set keys keep Hyrax's meaning.
@@ -56,6 +59,21 @@ RAYCACHE_KEYS: dict[str, _Key] = {
         "Cache name; every DataCache with this name on one Ray cluster shares one cache. "
         "Unset: derived from the provider's class, length and state.",
         nullable=True,
+    ),
+    "identity": _Key(
+        None,
+        (str,),
+        "States what the provider's items are (for example a dataset version): replaces "
+        "the digest of the provider's state in the cache's identity (docs/identity.md). "
+        "Unset: the provider's cache_identity(), else a digest of its state.",
+        nullable=True,
+    ),
+    "on_mismatch": _Key(
+        "error",
+        (str,),
+        'What to do when the cache under this name holds another provider\'s items: "error" '
+        'raises CacheMismatchError; "rebuild" drops that cache and refills it.',
+        choices=("error", "rebuild"),
     ),
     "namespace": _Key("raycache", (str,), "Ray namespace of the cache's directory actor."),
     "address": _Key(
@@ -136,9 +154,85 @@ def _check(table: str, key: str, spec: _Key, value: Any) -> Any:
         )
     if spec.minimum is not None and value < spec.minimum:
         raise ConfigError(f"config key {where!r} must be >= {spec.minimum}, got {value!r}")
-    if key == "name" and not value.strip():
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(
+            f"config key {where!r} must be one of {', '.join(map(repr, spec.choices))}, "
+            f"got {value!r}"
+        )
+    if key in ("name", "identity") and not value.strip():
         raise ConfigError(f"config key {where!r} must be a non-empty string")
     return value
+
+
+# Keys of Hyrax's data_set table that are not cache keys, although some are spelt like one.
+_HYRAX_DATA_SET_KEYS = frozenset(
+    {
+        "crop_to",
+        "filters",
+        "filter_catalog",
+        "transform",
+        "train_size",
+        "validate_size",
+        "test_size",
+        "seed",
+        "object_id_column_name",
+        "filter_column_name",
+        "filename_column_name",
+        "nan_mode",
+        "nan_quantile",
+        "astropy_table",
+        "semi_width_deg",
+        "semi_height_deg",
+    }
+)
+
+_FLAT_EXAMPLE = (
+    "{'data_set': {'use_cache': True, 'preload_cache': False}, "
+    "'raycache': {'name': 'my-cache', 'max_bytes': 2_000_000_000}} "
+    '(in TOML: [data_set] use_cache = true ... [raycache] name = "my-cache")'
+)
+
+
+def _warn_near_miss(key: Any) -> None:
+    """Warn when an unknown data_set key is spelt almost like a cache key."""
+    if not isinstance(key, str) or key in _HYRAX_DATA_SET_KEYS:
+        return
+    if key in RAYCACHE_KEYS:
+        warnings.warn(
+            f"config key data_set.{key} is not read: raycache's own keys go in the "
+            f"[raycache] table (raycache.{key})",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
+    known = sorted(DATA_SET_KEYS) + [f"raycache.{k}" for k in RAYCACHE_KEYS]
+    bare = {k.split(".", 1)[-1]: k for k in known}
+    near = difflib.get_close_matches(key, list(bare), n=1, cutoff=0.8)
+    if near:
+        warnings.warn(
+            f"config key data_set.{key} is not a key raycache or Hyrax's cache reads; "
+            f"did you mean {bare[near[0]] if '.' in bare[near[0]] else 'data_set.' + near[0]}?",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _check_shape(config: Mapping[str, Any]) -> None:
+    """Refuse a config whose cache keys are not inside the data_set/raycache tables."""
+    flat = sorted(
+        k
+        for k, v in config.items()
+        if isinstance(k, str)
+        and (k in DATA_SET_KEYS or k in RAYCACHE_KEYS)
+        and not isinstance(v, Mapping)
+    )
+    if flat:
+        raise ConfigError(
+            f"config keys {flat} are at the top level, where they are not read; the config "
+            f"is a dict of tables: Hyrax's cache keys (use_cache, preload_cache, "
+            f"preload_threads) go in 'data_set' and raycache's keys in 'raycache', e.g. "
+            f"{_FLAT_EXAMPLE}"
+        )
 
 
 def _names(types: tuple[type, ...]) -> str:
@@ -155,7 +249,9 @@ def _read_table(config: Mapping[str, Any], table: str, keys: dict[str, _Key]) ->
     for key, value in raw.items():
         if key not in keys:
             if table == "data_set":
-                # Hyrax's data_set table holds many keys raycache does not use.
+                # Hyrax's data_set table holds many keys raycache does not use; only a
+                # key that looks like a misspelt cache key is worth a word.
+                _warn_near_miss(key)
                 continue
             raise ConfigError(
                 f"unknown config key {table}.{key!r}; accepted keys: {', '.join(sorted(keys))}"
@@ -178,6 +274,8 @@ class CacheConfig:
     preload_cache: bool = DATA_SET_KEYS["preload_cache"].default
     preload_threads: int = DATA_SET_KEYS["preload_threads"].default
     name: str | None = None
+    identity: str | None = None
+    on_mismatch: str = RAYCACHE_KEYS["on_mismatch"].default
     namespace: str = RAYCACHE_KEYS["namespace"].default
     address: str | None = None
     max_bytes: int | None = None
@@ -210,13 +308,21 @@ class CacheConfig:
         Raises
         ------
         ConfigError
-            For an unknown ``raycache`` key, a wrong type or an impossible value; the
-            message names the key and what is accepted.
+            For an unknown ``raycache`` key, a wrong type or an impossible value, or
+            cache keys outside their tables (a flat config); the message names the key
+            and what is accepted.
+
+        Warns
+        -----
+        UserWarning
+            For a ``data_set`` key spelt almost like a cache key (``preload_cahce``), or
+            a raycache key put in ``data_set``; the message names the key meant.
         """
         if config is None:
             return cls()
         if not isinstance(config, Mapping):
             raise ConfigError(f"config must be a dict of tables, got {type(config).__name__}")
+        _check_shape(config)
         values = _read_table(config, "data_set", DATA_SET_KEYS)
         values.update(_read_table(config, "raycache", RAYCACHE_KEYS))
         return cls(**values)

@@ -88,3 +88,59 @@ def test_replace_validates():
         CacheConfig().replace(chunk_size=0)
     with pytest.raises(ConfigError, match="bogus"):
         CacheConfig().replace(bogus=1)
+
+
+def test_identity_and_on_mismatch_keys():
+    cfg = CacheConfig.from_dict({"raycache": {"identity": "gaia-dr3", "on_mismatch": "rebuild"}})
+    assert (cfg.identity, cfg.on_mismatch) == ("gaia-dr3", "rebuild")
+    assert CacheConfig.from_dict(None).on_mismatch == "error"
+    assert CacheConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="'error', 'rebuild'.*'drop'"):
+        CacheConfig.from_dict({"raycache": {"on_mismatch": "drop"}})
+    with pytest.raises(ConfigError, match="non-empty"):
+        CacheConfig.from_dict({"raycache": {"identity": " "}})
+
+
+@pytest.mark.parametrize(
+    "key,meant",
+    [
+        ("preload_cahce", "data_set.preload_cache"),
+        ("use_cach", "data_set.use_cache"),
+        ("preload_thread", "data_set.preload_threads"),
+        ("chunk_sizes", "raycache.chunk_size"),
+    ],
+)
+def test_misspelt_data_set_key_warns_with_nearest_key(key, meant):
+    with pytest.warns(UserWarning, match=f"data_set.{key} .*did you mean {meant}"):
+        cfg = CacheConfig.from_dict({"data_set": {key: True}})
+    assert cfg.preload_cache is False  # the misspelt key was not taken for the real one
+
+
+def test_raycache_key_in_data_set_warns_where_it_belongs():
+    with pytest.warns(UserWarning, match=r"data_set.max_bytes is not read.*\[raycache\]"):
+        CacheConfig.from_dict({"data_set": {"max_bytes": 10}})
+
+
+def test_hyrax_data_set_keys_do_not_warn(recwarn):
+    CacheConfig.from_dict(
+        {
+            "data_set": {
+                "crop_to": False,
+                "filters": False,
+                "seed": 3,
+                "nan_mode": "zero",
+                "train_size": 0.6,
+                "transform": False,
+                "HyraxRandomDataset": {"size": 10},
+            }
+        }
+    )
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_flat_config_is_an_error_showing_the_shape():
+    with pytest.raises(ConfigError) as err:
+        CacheConfig.from_dict({"use_cache": True, "name": "imgs"})
+    text = str(err.value)
+    assert "['name', 'use_cache']" in text
+    assert "'data_set': {" in text and "'raycache': {" in text and "[raycache]" in text
