@@ -264,6 +264,11 @@ def run(args: argparse.Namespace) -> int:
         cache = DataCache(for_cache, provider)
     except ConfigError as exc:
         raise PreloadError(f"bad config {args.config!r}: {exc}", code=2) from exc
+    from raycache.runtime import ensure_ray
+
+    # The preload's own log lines (one per failing index) would repeat what the summary
+    # line says; the command reports errors itself.
+    ensure_ray(cache.config.address, log_to_driver=False)
     try:
         return _fill(cache, args)
     finally:

@@ -80,7 +80,9 @@ def _check_not_forked() -> None:
         )
 
 
-def ensure_ray(address: str | None = None, timeout: float = INIT_TIMEOUT_S) -> None:
+def ensure_ray(
+    address: str | None = None, timeout: float = INIT_TIMEOUT_S, log_to_driver: bool = True
+) -> None:
     """Connect this process to Ray unless it already is.
 
     Parameters
@@ -91,6 +93,9 @@ def ensure_ray(address: str | None = None, timeout: float = INIT_TIMEOUT_S) -> N
         node Ray shared by this user's raycache processes (started if needed).
     timeout : float
         Seconds ``ray.init`` may take once the address answers.
+    log_to_driver : bool
+        Show the output of Ray workers and actors in this process (``ray.init``'s
+        option); a command that summarises their errors itself turns it off.
 
     Raises
     ------
@@ -104,16 +109,16 @@ def ensure_ray(address: str | None = None, timeout: float = INIT_TIMEOUT_S) -> N
         return
     found = find_running_ray(address)
     if found is not None:
-        _init(found, timeout, found_here=address is None)
+        _init(found, timeout, found_here=address is None, log_to_driver=log_to_driver)
         return
     from raycache import node_ray
 
     try:
         node_address = node_ray.attach(start=True)
     except node_ray.NodeRayError as exc:
-        _start_private(str(exc))
+        _start_private(str(exc), log_to_driver)
         return
-    _init(node_address, timeout, found_here=True)
+    _init(node_address, timeout, found_here=True, log_to_driver=log_to_driver)
 
 
 def find_running_ray(address: str | None = None) -> str | None:
@@ -237,7 +242,7 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def _init(address: str, timeout: float, found_here: bool) -> None:
+def _init(address: str, timeout: float, found_here: bool, log_to_driver: bool = True) -> None:
     """Run ``ray.init(address)`` with a deadline.
 
     ``ray.init`` to an address that accepts connections but is no healthy GCS retries
@@ -258,7 +263,7 @@ def _init(address: str, timeout: float, found_here: bool) -> None:
 
     def run() -> None:
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
             outcome["error"] = None
         except BaseException as exc:  # handed to the waiting thread below
             outcome["error"] = exc
@@ -316,7 +321,7 @@ class _quiet_sigterm_warning:
         logging.getLogger("ray._private.worker").removeFilter(self.filter)
 
 
-def _start_private(reason: str) -> None:
+def _start_private(reason: str, log_to_driver: bool = True) -> None:
     """Start a Ray of this process's own, saying once why the node Ray was not used."""
     global _warned_private
     if not _warned_private:
@@ -332,6 +337,7 @@ def _start_private(reason: str) -> None:
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         logging_level=logging.WARNING,
+        log_to_driver=log_to_driver,
     )
 
 
