@@ -207,13 +207,18 @@ def test_provider_file_override_and_no_keep(ray_address, workdir, cache_name):
     assert cache_name not in list_caches(), "a --no-keep cache outlived its linger"
 
 
-def test_provider_error_is_reported_with_its_index(ray_address, workdir, cache_name):
+@pytest.mark.parametrize("on_error, verb", [("continue", "failed at"), ("stop", "stopped at")])
+def test_provider_error_is_reported_with_its_index(
+    ray_address, workdir, cache_name, on_error, verb
+):
     cfg = write_config(workdir, cache_name, extra="fail_at = [7]")
-    proc = run(["-m", "raycache", "preload", str(cfg)], workdir, ray_address)
+    proc = run(
+        ["-m", "raycache", "preload", str(cfg), "--on-error", on_error], workdir, ray_address
+    )
     try:
         assert proc.returncode == 1, proc.stderr
         line = one_line(proc.stderr)
-        assert "index 7" in line and "bad item 7" in line
+        assert "index 7" in line and "bad item 7" in line and verb in line
     finally:
         run(["-m", "raycache", "drop", cache_name], workdir, ray_address)
 
