@@ -211,8 +211,17 @@ def read_host(directory: Path | None = None, timeout: float = 1.0) -> dict[str, 
     dict or None
         ``address`` (GCS ``host:port``), ``pid`` (the host process), ``session_dir``;
         None when there is no record, its host is gone or its Ray does not answer.
+
+    Raises
+    ------
+    NodeRayError
+        If the per-user directory exists but is not private to this user.
     """
-    directory = node_dir() if directory is None else directory
+    if directory is None:
+        # Only a directory private to this user is trusted to name the Ray to join.
+        directory = _secure_dir(create=False)
+        if directory is None:
+            return None
     try:
         record = json.loads((directory / ADDRESS_FILE).read_text())
     except FileNotFoundError:

@@ -109,7 +109,8 @@ def ensure_ray(
         return
     found = find_running_ray(address)
     if found is not None:
-        _init(found, timeout, found_here=address is None, log_to_driver=log_to_driver)
+        found_here = _register_if_node_ray(found) or address is None
+        _init(found, timeout, found_here=found_here, log_to_driver=log_to_driver)
         return
     from raycache import node_ray
 
@@ -163,7 +164,10 @@ def find_running_ray(address: str | None = None) -> str | None:
         return recorded
     from raycache import node_ray
 
-    record = node_ray.read_host(timeout=SOCKET_TIMEOUT_S)
+    try:
+        record = node_ray.read_host(timeout=SOCKET_TIMEOUT_S)
+    except node_ray.NodeRayError:  # not trusted; ensure_ray reports it when it attaches
+        return None
     return None if record is None else str(record["address"])
 
 
@@ -193,13 +197,26 @@ def attach_running(address: str | None = None, timeout: float = 10.0) -> None:
             "no Ray is running on this machine (no RAY_ADDRESS, no `ray start`, no raycache "
             "node Ray); give --address to inspect another cluster"
         )
+    found_here = _register_if_node_ray(found) or address is None
+    _init(found, timeout, found_here=found_here)
+
+
+def _register_if_node_ray(address: str) -> bool:
+    """If ``address`` is this user's node Ray, count this process as its user; True then.
+
+    A process may be handed the node Ray's address explicitly (a DDP rank told by rank
+    0, a spawned DataLoader worker): it must hold the node Ray up like any other user,
+    and authenticate as a process that found it itself.
+    """
     from raycache import node_ray
 
-    record = node_ray.read_host(timeout=SOCKET_TIMEOUT_S)
-    if record is not None and record["address"] == found:
-        # Counted as a user while attached, so the node Ray does not stop under us.
-        node_ray.attach(start=False)
-    _init(found, timeout, found_here=address is None)
+    try:
+        record = node_ray.read_host(timeout=SOCKET_TIMEOUT_S)
+    except node_ray.NodeRayError:
+        return False
+    if record is None or record["address"] != address:
+        return False
+    return node_ray.attach(start=False) == address
 
 
 def _ray_start_address() -> str | None:

@@ -163,7 +163,22 @@ def test_node_ray_listens_on_loopback_only(isolated_env):
                 [p.name(), c.laddr.ip, c.laddr.port]
                 for c in conns if c.status == psutil.CONN_LISTEN
             ]
-        print(json.dumps({"listening": listening, "host": record["pid"]}))
+        # A sibling handed the address explicitly (as a DDP rank is by rank 0), with
+        # none of the settings this process picked up, joins the same Ray.
+        import subprocess, sys
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+        sibling = subprocess.run(
+            [sys.executable, "-c",
+             "import ray; from raycache.runtime import ensure_ray; "
+             f"ensure_ray({record['address']!r}); "
+             "print(ray.get_runtime_context().gcs_address)"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert sibling.returncode == 0, sibling.stderr
+        joined = sibling.stdout.strip().splitlines()[-1]
+        print(json.dumps({"listening": listening, "host": record["pid"], "sibling": joined,
+                          "address": record["address"]}))
         """
     )
     proc = subprocess.run(
@@ -171,6 +186,7 @@ def test_node_ray_listens_on_loopback_only(isolated_env):
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["sibling"] == out["address"], "a sibling given the address joined elsewhere"
     assert out["listening"], "found no listening socket to check"
     for name, ip, port in out["listening"]:
         assert ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1"), f"{name} listens on {ip}:{port}"
