@@ -1,4 +1,9 @@
-"""Finding and dropping caches by name, from any process attached to the cluster."""
+"""Finding, inspecting and dropping caches by name, from any process.
+
+These calls inspect a Ray that is running; they never start one (a Ray started only to
+find that it holds no cache would cost seconds and tell nothing). With no Ray running
+they raise :class:`~raycache.runtime.NoRayRunningError`.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ import ray
 
 from raycache.config import RAYCACHE_KEYS
 from raycache.directory import directory_actor
-from raycache.runtime import ensure_ray
+from raycache.runtime import attach_running
 
-__all__ = ["cache_stats", "drop_cache", "list_caches"]
+__all__ = ["cache_stats", "cache_summaries", "drop_cache", "list_caches"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +51,13 @@ def drop_cache(
     bool
         True if the cache existed. Once this returns, the name is free: a new cache by
         that name starts a new actor, and another drop returns False.
+
+    Raises
+    ------
+    NoRayRunningError
+        If no Ray is running (and so no cache).
     """
-    ensure_ray(address)
+    attach_running(address)
     try:
         actor = directory_actor(name, namespace)
     except ValueError:
@@ -97,8 +107,13 @@ def list_caches(namespace: str | None = _DEFAULT_NS, address: str | None = None)
     -------
     list of str
         Cache names, sorted.
+
+    Raises
+    ------
+    NoRayRunningError
+        If no Ray is running.
     """
-    ensure_ray(address)
+    attach_running(address)
     actors = ray.util.list_named_actors(all_namespaces=True)
     return sorted(
         a["name"][len(_PREFIX) :]
@@ -132,6 +147,66 @@ def cache_stats(
     ------
     ValueError
         If there is no such cache.
+    NoRayRunningError
+        If no Ray is running.
     """
-    ensure_ray(address)
+    attach_running(address)
     return ray.get(directory_actor(name, namespace).stats.remote(), timeout=timeout)
+
+
+def cache_summaries(
+    namespace: str | None = _DEFAULT_NS, address: str | None = None, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """Return one line of figures per cache: name, size and clients.
+
+    The caches are asked all at once and each answer is awaited at most ``timeout``
+    seconds, so one stuck cache delays the listing by that much, not forever.
+
+    Parameters
+    ----------
+    namespace : str or None
+        Only this namespace; None lists every namespace.
+    address : str, optional
+        Ray address; by default the running Ray.
+    timeout : float
+        Seconds to wait for the caches' answers.
+
+    Returns
+    -------
+    list of dict
+        Sorted by namespace and name; each has ``name``, ``namespace``, and from the
+        cache's stats ``length``, ``items``, ``bytes``, ``clients``, ``detached`` and
+        ``preload`` (its state), or ``error`` when the cache did not answer.
+
+    Raises
+    ------
+    NoRayRunningError
+        If no Ray is running.
+    """
+    attach_running(address)
+    actors = sorted(
+        (a["namespace"], a["name"][len(_PREFIX) :])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(_PREFIX) and (namespace is None or a["namespace"] == namespace)
+    )
+    asked = []
+    for ns, name in actors:
+        try:
+            asked.append((ns, name, directory_actor(name, ns).stats.remote()))
+        except ValueError:  # freed between the listing and the lookup
+            continue
+    deadline = time.monotonic() + timeout
+    rows = []
+    for ns, name, ref in asked:
+        row: dict[str, Any] = {"name": name, "namespace": ns}
+        try:
+            stats = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as exc:  # reported per cache: one dead cache must not hide the rest
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            for key in ("length", "items", "bytes", "clients", "detached"):
+                row[key] = stats.get(key)
+            preload = stats.get("preload")
+            row["preload"] = preload.get("state") if isinstance(preload, dict) else preload
+        rows.append(row)
+    return rows
