@@ -19,7 +19,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "cluster_configs"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "cluster_configs"
 LAUNCHER_FILES = ["local-static.yaml", "aws.yaml", "gcp.yaml"]
 SBATCH = CONFIGS / "slurm-ray.sbatch"
 GIB = 1024**3
@@ -265,3 +266,12 @@ def test_sbatch_starts_workers_once_the_head_answers_and_runs_training(tmp_path)
     assert "--nnodes=2" in lines[order[-1]] and lines[order[-1]].endswith("train.py --epochs 1")
     # Both `ray start --block` steps were stopped when the script ended.
     assert len(_wait_for_line(log, "stopped ", 2, timeout=5)) == 2
+
+
+def test_job_submit_runtime_env_is_accepted_by_ray():
+    from ray.runtime_env import RuntimeEnv
+
+    path = REPO / "examples" / "ray_job_submit" / "runtime_env.yaml"
+    with open(path) as f:
+        env = RuntimeEnv(**yaml.safe_load(f), working_dir=str(REPO))
+    assert ".git" in env["excludes"]

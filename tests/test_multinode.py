@@ -325,7 +325,7 @@ def test_a_node_lost_mid_epoch_costs_no_read(cluster, name, tmp_path):
     assert ds.cache.wait_for_preload(timeout=WAIT_S)
     assert ds.cache.stats()["items"] == N
     reads = provider_reads(tmp_path)
-    # The items read on the doomed node are in chunks stored only in its object store.
+    # The items read on the doomed node are in chunks its preload task stored there.
     lost = sorted(reads.get(nodes["node3"], []))
     assert len(lost) >= CHUNK, {k: len(v) for k, v in reads.items()}
     kept = sorted(set(range(N)) - set(lost))
@@ -337,19 +337,30 @@ def test_a_node_lost_mid_epoch_costs_no_read(cluster, name, tmp_path):
     )
     bad, checked, removed = [], 0, False
     reads_before_loss = read_count(tmp_path)
-    for batch_indices, items in zip(_batches(order), loader):
-        if not removed and batch_indices[-1] in set(lost):
-            # The next batch holds lost items: the loader has read ahead of it no further.
-            cluster.remove_node(doomed, allow_graceful=False)
-            removed = True
-        for i, item in zip(batch_indices, items):
+    batches = _batches(order)
+    lost_set = set(lost)
+    for b, items in enumerate(loader):
+        for i, item in zip(batches[b], items):
             problem = item_mismatch(item, i)
             if problem:
                 bad.append(problem)
             checked += 1
+        if not removed and b + 1 < len(batches) and lost_set & set(batches[b + 1]):
+            # Mid-epoch, before any of the node's items was read: a DataLoader with no
+            # workers reads a batch only when it is asked for the next one.
+            cluster.remove_node(doomed, allow_graceful=False)
+            removed = True
     assert removed
     assert bad == [] and checked == N
-    # Whatever the cache could not serve any more was read from the provider.
-    assert read_count(tmp_path) - reads_before_loss >= len(lost)
+    # Served from the cache where a copy survived, from the provider where none did:
+    # never more provider reads than the items whose chunks were read on the lost node.
+    # (Today every preloaded chunk also has a copy on the head node, so the lost items
+    # are served from there and this is 0; see docs/cluster.md.)
+    assert read_count(tmp_path) - reads_before_loss <= len(lost)
+    # Ray itself declares the node dead (health checks): wait for it, with a timeout.
+    deadline = time.monotonic() + WAIT_S
+    while "node3" in node_ids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert node_ids().keys() == {"node0", "node1", "node2"}
     ds.cache.close()
     raycache.drop_cache(name)
