@@ -155,9 +155,10 @@ def warm_workers(names: list[str]) -> None:
     ray.get([_warm_worker.options(resources={k: 0.01}).remote() for k in names], timeout=WAIT_S)
 
 
-def cache_config(name: str, **raycache_keys: object) -> dict:
+def cache_config(name: str, tasks: int = 3, **raycache_keys: object) -> dict:
+    # One preload task per thread up to the cluster's CPUs: with 1 CPU per node, one per node.
     return {
-        "data_set": {"use_cache": True, "preload_cache": True, "preload_threads": 3},
+        "data_set": {"use_cache": True, "preload_cache": True, "preload_threads": tasks},
         "raycache": {"name": name, "chunk_size": CHUNK, "timeout_s": 30.0, **raycache_keys},
     }
 
@@ -314,7 +315,7 @@ def test_a_node_lost_mid_epoch_costs_no_read(cluster, name, tmp_path):
     # The cache's directory actor starts before the doomed node joins, so it cannot be
     # placed there: this test is about losing chunks, not the directory.
     provider = NodeLoggingProvider(N, str(tmp_path), latency_s=0.002)
-    config = cache_config(name)
+    config = cache_config(name, tasks=4)
     DataCache(config, provider).stats()
     doomed = cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES, resources={"node3": 1})
     cluster.wait_for_nodes(timeout=WAIT_S)
