@@ -54,12 +54,8 @@ def _actor_memory(actor: Any) -> dict:
 
         with open("/proc/self/status") as f:
             rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-        events = sum(e[2].nbytes + e[3].nbytes for e in self._events if e[0] == "add")
         return {
-            "map_bytes": int(self._chunk_of.nbytes + self._row_of.nbytes),
-            "event_log_bytes": int(events),
-            "events": len(self._events),
-            "chunks": len(self._refs),
+            **self.footprint(),
             "rss": rss,
             "pss": (pss(os.getpid()) or {}).get("pss"),
         }

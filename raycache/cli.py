@@ -163,7 +163,11 @@ def _parser() -> argparse.ArgumentParser:
         help="train a small CNN on synthetic cutouts, with and without the cache",
         add_help=False,
     )
-    sub.add_parser("bench", help="run the benchmark suite", add_help=False)
+    sub.add_parser(
+        "bench",
+        help="run the benchmark suite (source tree); report to --out DIR",
+        add_help=False,
+    )
 
     from raycache import preload_command
 
@@ -233,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "demo":
-        from raycache.demo import main as demo_main
+        from raycache.tools.demo import main as demo_main
 
         return demo_main(argv[1:])
     if argv and argv[0] == "bench":
-        from raycache.bench import main as bench_main
+        from raycache.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)

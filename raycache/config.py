@@ -75,12 +75,19 @@ RAYCACHE_KEYS: dict[str, _Key] = {
         'raises CacheMismatchError; "rebuild" drops that cache and refills it.',
         choices=("error", "rebuild"),
     ),
+    "provider": _Key(
+        None,
+        (str,),
+        "module:callable (or file.py:callable) that returns the provider, called with the "
+        "config dict; read by `raycache preload`, ignored by caches.",
+        nullable=True,
+    ),
     "namespace": _Key("raycache", (str,), "Ray namespace of the cache's directory actor."),
     "address": _Key(
         None,
         (str,),
-        "Ray address to connect to. Unset: the running Ray if there is one, else an "
-        "embedded local Ray started for this process.",
+        "Ray address to connect to. Unset: RAY_ADDRESS, then a Ray started with `ray start`, "
+        "then the node Ray shared by this user's raycache processes on the node.",
         nullable=True,
     ),
     "max_bytes": _Key(
@@ -276,6 +283,7 @@ class CacheConfig:
     name: str | None = None
     identity: str | None = None
     on_mismatch: str = RAYCACHE_KEYS["on_mismatch"].default
+    provider: str | None = None
     namespace: str = RAYCACHE_KEYS["namespace"].default
     address: str | None = None
     max_bytes: int | None = None

@@ -23,9 +23,10 @@ import ray
 from raycache.batch import gather, read_partial
 from raycache.client import CacheClient
 from raycache.config import CacheConfig
-from raycache.errors import CacheUnavailableError
+from raycache.errors import CacheUnavailableError, ray_errors_as_plain
 from raycache.indices import check_index, index_array
 from raycache.metrics import ReadMetrics
+from raycache.mismatch import attach_with_policy
 from raycache.miss_reads import MissReads
 from raycache.naming import default_name, fingerprint
 from raycache.protocol import chunk_ids
@@ -90,7 +91,7 @@ class DataCache:
     def name(self) -> str:
         """The cache name: ``raycache.name``, or one derived from the provider."""
         if self._name is None:
-            self._name = default_name(self._data_provider, self._length())
+            self._name = default_name(self._data_provider, self._length(), self.config.identity)
         return self._name
 
     def _length(self) -> int:
@@ -178,13 +179,24 @@ class DataCache:
             return None
         with self._attach_lock:
             if self._client is None:
-                length = self._length()
-                self._client = CacheClient(
-                    self.config, self.name, length, fingerprint(self._data_provider, length)
-                )
+                self._client = self._attach_client()
                 if self.config.log_dir:
                     self._metrics.open(self.config.log_dir, f"client-{self.name}")
         return self._client
+
+    def _attach_client(self) -> CacheClient:
+        """Create this process's client, per ``raycache.on_mismatch``; plain errors only."""
+        from raycache.admin import drop_cache
+
+        config, name, length = self.config, self.name, self._length()
+        described = fingerprint(self._data_provider, length, config.identity)
+        with ray_errors_as_plain(f"attaching to cache {name!r}"):
+            return attach_with_policy(
+                lambda: CacheClient(config, name, length, described),
+                lambda: drop_cache(name, config.namespace, config.address),
+                config.on_mismatch,
+                name,
+            )
 
     # ------------------------------------------------------------------ seed API
     def start_preload_thread(self) -> None:
@@ -205,7 +217,8 @@ class DataCache:
         client = self.attach()
         if client is None:
             return
-        client.waits.start(blob, self.config.preload_threads, self.config.preload_cpus)
+        with ray_errors_as_plain(f"starting the preload of cache {self.name!r}"):
+            client.waits.start(blob, self.config.preload_threads, self.config.preload_cpus)
 
     def try_fetch(self, idx: int) -> dict | None:
         """Fetch item ``idx`` from the cache.
@@ -384,7 +397,8 @@ class DataCache:
         client = self.attach()
         if client is None:
             return True
-        return client.waits.wait_for_end(timeout)
+        with ray_errors_as_plain(f"waiting for the preload of cache {self.name!r}"):
+            return client.waits.wait_for_end(timeout)
 
     def stats(self) -> dict:
         """Return the cache's counters.
@@ -415,7 +429,8 @@ class DataCache:
         client = self.attach()
         if client is None:
             raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
-        out = client.stats()
+        with ray_errors_as_plain(f"reading the counters of cache {self.name!r}"):
+            out = client.stats()
         out["use_cache"] = True
         return out
 

@@ -32,6 +32,7 @@ from raycache.directory_clients import ClientTable
 from raycache.directory_map import SNAPSHOT_AFTER, ChunkMap
 from raycache.directory_store import ChunkStore
 from raycache.errors import CacheMismatchError
+from raycache.identity import mismatch_message
 from raycache.preload import PreloadRun
 from raycache.protocol import (
     READ_IT,
@@ -109,10 +110,9 @@ class CacheDirectory:
         mine, theirs = self.spec["fingerprint"], spec["fingerprint"]
         if int(spec["length"]) != int(self.spec["length"]) or mine != theirs:
             raise CacheMismatchError(
-                f"cache {self.spec['name']!r} holds {self.spec['length']} items of "
-                f"{mine!r}, but this client has {spec['length']} items of {theirs!r}; "
-                "use another raycache.name, or drop the old cache with "
-                f"raycache.drop_cache({self.spec['name']!r})"
+                mismatch_message(
+                    self.spec["name"], int(self.spec["length"]), mine, int(spec["length"]), theirs
+                )
             )
         with self._lock:
             self._clients.attach(client_id, info, time.monotonic())

@@ -1,9 +1,4 @@
-"""End to end: processes whose provider is defined in a script share one cache by identity.
-
-Tests marked ``xfail(reason="needs wiring")`` need the call-site changes in data_cache.py,
-client.py and directory.py that go with raycache.identity / raycache.mismatch /
-raycache.errors.ray_errors_as_plain; they are expected to pass once those are made.
-"""
+"""End to end: processes whose provider is defined in a script share one cache by identity."""
 
 from __future__ import annotations
 
@@ -89,7 +84,6 @@ def test_script_and_importer_share_one_warm_cache(ray_address, tmp_path):
         raycache.drop_cache(name)
 
 
-@pytest.mark.xfail(strict=False, reason="needs wiring")
 def test_config_identity_names_the_cache(ray_address):
     a = DataCache({"raycache": {"identity": "v1"}}, ArrayProvider(5, scale=1.0))
     b = DataCache({"raycache": {"identity": "v1"}}, ArrayProvider(5, scale=2.0))
@@ -97,7 +91,6 @@ def test_config_identity_names_the_cache(ray_address):
     assert a.name == b.name != c.name
 
 
-@pytest.mark.xfail(strict=False, reason="needs wiring")
 def test_mismatch_error_says_what_differs_and_rebuild_refills(ray_address, cache_name):
     first = DataCache({"raycache": {"name": cache_name}}, ArrayProvider(6, scale=1.0))
     first.insert_into_cache(0, ArrayProvider(6)[0])
@@ -145,7 +138,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.xfail(strict=False, reason="needs wiring")
 def test_spawned_worker_attach_mismatch_reaches_parent(ray_address, cache_name, tmp_path):
     (tmp_path / "w.py").write_text(textwrap.dedent(WORKER))
     env = dict(

@@ -1,6 +1,6 @@
 """Several trainers on one node share one cache: torchrun, Ray Train, DataLoader workers.
 
-Every test trains the same loop (``raycache.train.loop``) and checks, per rank and per
+Every test trains the same loop (``raycache.tools.train.loop``) and checks, per rank and per
 epoch, that the rank received exactly its ``DistributedSampler`` shard (shuffle=True,
 ``set_epoch``), in order, with the values the provider holds, and that the ranks'
 shards together cover the dataset.
@@ -25,8 +25,8 @@ from providers import LoggedReadsProvider
 from torch.utils.data import DistributedSampler
 
 from raycache import CachedDataset, cache_stats, drop_cache, list_caches
-from raycache.train.data import SyntheticCutouts
-from raycache.train.loop import LoopSettings, train
+from raycache.tools.train.data import SyntheticCutouts
+from raycache.tools.train.loop import LoopSettings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = 384

@@ -175,7 +175,6 @@ def test_preload_once_train_warm_then_drop(ray_address, workdir, cache_name):
     assert freed >= N * ITEM_FLOATS * 4, f"drop returned only {freed} bytes of the store"
 
 
-@pytest.mark.xfail(strict=False, reason="needs identity by qualname")
 def test_training_script_defining_its_own_class_attaches_warm(ray_address, workdir, cache_name):
     cfg = write_config(workdir, cache_name)
     proc = run(["-m", "raycache", "preload", str(cfg), "--address", ray_address], workdir, None)
