@@ -25,7 +25,7 @@ extensions = [
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
-exclude_patterns = ["_build", "_generated"]
+exclude_patterns = ["_build", "_generated", "benchmarks-template.md"]
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
 

@@ -187,7 +187,7 @@ def test_attach_with_policy_error_and_rebuild(ray_address, cache_name):
         lambda: _client(cache_name, "A[4] digest bbbb (state: x=2)"), drop, "rebuild", cache_name
     )
     assert dropped == [cache_name]
-    assert second.settings["length"] == 4
+    assert second.settings.length == 4
     second.close()
     raycache.drop_cache(cache_name)
     with pytest.raises(ValueError, match="on_mismatch"):

@@ -72,8 +72,8 @@ TRAIN = textwrap.dedent(
 SCRIPT_DEFINED = textwrap.dedent(
     """
     class Squares:
-        def __init__(self, n, reads):
-            self.n, self.reads = n, reads
+        def __init__(self, n, reads, fail_at=()):
+            self.n, self.reads, self.fail_at = n, reads, tuple(fail_at)
         def __len__(self):
             return self.n
         def __getitem__(self, idx):
