@@ -17,8 +17,8 @@ Every step is bounded: an address is first checked with a TCP connection (1 s), 
 :class:`RayUnreachableError` within seconds instead of a hang.
 
 Ray is not fork-safe: a DataLoader worker forked from a process connected to Ray that
-calls into Ray killed the node's raylet (docs/design.md, "Ray facts"). The fork hook below records that
-this process is such a child, and raycache then makes no Ray call in it.
+calls into Ray killed the node's raylet (docs/design.md, "Ray facts"). The fork hook below
+records that this process is such a child, and raycache then makes no Ray call in it.
 """
 
 from __future__ import annotations
