@@ -181,7 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(namespace=None)  # the config's raycache.namespace unless given
     p.set_defaults(func=preload_command.run)
+    _add_cache_commands(sub)
+    return parser
 
+
+def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the commands that look at or free caches on a running Ray: list, stats, drop."""
     p = sub.add_parser(
         "list",
         help="list the caches, with size and clients",
@@ -218,7 +223,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the cache name")
     _common(p)
     p.set_defaults(func=_drop)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,11 @@ def attach_with_policy(
             mismatch,
         )
     drop()
+    return _attach_after_rebuild(make_client)
+
+
+def _attach_after_rebuild(make_client: Callable[[], T]) -> T:
+    """Attach once more after a drop; a second mismatch is final (see the module docstring)."""
     try:
         return make_client()
     except Exception as exc:

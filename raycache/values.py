@@ -194,26 +194,10 @@ def data_size(data: Any, seen: set[int] | None = None) -> int:
         return 0
     seen.add(id(data))
     if isinstance(data, np.ndarray):
-        root = data
-        while isinstance(root.base, np.ndarray):
-            root = root.base
-        if root is data or root.base is None:
-            owner = root
-        else:  # numpy array over a foreign buffer (bytes, mmap, torch storage)
-            owner = root.base
-        if owner is not data and id(owner) in seen:
-            return sys.getsizeof(data) if data.base is not None else 0
-        seen.add(id(owner))
-        nbytes = root.nbytes if owner is root else getattr(owner, "nbytes", root.nbytes)
-        return int(nbytes) + sys.getsizeof(data) - (0 if data.base is not None else data.nbytes)
+        return _array_size(data, seen)
     torch = _torch()
     if torch is not None and isinstance(data, torch.Tensor):
-        storage = data.untyped_storage()
-        key = ("storage", storage.data_ptr())
-        if key in seen:
-            return sys.getsizeof(data)
-        seen.add(key)
-        return int(storage.nbytes()) + sys.getsizeof(data)
+        return _tensor_size(data, seen)
     if isinstance(data, dict):
         return sys.getsizeof(data) + sum(
             data_size(k, seen) + data_size(v, seen) for k, v in data.items()
@@ -227,3 +211,29 @@ def data_size(data: Any, seen: set[int] | None = None) -> int:
         "raycache caches numpy arrays, CPU torch tensors, numbers, str, bytes, None "
         "and dict/list/tuple of those"
     )
+
+
+def _array_size(data: np.ndarray, seen: set) -> int:
+    """Count an array's buffer once per item, however many views of it the item holds."""
+    root = data
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root is data or root.base is None:
+        owner = root
+    else:  # numpy array over a foreign buffer (bytes, mmap, torch storage)
+        owner = root.base
+    if owner is not data and id(owner) in seen:
+        return sys.getsizeof(data) if data.base is not None else 0
+    seen.add(id(owner))
+    nbytes = root.nbytes if owner is root else getattr(owner, "nbytes", root.nbytes)
+    return int(nbytes) + sys.getsizeof(data) - (0 if data.base is not None else data.nbytes)
+
+
+def _tensor_size(data: Any, seen: set) -> int:
+    """Count a tensor's storage once per item, however many tensors share it."""
+    storage = data.untyped_storage()
+    key = ("storage", storage.data_ptr())
+    if key in seen:
+        return sys.getsizeof(data)
+    seen.add(key)
+    return int(storage.nbytes()) + sys.getsizeof(data)

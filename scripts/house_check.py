@@ -182,7 +182,11 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _defined_private(tree: ast.Module) -> set[str]:
-    """Return the private names a module defines: functions, classes, attributes, globals."""
+    """Return the private names a module defines: functions, classes, attributes, globals.
+
+    Imported names are not definitions: importing another module's private name is a
+    finding of its own.
+    """
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -193,8 +197,6 @@ def _defined_private(tree: ast.Module) -> set[str]:
             names.add(node.id)
         elif isinstance(node, ast.arg):
             names.add(node.arg)
-        elif isinstance(node, ast.alias):
-            names.add(node.asname or node.name.split(".")[0])
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef):
             for stmt in node.body:

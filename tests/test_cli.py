@@ -144,9 +144,10 @@ def test_list_stats_drop_with_a_cache(ray_address, cache_name):
         from raycache import DataCache
         from providers import ArrayProvider
         config = {{"raycache": {{"name": "{cache_name}", "detached": True}}}}
-        cache = DataCache(config, ArrayProvider(40))
+        provider = ArrayProvider(40)
+        cache = DataCache(config, provider)
         for i in range(40):
-            cache.insert_into_cache(i, cache._data_provider[i])
+            cache.insert_into_cache(i, provider[i])
         assert cache.flush(timeout=30)
         cache.close()
         """,
