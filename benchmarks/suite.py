@@ -23,6 +23,10 @@ fill
 scale
     A cache of a million items: how long a new process takes to be ready to read, and the
     directory actor's memory for the map (``benchmarks.scale``).
+sweep
+    Successive training jobs, each a new process, over one I/O-bound dataset: raycache with
+    a detached cache against a dict cache per job and no cache; wall time and provider
+    reads of the whole sweep (``benchmarks.sweep``).
 """
 
 from __future__ import annotations
@@ -43,12 +47,13 @@ from benchmarks.providers import MIB, Provider, calibrate_spin
 from benchmarks.report import markdown_table, write_report
 from benchmarks.results import Row
 from benchmarks.scale import scale
+from benchmarks.sweep import sweep
 from benchmarks.warm import warm
 
 __all__ = ["DEFAULT_OUT", "SCENARIOS", "export_source_tree", "main", "parse_args", "run_scenarios"]
 
 DEFAULT_OUT = "raycache-bench-results"
-SCENARIOS = ("warm", "preload", "fill", "scale")
+SCENARIOS = ("warm", "preload", "fill", "scale", "sweep")
 
 
 def run_scenarios(args: argparse.Namespace) -> tuple[list[Row], dict]:
@@ -87,6 +92,8 @@ def run_scenarios(args: argparse.Namespace) -> tuple[list[Row], dict]:
     if "scale" in only:
         scale_rows, info["scale"] = scale(args)
         rows += scale_rows
+    if "sweep" in only:
+        rows += sweep(args)
     return rows, info
 
 
@@ -114,6 +121,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--preload-items", type=int, default=4096)
     p.add_argument("--fill-items", type=int, default=2048)
     p.add_argument("--scale-items", type=int, default=1_000_000)
+    p.add_argument("--sweep-jobs", type=int, default=4, help="jobs (processes) in the sweep")
+    p.add_argument("--sweep-epochs", type=int, default=2, help="epochs per sweep job")
+    p.add_argument("--sweep-items", type=int, default=1024, help="items of the sweep's dataset")
     p.add_argument("--rounds", type=int, default=5, help="warm epochs per variant (median)")
     p.add_argument(
         "--first-rounds", type=int, default=3, help="first epochs per variant (fill on miss)"

@@ -1,0 +1,42 @@
+"""The sweep benchmark's row (benchmarks/sweep.py), run small: what it counts is right.
+
+Each job is a separate driver process. A detached cache must let only the sweep's first
+job read the provider, however many jobs follow, and must be gone when the row is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from conftest import local_ray
+
+import raycache
+from benchmarks.suite import export_source_tree
+from benchmarks.sweep import VARIANTS, sweep
+
+ITEMS, JOBS, EPOCHS = 96, 2, 2
+
+
+@pytest.fixture(scope="module")
+def sweep_ray():
+    # Ray's workers unpickle the benchmark's provider by reference: they must find
+    # ``benchmarks`` on the path they inherit from the Ray started below.
+    export_source_tree()
+    with local_ray(num_cpus=2, object_store_memory=256 * 1024 * 1024) as address:
+        yield address
+
+
+def test_sweep_counts_reads_and_drops_its_cache(sweep_ray):
+    before = set(raycache.list_caches(namespace=None))
+    args = argparse.Namespace(sweep_jobs=JOBS, sweep_epochs=EPOCHS, sweep_items=ITEMS, threads=4)
+    rows = sweep(args)
+    reads = {r.variant: r.value for r in rows if r.unit == "reads"}
+    walls = {r.variant: r.value for r in rows if r.unit == "s"}
+    assert set(reads) == set(walls) == set(VARIANTS)
+    assert reads["raycache detached"] == ITEMS  # the first job's preload, nothing after
+    assert reads["no cache"] == ITEMS * JOBS * EPOCHS
+    # Each job fills its own dict; a trainer's miss may race the pool for an item.
+    assert ITEMS * JOBS <= reads["dict cache per job"] < ITEMS * JOBS * EPOCHS
+    assert all(w > 0 for w in walls.values())
+    assert set(raycache.list_caches(namespace=None)) == before
