@@ -33,8 +33,12 @@ def test_sweep_counts_reads_and_drops_its_cache(sweep_ray):
     rows = sweep(args)
     reads = {r.variant: r.value for r in rows if r.unit == "reads"}
     walls = {r.variant: r.value for r in rows if r.unit == "s"}
+    per_job = {r.variant: r.note for r in rows if r.unit == "reads"}
     assert set(reads) == set(walls) == set(VARIANTS)
-    assert reads["raycache detached"] == ITEMS  # the first job's preload, nothing after
+    # The first job reads every item (a trainer's miss may race the preload for one);
+    # the jobs after it read nothing.
+    first, *later = (int(n) for n in per_job["raycache detached"].split(": ")[1].split(", "))
+    assert ITEMS <= first <= ITEMS + ITEMS // 10 and later == [0] * (JOBS - 1)
     assert reads["no cache"] == ITEMS * JOBS * EPOCHS
     # Each job fills its own dict; a trainer's miss may race the pool for an item.
     assert ITEMS * JOBS <= reads["dict cache per job"] < ITEMS * JOBS * EPOCHS
