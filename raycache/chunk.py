@@ -25,7 +25,7 @@ import numpy as np
 # or the first reservation the directory actor answers while a trainer waits for it.
 import numpy.ma  # noqa: F401
 
-from raycache.values import IMMUTABLE_LEAVES, Position, _torch, check_item
+from raycache.values import IMMUTABLE_LEAVES, Position, check_item, loaded_torch
 
 __all__ = [
     "MAX_CHUNK_ITEMS",
@@ -244,7 +244,7 @@ class _Objects:
 def _copy_leaves(value: Any, copy: bool) -> Any:
     if isinstance(value, np.ndarray):
         return value.copy() if copy else value
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, dict):
@@ -259,7 +259,7 @@ def _copy_leaves(value: Any, copy: bool) -> Any:
 
 
 def _is_tensor(value: Any) -> bool:
-    torch = _torch()
+    torch = loaded_torch()
     return torch is not None and isinstance(value, torch.Tensor)
 
 

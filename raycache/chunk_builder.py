@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from raycache.chunk import Chunk, _build, _column, _Stacked, flatten_item, leaves_nbytes
-from raycache.values import IMMUTABLE_LEAVES, _torch, copy_item
+from raycache.values import IMMUTABLE_LEAVES, copy_item, loaded_torch
 
 __all__ = ["ChunkBuilder", "ColumnSpares", "release_heap"]
 
@@ -47,7 +47,7 @@ def _as_array(value: Any) -> tuple[np.ndarray, bool] | None:
     """Return ``(numpy view, is_tensor)`` for an array leaf, None for other leaves."""
     if isinstance(value, np.ndarray):
         return value, False
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and isinstance(value, torch.Tensor):
         return value.detach().numpy(), True
     return None

@@ -22,15 +22,21 @@ __all__ = [
     "copy_item",
     "data_size",
     "field_path",
+    "loaded_torch",
 ]
 
 
-def _torch() -> Any:
+def loaded_torch() -> Any:
     """Return torch if this process has imported it, else None.
 
     A value can only be a tensor in a process that has imported torch, so the checks
     never import it themselves: the Ray workers that only move numpy chunks (the
     directory actor, preload tasks) then do not pay torch's ~150 MB per process.
+
+    Returns
+    -------
+    module or None
+        The ``torch`` module, or None if this process has not imported it.
     """
     return sys.modules.get("torch")
 
@@ -119,7 +125,7 @@ def _walk(item: Any, path: tuple, copy: bool) -> Any:
     if isinstance(item, np.ndarray):
         _check_array(item.dtype, path)
         return np.array(item, copy=True, order="C") if copy else item
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and isinstance(item, torch.Tensor):
         _check_tensor(item, path)
         return item.detach().clone().contiguous() if copy else item
@@ -152,7 +158,7 @@ def _check_tensor(tensor: Any, path: tuple) -> None:
             f"cannot cache field {field_path(path)!r}: tensor is on {tensor.device}; "
             "cache CPU data and move batches to the device after loading"
         )
-    if tensor.is_sparse or tensor.layout != _torch().strided:
+    if tensor.is_sparse or tensor.layout != loaded_torch().strided:
         raise UnsupportedValueError(
             f"cannot cache field {field_path(path)!r}: only dense (strided) tensors are cached"
         )
@@ -195,7 +201,7 @@ def data_size(data: Any, seen: set[int] | None = None) -> int:
     seen.add(id(data))
     if isinstance(data, np.ndarray):
         return _array_size(data, seen)
-    torch = _torch()
+    torch = loaded_torch()
     if torch is not None and isinstance(data, torch.Tensor):
         return _tensor_size(data, seen)
     if isinstance(data, dict):

@@ -25,15 +25,12 @@ ALLOWED = {
     "class raycache.directory.CacheDirectory",
     "module raycache/data_cache.py",
     "function raycache.preload.task.read_units",
-    # chunk.py's helpers used by its neighbours: to become public names of chunk.py and
-    # values.py (values.py would export a public name for _torch).
+    # chunk.py's helpers used by its neighbours: to become public names of chunk.py.
     "private raycache/batch.py imports raycache.chunk._Numbers",
     "private raycache/batch.py imports raycache.chunk._Stacked",
-    "private raycache/chunk.py imports raycache.values._torch",
     "private raycache/chunk_builder.py imports raycache.chunk._Stacked",
     "private raycache/chunk_builder.py imports raycache.chunk._build",
     "private raycache/chunk_builder.py imports raycache.chunk._column",
-    "private raycache/chunk_builder.py imports raycache.values._torch",
     # DataCache._data_size is Hyrax's name for the method; the test checks it is kept.
     "private tests/test_values.py reaches _data_size of raycache.data_cache",
 }
