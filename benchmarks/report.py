@@ -39,6 +39,8 @@ def _fmt_value(row: Row, spread: bool = False) -> str:
         if spread and len(row.samples) > 1:
             text += f" ({min(row.samples):.2f}–{max(row.samples):.2f})"
         return text
+    if row.unit == "reads":  # a count, never a fraction
+        return f"{row.value:,.0f} reads"
     return f"{row.value:,.1f} {row.unit}"
 
 
