@@ -426,7 +426,7 @@ class DataCache:
                 "use_cache": False,
                 "preload_errors": [],
             }
-        client = self.attach()
+        client = self._client or self.attach()  # a lost client says why (client.stats)
         if client is None:
             raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
         with ray_errors_as_plain(f"reading the counters of cache {self.name!r}"):
