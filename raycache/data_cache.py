@@ -391,6 +391,11 @@ class DataCache:
             True if no preload is running (it ended, with or without errors, or none
             was started); False if ``timeout`` passed first. Errors are in
             ``stats()["preload_errors"]``.
+
+        Raises
+        ------
+        PreloadFailedError
+            If the preload ended and stored nothing: every read failed.
         """
         if not self.using_cache():
             return True

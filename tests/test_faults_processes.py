@@ -71,7 +71,8 @@ ds.cache.close()
 def test_a_trainer_sigkilled_while_filling(ray_address, cache_name):
     provider = ArrayProvider(N)
     other = CachedDataset(provider, cfg(cache_name))  # a trainer that goes on
-    code = FILLER.replace("NAME", repr(cache_name)).replace("N)", f"{N})").replace(", N,", f", {N},")
+    code = FILLER.replace("NAME", repr(cache_name)).replace("N)", f"{N})")
+    code = code.replace(", N,", f", {N},")
     filler = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=_env(ray_address),
@@ -100,9 +101,7 @@ def test_a_trainer_sigkilled_while_filling(ray_address, cache_name):
     assert other.cache.flush(timeout=30)
     assert other.cache.stats()["items"] == N
     # A new process attaches to the cache the killed trainer helped fill, and reads right.
-    out = run_python(
-        READER.replace("NAME", repr(cache_name)).replace("(N)", f"({N})"), ray_address
-    )
+    out = run_python(READER.replace("NAME", repr(cache_name)).replace("(N)", f"({N})"), ray_address)
     read = int(out.split("READ")[1].split()[0])
     assert read == N, out
     other.cache.close()
@@ -174,9 +173,7 @@ def test_a_dataloader_worker_whose_attach_fails_reports_why(
         timeout=240,
     )
     assert time.monotonic() - start < 200
-    assert "PARENT GOT raycache.errors CacheMismatchError" in proc.stdout, (
-        proc.stdout + proc.stderr
-    )
+    assert "PARENT GOT raycache.errors CacheMismatchError" in proc.stdout, proc.stdout + proc.stderr
     assert cache_name in proc.stdout and "8" in proc.stdout
     holder.cache.close()
     raycache.drop_cache(cache_name)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from raycache.preload.failures import FailureLog
 from raycache.preload.progress import Progress
 from raycache.preload.task import read_units_task
 from raycache.preload.units import MIN_UNIT_ITEMS, UnitScheduler
@@ -117,6 +118,7 @@ class PreloadRun:
         self._add_chunk = add_chunk
         self._on_progress = on_progress
         self.progress = Progress()
+        self.failures = FailureLog(self.progress.errors)  # logs a few, then one summary
         self.done_event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycache-preload", daemon=True)
         self._thread.start()
@@ -229,6 +231,7 @@ class PreloadRun:
             progress.state = "failed"
         finally:
             self.scheduler.inflight = {}
+            self.failures.summarize(self.length, progress.items)
             progress.end()
             self.done_event.set()
 
@@ -310,15 +313,13 @@ class PreloadRun:
             detail,
         )
         self.scheduler.note_failed(todo.tolist())
-        self.progress.errors += [{"index": int(i), "error": detail} for i in todo]
+        self.failures.failed([(int(i), detail) for i in todo])
 
     def _finish(self, chunk_ref: Any, summary: dict) -> bool:
         """Record one unit's result; False once the byte budget is full."""
         if summary["errors"]:
             self.scheduler.note_failed([idx for idx, _ in summary["errors"]])
-        for idx, detail in summary["errors"]:
-            logger.error("raycache preload could not read index %s: %s", idx, detail)
-            self.progress.errors.append({"index": idx, "error": detail})
+        self.failures.failed(summary["errors"])
         count = len(summary["indices"])
         if not count or self.scheduler.stopped.is_set():
             return True

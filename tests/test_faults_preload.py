@@ -1,0 +1,81 @@
+"""Fault matrix, the preload's side: a provider that raises at some indices or at all.
+
+A preload records what it could not read and goes on; the index's error reaches the
+trainer that reads it, naming the index; the end of the run is one summary line, and
+``wait_for_preload()`` does not report success for a preload that stored nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import fault_helpers
+import pytest
+import ray.cloudpickle
+from fault_helpers import UnsupportedItems, assert_epoch_matches
+from providers import ArrayProvider
+
+import raycache
+from raycache import CachedDataset
+from raycache.errors import PreloadFailedError
+
+# Preload tasks run in Ray workers, which cannot import the tests' modules.
+ray.cloudpickle.register_pickle_by_value(fault_helpers)
+
+
+def cfg(name: str, **keys) -> dict:
+    return {
+        "data_set": {"preload_cache": True, "preload_threads": 2},
+        "raycache": {"name": name, "chunk_size": 32, **keys},
+    }
+
+
+def test_provider_raising_at_some_indices(ray_address, cache_name, caplog):
+    caplog.set_level(logging.INFO, logger="raycache")
+    bad = (13, 77, 200)
+    provider = ArrayProvider(256, fail_at=bad)
+    ds = CachedDataset(provider, cfg(cache_name))
+    assert ds.cache.wait_for_preload(timeout=120) is True  # it went on past them
+    stats = ds.cache.stats()
+    assert stats["preload"]["state"] == "done_with_errors"
+    assert stats["preload"]["error_count"] == 3
+    assert sorted(e["index"] for e in stats["preload_errors"]) == list(bad)
+    assert all("reading index" not in e["error"] for e in stats["preload_errors"])
+    assert stats["items"] == 256 - 3
+    ended = [r.getMessage() for r in caplog.records if "ended with errors" in r.getMessage()]
+    assert len(ended) == 1 and "3 of 256" in ended[0], ended
+    assert ds.cache.wait_for_preload(timeout=30) is True
+    assert len([r for r in caplog.records if "ended with errors" in r.getMessage()]) == 1
+
+    assert assert_epoch_matches(ds, provider, skip=bad) == 256 - 3
+    for idx in bad:
+        with pytest.raises(ValueError, match=f"cannot read item {idx}") as info:
+            ds[idx]
+        assert f"reading index {idx}" in " ".join(info.value.__notes__)
+        with pytest.raises(ValueError, match=f"cannot read item {idx}"):
+            ds.__getitems__([0, idx, 1])
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_a_preload_that_stores_nothing_is_not_reported_as_success(ray_address, cache_name, capfd):
+    n = 200
+    ds = CachedDataset(UnsupportedItems(n), cfg(cache_name))
+    with pytest.raises(PreloadFailedError, match=f"{n} of {n} items could not be read, 0 stored"):
+        ds.cache.wait_for_preload(timeout=120)
+    with pytest.raises(PreloadFailedError):  # every time it is asked, not once
+        ds.cache.wait_for_preload(timeout=30)
+    stats = ds.cache.stats()
+    assert stats["items"] == 0 and stats["preload"]["error_count"] == n
+    assert "UnsupportedValueError" in stats["preload_errors"][0]["error"]
+    # The actor's log reaches this driver: a few examples and one summary, not n lines.
+    err = ""
+    deadline = time.monotonic() + 20
+    while "preload ended" not in err and time.monotonic() < deadline:
+        time.sleep(0.2)
+        err += capfd.readouterr().err
+    assert f"preload ended: {n} of {n} items could not be read" in err, err[-2000:]
+    assert err.count("could not read index") <= 3, err[-3000:]
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
