@@ -9,6 +9,7 @@ reads slower; it must never make one wrong.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,23 @@ class UnsupportedItems:
 
     def __getitem__(self, i: int) -> dict:
         return {"image": np.zeros(4, dtype=np.float32), "handle": object()}
+
+
+class HangsAt:
+    """A map-style provider whose read of index ``hang_at`` does not return for ``hang_s``."""
+
+    def __init__(self, n: int, hang_at: int, hang_s: float):
+        self.n = n
+        self.hang_at = hang_at
+        self.hang_s = hang_s
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if i == self.hang_at:
+            time.sleep(self.hang_s)  # a read stuck on a dead network file system
+        return {"image": np.full((2, 3), i, dtype=np.float64), "label": i}
 
 
 def actor_pid(name: str, namespace: str = "raycache") -> int:

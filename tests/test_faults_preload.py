@@ -13,7 +13,7 @@ import time
 import fault_helpers
 import pytest
 import ray.cloudpickle
-from fault_helpers import UnsupportedItems, assert_epoch_matches
+from fault_helpers import HangsAt, UnsupportedItems, assert_epoch_matches
 from providers import ArrayProvider
 
 import raycache
@@ -77,5 +77,24 @@ def test_a_preload_that_stores_nothing_is_not_reported_as_success(ray_address, c
         err += capfd.readouterr().err
     assert f"preload ended: {n} of {n} items could not be read" in err, err[-2000:]
     assert err.count("could not read index") <= 3, err[-3000:]
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_a_provider_hanging_at_one_index_times_out_and_the_rest_is_preloaded(
+    ray_address, cache_name
+):
+    # The read of index 40 would take 25 s; the limit is 1 s.
+    provider = HangsAt(128, hang_at=40, hang_s=25.0)
+    ds = CachedDataset(provider, cfg(cache_name, preload_item_timeout_s=1.0))
+    start = time.monotonic()
+    assert ds.cache.wait_for_preload(timeout=60) is True
+    assert time.monotonic() - start < 20, "the preload waited for the hung read"
+    stats = ds.cache.stats()
+    assert stats["items"] == 127 and stats["preload"]["error_count"] == 1
+    error = stats["preload_errors"][0]
+    assert error["index"] == 40
+    assert "TimeoutError" in error["error"] and "preload_item_timeout_s" in error["error"]
+    assert assert_epoch_matches(ds, provider, skip=(40,)) == 127
     ds.cache.close()
     raycache.drop_cache(cache_name)

@@ -67,7 +67,13 @@ class PreloadWaits:
         self._spare_refills = 0  # blocks asked for since the wait began
         self._outcome_told = False  # the end of the preload was checked (_check_outcome)
 
-    def start(self, provider_blob: bytes, threads: int, cpus_per_task: float) -> None:
+    def start(
+        self,
+        provider_blob: bytes,
+        threads: int,
+        cpus_per_task: float,
+        item_timeout: float | None = None,
+    ) -> None:
         """Have the actor start the cache's preload (once per cache), then catch up.
 
         Parameters
@@ -78,11 +84,14 @@ class PreloadWaits:
             Provider reads in flight.
         cpus_per_task : float
             CPUs each preload task reserves.
+        item_timeout : float, optional
+            Seconds one provider read may take before the preload records it as
+            failed and goes on (``raycache.preload_item_timeout_s``); None: no limit.
         """
-        ray.get(
-            self._link.actor.start_preload.remote(provider_blob, threads, cpus_per_task),
-            timeout=self._link.timeout,
+        ref = self._link.actor.start_preload.remote(
+            provider_blob, threads, cpus_per_task, item_timeout
         )
+        ray.get(ref, timeout=self._link.timeout)
         self._map.sync(force=True)
 
     def wait_for_end(self, timeout: float | None) -> bool:

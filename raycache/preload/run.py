@@ -88,6 +88,9 @@ class PreloadRun:
         Registers a finished chunk; returns False when the byte budget is full.
     on_progress : Callable[[int, float], None], optional
         Called with the item count and seconds of each finished unit.
+    item_timeout_s : float, optional
+        ``raycache.preload_item_timeout_s``: seconds one read may take before the
+        tasks record it as failed and go on; None: no limit.
     """
 
     def __init__(
@@ -102,10 +105,12 @@ class PreloadRun:
         missing: Callable[[np.ndarray], np.ndarray],
         add_chunk: Callable[[Any, dict], bool],
         on_progress: Callable[[int, float], None] | None = None,
+        item_timeout_s: float | None = None,
     ):
         self.length = length
         self.threads = threads
         self.cpus_per_task = float(cpus_per_task)
+        self.item_timeout_s = item_timeout_s
         # Total, not available, CPUs: tasks that just finished may still be counted as busy.
         self.tasks = slot_count(threads, ray.cluster_resources().get("CPU", 1), length)
         self.scheduler = UnitScheduler(
@@ -238,6 +243,7 @@ class PreloadRun:
     def _start_slots(self, count: int) -> list:
         task = read_units_task.options(num_cpus=self.cpus_per_task)
         args = (self._blob_ref, self.key, self._directory, self.threads_per_task)
+        args += (self.item_timeout_s,)
         return [task.remote(*args) for _ in range(count)]
 
     def _drive(self) -> None:
