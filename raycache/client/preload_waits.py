@@ -88,11 +88,11 @@ class PreloadWaits:
             Seconds one provider read may take before the preload records it as
             failed and goes on (``raycache.preload_item_timeout_s``); None: no limit.
         """
-        ref = self._link.actor.start_preload.remote(
-            provider_blob, threads, cpus_per_task, item_timeout
-        )
-        ray.get(ref, timeout=self._link.timeout)
-        self._map.sync(force=True)
+        # A cache lost now (killed, dropped) is told once by the link; training goes on
+        # from the provider, so starting its preload is not an error.
+        args = (provider_blob, threads, cpus_per_task, item_timeout)
+        if self._link.call("start_preload", *args) is not LOST:
+            self._map.sync(force=True)
 
     def wait_for_end(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) for the preload to end.
