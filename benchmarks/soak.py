@@ -157,8 +157,9 @@ def trainer(address: str, items: int, until: float, preload: bool, seed: int) ->
 class Trainers:
     """The trainer processes, started again when killed, and what they report."""
 
-    def __init__(self, address: str, items: int, until: float, count: int):
+    def __init__(self, address: str, items: int, until: float, count: int, preload: bool):
         self.address, self.items, self.until = address, items, until
+        self.preload = preload  # the first trainer asks for a preload at each attach
         self.procs: dict[int, subprocess.Popen] = {}
         self.totals = {"epochs": 0, "items": 0, "wrong": 0, "errors": []}
         self._started = 0
@@ -169,7 +170,8 @@ class Trainers:
         self._started += 1
         args = [sys.executable, "-m", "benchmarks.soak", "--trainer", self.address]
         args += ["--items", str(self.items), "--until", str(self.until)]
-        args += ["--seed", str(self._started)] + (["--preload"] if slot == 0 else [])
+        args += ["--seed", str(self._started)]
+        args += ["--preload"] if slot == 0 and self.preload else []
         log = open(os.devnull, "w")  # noqa: SIM115 - the child's stderr; closed with it
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.procs[slot] = subprocess.Popen(
@@ -268,7 +270,9 @@ def _leaks(address: str, children: set[int]) -> dict:
     return {"actors": len(actors), "objects": objects, "processes": len(alive)}
 
 
-def soak(seconds: float, count: int, items: int, fault_every: float, seed: int) -> int:
+def soak(
+    seconds: float, count: int, items: int, fault_every: float, seed: int, preload: bool = True
+) -> int:
     """Run the soak; print its figures; return the exit status (0: all good).
 
     Parameters
@@ -283,6 +287,8 @@ def soak(seconds: float, count: int, items: int, fault_every: float, seed: int) 
         Mean seconds between faults.
     seed : int
         Seed of the fault schedule.
+    preload : bool
+        The first trainer asks for a preload at each attach.
     """
     import ray
 
@@ -299,7 +305,7 @@ def soak(seconds: float, count: int, items: int, fault_every: float, seed: int) 
     address = ray.get_runtime_context().gcs_address
     rng = random.Random(seed)
     until = time.time() + seconds
-    trainers = Trainers(address, items, until, count)
+    trainers = Trainers(address, items, until, count, preload)
     faults = {"trainer": 0, "actor": 0, "drop": 0}
     while time.time() < until:
         time.sleep(min(rng.expovariate(1.0 / fault_every), max(0.0, until - time.time())))
@@ -352,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--fault-every", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-preload", action="store_true", help="no trainer asks for a preload")
     parser.add_argument("--trainer", metavar="ADDRESS", help=argparse.SUPPRESS)
     parser.add_argument("--until", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--preload", action="store_true", help=argparse.SUPPRESS)
@@ -359,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.trainer:
         trainer(args.trainer, args.items, args.until, args.preload, args.seed)
         return 0
-    return soak(args.seconds, args.trainers, args.items, args.fault_every, args.seed)
+    return soak(
+        args.seconds, args.trainers, args.items, args.fault_every, args.seed, not args.no_preload
+    )
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ class CacheClient:
         self.misses = 0
         self._sent_counts = (0, 0)
         self.closed = False
-        self._fork = ForkSide(name, self._buffer_item)
+        self._fork = ForkSide(name, self._buffer_item, self.count)
         self._map = LocalMap(self._link, length, self._fork.pins, self._counter_deltas)
         self._map.sync(force=True)
         self._buffer = WriteBuffer(
@@ -184,6 +184,8 @@ class CacheClient:
         """
         self.hits += hits
         self.misses += misses
+        if self._link.forked:  # a DataLoader worker: its parent's stats() counts them
+            self._fork.counted(hits, misses)
 
     def inspect(self) -> ClientState:
         """Return a snapshot of this client's inner state, for tests and diagnosis.
