@@ -13,7 +13,7 @@ import time
 
 import torch
 from fault_helpers import assert_same_item
-from providers import LoggedReadsProvider
+from providers import ArrayProvider, LoggedReadsProvider
 
 import raycache
 from raycache import CachedDataset
@@ -61,5 +61,34 @@ def test_fork_workers_read_the_preloaded_cache_and_are_counted(ray_address, cach
     while ds.cache.stats()["hits"] - before["hits"] < N:
         assert time.monotonic() < deadline, "the workers' hits never reached the cache"
         time.sleep(0.1)
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_a_forked_child_asking_about_the_preload_gets_a_clear_error(ray_address, cache_name):
+    ds = CachedDataset(ArrayProvider(64), {"raycache": {"name": cache_name, "chunk_size": 32}})
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no Ray call may happen here
+        os.close(read_fd)
+        lines = []
+        for call in (lambda: ds.cache.wait_for_preload(timeout=5), ds.cache.stats):
+            try:
+                call()
+                lines.append("no error")
+            except Exception as exc:
+                lines.append(f"{type(exc).__name__}: {exc}")
+        os.write(write_fd, "\n".join(lines).encode())
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        out = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    for line in lines:
+        assert line.startswith("CacheUnavailableError") and "forked" in line, out
+    assert ds.cache.stats()["name"] == cache_name  # this process's Ray is unharmed
     ds.cache.close()
     raycache.drop_cache(cache_name)

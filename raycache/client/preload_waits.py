@@ -89,7 +89,10 @@ class PreloadWaits:
             failed and goes on (``raycache.preload_item_timeout_s``); None: no limit.
         """
         # A cache lost now (killed, dropped) is told once by the link; training goes on
-        # from the provider, so starting its preload is not an error.
+        # from the provider, so starting its preload is not an error. A forked child
+        # makes no Ray call: its parent starts the preload.
+        if not self._link.usable():
+            return
         args = (provider_blob, threads, cpus_per_task, item_timeout)
         if self._link.call("start_preload", *args) is not LOST:
             self._map.sync(force=True)
@@ -104,10 +107,15 @@ class PreloadWaits:
 
         Raises
         ------
+        CacheUnavailableError
+            If the cache is lost for this process, or this is a forked child (which
+            cannot ask); the message says which.
         PreloadFailedError
             If the preload ended having stored nothing (every read failed, or the run
             itself failed). One that stored some items logs it once (INFO) instead.
         """
+        if not self._link.usable():  # lost, or a forked child, which makes no Ray call
+            raise self._link.unavailable()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
