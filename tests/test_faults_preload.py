@@ -76,7 +76,13 @@ def test_a_preload_that_stores_nothing_is_not_reported_as_success(ray_address, c
         time.sleep(0.2)
         err += capfd.readouterr().err
     assert f"preload ended: {n} of {n} items could not be read" in err, err[-2000:]
-    assert err.count("could not read index") <= 3, err[-3000:]
+    # (Other tests' preload lines may arrive here too: count this provider's only.)
+    examples = [
+        line
+        for line in err.splitlines()
+        if "could not read index" in line and "UnsupportedValueError" in line
+    ]
+    assert 1 <= len(examples) <= 3, err[-3000:]
     ds.cache.close()
     raycache.drop_cache(cache_name)
 
