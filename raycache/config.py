@@ -124,6 +124,14 @@ RAYCACHE_KEYS: dict[str, _Key] = {
         minimum=0.001,
         nullable=True,
     ),
+    "preload_on_error": _Key(
+        "continue",
+        (str,),
+        'What a preload does when a provider read fails: "continue" records it '
+        '(stats()["preload_errors"]) and reads the rest; "stop" hands out no more units '
+        "once a unit has failed reads.",
+        choices=("continue", "stop"),
+    ),
     "detached": _Key(
         False,
         (bool,),
@@ -300,6 +308,7 @@ class CacheConfig:
     chunk_bytes: int = RAYCACHE_KEYS["chunk_bytes"].default
     preload_cpus: float = RAYCACHE_KEYS["preload_cpus"].default
     preload_item_timeout_s: float | None = RAYCACHE_KEYS["preload_item_timeout_s"].default
+    preload_on_error: str = RAYCACHE_KEYS["preload_on_error"].default
     detached: bool = False
     linger_s: float = RAYCACHE_KEYS["linger_s"].default
     flush_interval_s: float = RAYCACHE_KEYS["flush_interval_s"].default

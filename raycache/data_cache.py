@@ -58,7 +58,7 @@ class DataCache:
     - ``data_set.preload_threads``: provider reads in flight during preload.
     - ``raycache.name``, ``namespace``, ``address``, ``max_bytes``, ``chunk_size``,
       ``chunk_bytes``, ``detached``, ``linger_s``, ``flush_interval_s``, ``zero_copy``,
-      ``log_dir``, ``timeout_s``, ``preload_item_timeout_s``.
+      ``log_dir``, ``timeout_s``, ``preload_item_timeout_s``, ``preload_on_error``.
 
     Parameters
     ----------
@@ -220,7 +220,11 @@ class DataCache:
         with ray_errors_as_plain(f"starting the preload of cache {self.name!r}"):
             config = self.config
             client.waits.start(
-                blob, config.preload_threads, config.preload_cpus, config.preload_item_timeout_s
+                blob,
+                config.preload_threads,
+                config.preload_cpus,
+                config.preload_item_timeout_s,
+                config.preload_on_error,
             )
 
     def try_fetch(self, idx: int) -> dict | None:

@@ -194,7 +194,7 @@ class CacheDirectory:
 
     # ----------------------------------------------------------------- preload
     def start_preload(
-        self, provider_blob: bytes, threads: int, cpus_per_task: float = 1.0, item_timeout=None
+        self, provider_blob, threads, cpus_per_task=1.0, item_timeout=None, on_error="continue"
     ) -> dict:
         """Start the preload unless one has run or is running; returns its status."""
         with self._lock:
@@ -211,6 +211,7 @@ class CacheDirectory:
                     add_chunk=self.add_preloaded,
                     on_progress=self._log_preload,
                     item_timeout_s=item_timeout,
+                    stop_on_error=on_error == "stop",
                 )
             return self._preload.status() if self._preload is not None else {"state": "idle"}
 

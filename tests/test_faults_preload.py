@@ -104,3 +104,15 @@ def test_a_provider_hanging_at_one_index_times_out_and_the_rest_is_preloaded(
     assert assert_epoch_matches(ds, provider, skip=(40,)) == 127
     ds.cache.close()
     raycache.drop_cache(cache_name)
+
+
+def test_preload_on_error_stop_hands_out_no_more_units(ray_address, cache_name):
+    provider = ArrayProvider(1024, fail_at=(3,))
+    ds = CachedDataset(provider, cfg(cache_name, chunk_size=32, preload_on_error="stop"))
+    assert ds.cache.wait_for_preload(timeout=120) is True  # the failing unit's others stored
+    stats = ds.cache.stats()
+    assert stats["preload"]["error_count"] == 1 and stats["preload_errors"][0]["index"] == 3
+    assert 0 < stats["items"] <= 256, stats["items"]  # stopped early, not 1,023
+    assert assert_epoch_matches(ds, provider, skip=(3,)) == 1023  # the rest from the provider
+    ds.cache.close()
+    raycache.drop_cache(cache_name)

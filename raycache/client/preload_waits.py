@@ -73,6 +73,7 @@ class PreloadWaits:
         threads: int,
         cpus_per_task: float,
         item_timeout: float | None = None,
+        on_error: str = "continue",
     ) -> None:
         """Have the actor start the cache's preload (once per cache), then catch up.
 
@@ -87,13 +88,15 @@ class PreloadWaits:
         item_timeout : float, optional
             Seconds one provider read may take before the preload records it as
             failed and goes on (``raycache.preload_item_timeout_s``); None: no limit.
+        on_error : str
+            ``raycache.preload_on_error``: ``"continue"`` past failed reads, or ``"stop"``.
         """
         # A cache lost now (killed, dropped) is told once by the link; training goes on
         # from the provider, so starting its preload is not an error. A forked child
         # makes no Ray call: its parent starts the preload.
         if not self._link.usable():
             return
-        args = (provider_blob, threads, cpus_per_task, item_timeout)
+        args = (provider_blob, threads, cpus_per_task, item_timeout, on_error)
         if self._link.call("start_preload", *args) is not LOST:
             self._map.sync(force=True)
 

@@ -91,6 +91,9 @@ class PreloadRun:
     item_timeout_s : float, optional
         ``raycache.preload_item_timeout_s``: seconds one read may take before the
         tasks record it as failed and go on; None: no limit.
+    stop_on_error : bool
+        ``raycache.preload_on_error = "stop"``: hand out no more units once a unit
+        comes back with failed reads (its good items are still stored).
     """
 
     def __init__(
@@ -106,11 +109,13 @@ class PreloadRun:
         add_chunk: Callable[[Any, dict], bool],
         on_progress: Callable[[int, float], None] | None = None,
         item_timeout_s: float | None = None,
+        stop_on_error: bool = False,
     ):
         self.length = length
         self.threads = threads
         self.cpus_per_task = float(cpus_per_task)
         self.item_timeout_s = item_timeout_s
+        self.stop_on_error = stop_on_error
         # Total, not available, CPUs: tasks that just finished may still be counted as busy.
         self.tasks = slot_count(threads, ray.cluster_resources().get("CPU", 1), length)
         self.scheduler = UnitScheduler(
@@ -306,7 +311,7 @@ class PreloadRun:
             logger.error("raycache preload task failed: %s", detail)
             return False  # its units are reported when the run ends
         if not self._finish(chunk_ref, summary):
-            self.stop()  # the byte budget is full: hand out no more units
+            self.stop()  # the budget is full, or a read failed: hand out no more units
         self.scheduler.registered(summary["unit"])
         return True
 
@@ -322,15 +327,20 @@ class PreloadRun:
         self.failures.failed([(int(i), detail) for i in todo])
 
     def _finish(self, chunk_ref: Any, summary: dict) -> bool:
-        """Record one unit's result; False once the byte budget is full."""
+        """Record one unit's result; False to stop the run.
+
+        The run stops once the byte budget is full, or at a failed read with
+        ``stop_on_error``.
+        """
         if summary["errors"]:
             self.scheduler.note_failed([idx for idx, _ in summary["errors"]])
         self.failures.failed(summary["errors"])
+        go_on = not (summary["errors"] and self.stop_on_error)  # raycache.preload_on_error
         count = len(summary["indices"])
         if not count or self.scheduler.stopped.is_set():
-            return True
+            return go_on
         room = self._add_chunk(chunk_ref, summary)
         self.progress.stored(count, summary["nbytes"])
         if self._on_progress is not None:
             self._on_progress(count, summary["seconds"])
-        return room
+        return room and go_on
