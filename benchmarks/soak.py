@@ -318,34 +318,40 @@ def soak(
     wrong = check_epoch(ds, provider, rng)  # the cache as the faults left it
     wrong += check_epoch(ds, provider, rng)
     ds.cache.close()
-    del ds
     raycache.drop_cache(NAME)
     # A closed client's mapped chunks are freed with it, by the cycle collector.
     before_gc = _objects(address)
     gc.collect()
     leaks = _leaks(address, children)
-    if leaks["objects"]:
-        from ray._private.internal_api import memory_summary
-
-        print(memory_summary(address=address, group_by="NODE_ADDRESS", sort_by="OBJECT_SIZE"))
     ray.shutdown()
-    totals = trainers.totals
-    wrong += totals["wrong"]
-    print(f"soak: {seconds:.0f} s, {count} trainers, {items:,} items")
+    return _report(
+        {"seconds": seconds, "trainers": count, "items": items, "checked": 2},
+        trainers.totals,
+        faults,
+        {"wrong": wrong, "stuck": stuck, "before_gc": before_gc, **leaks},
+    )
+
+
+def _report(run: dict, totals: dict, faults: dict, end: dict) -> int:
+    """Print the soak's figures; return its exit status (0: nothing wrong, stuck or leaked)."""
+    items, checked = run["items"], run["checked"]
+    wrong = end["wrong"] + totals["wrong"]
+    print(f"soak: {run['seconds']:.0f} s, {run['trainers']} trainers, {items:,} items")
     print(
-        f"epochs {totals['epochs'] + 2}, items read {totals['items'] + 2 * items:,}, "
+        f"epochs {totals['epochs'] + checked}, items read {totals['items'] + checked * items:,}, "
         f"faults injected {sum(faults.values())} "
         f"(trainer {faults['trainer']}, actor {faults['actor']}, drop {faults['drop']})"
     )
-    print(f"errors seen {len(totals['errors'])}, wrong items {wrong}, trainers stuck {stuck}")
+    errors = len(totals["errors"])
+    print(f"errors seen {errors}, wrong items {wrong}, trainers stuck {end['stuck']}")
     for error in totals["errors"][:5]:
         print(f"  error: {error}")
     print(
-        f"leaked: actors {leaks['actors']}, objects {leaks['objects']}, "
-        f"processes {leaks['processes']} (objects held until gc.collect(): {before_gc})"
+        f"leaked: actors {end['actors']}, objects {end['objects']}, "
+        f"processes {end['processes']} (objects held until gc.collect(): {end['before_gc']})"
     )
-    bad = wrong or totals["errors"] or stuck or any(leaks.values())
-    return 1 if bad else 0
+    leaked = end["actors"] or end["objects"] or end["processes"]
+    return 1 if wrong or totals["errors"] or end["stuck"] or leaked else 0
 
 
 def main(argv: list[str] | None = None) -> int:

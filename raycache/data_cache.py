@@ -218,14 +218,7 @@ class DataCache:
         if client is None:
             return
         with ray_errors_as_plain(f"starting the preload of cache {self.name!r}"):
-            config = self.config
-            client.waits.start(
-                blob,
-                config.preload_threads,
-                config.preload_cpus,
-                config.preload_item_timeout_s,
-                config.preload_on_error,
-            )
+            client.waits.start(blob, self.config)
 
     def try_fetch(self, idx: int) -> dict | None:
         """Fetch item ``idx`` from the cache.

@@ -26,6 +26,7 @@ import ray
 from raycache.client.link import LOST, ActorLink
 from raycache.client.local_map import LocalMap
 from raycache.client.write_buffer import WriteBuffer
+from raycache.config import CacheConfig
 from raycache.errors import PreloadFailedError
 from raycache.protocol import READ_IT, STORED, held_by_units, unit_holding
 
@@ -67,36 +68,24 @@ class PreloadWaits:
         self._spare_refills = 0  # blocks asked for since the wait began
         self._outcome_told = False  # the end of the preload was checked (_check_outcome)
 
-    def start(
-        self,
-        provider_blob: bytes,
-        threads: int,
-        cpus_per_task: float,
-        item_timeout: float | None = None,
-        on_error: str = "continue",
-    ) -> None:
+    def start(self, provider_blob: bytes, config: CacheConfig) -> None:
         """Have the actor start the cache's preload (once per cache), then catch up.
 
         Parameters
         ----------
         provider_blob : bytes
             The pickled provider the preload tasks read.
-        threads : int
-            Provider reads in flight.
-        cpus_per_task : float
-            CPUs each preload task reserves.
-        item_timeout : float, optional
-            Seconds one provider read may take before the preload records it as
-            failed and goes on (``raycache.preload_item_timeout_s``); None: no limit.
-        on_error : str
-            ``raycache.preload_on_error``: ``"continue"`` past failed reads, or ``"stop"``.
+        config : CacheConfig
+            Its ``preload_threads`` (reads in flight), ``preload_cpus`` (per task),
+            ``preload_item_timeout_s`` and ``preload_on_error``.
         """
         # A cache lost now (killed, dropped) is told once by the link; training goes on
         # from the provider, so starting its preload is not an error. A forked child
         # makes no Ray call: its parent starts the preload.
         if not self._link.usable():
             return
-        args = (provider_blob, threads, cpus_per_task, item_timeout, on_error)
+        args = (provider_blob, config.preload_threads, config.preload_cpus)
+        args += (config.preload_item_timeout_s, config.preload_on_error)
         if self._link.call("start_preload", *args) is not LOST:
             self._map.sync(force=True)
 

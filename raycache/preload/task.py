@@ -110,8 +110,7 @@ def read_units(
         ``ColumnSpares``). Only for a consumer that copies each chunk before it asks
         for the next value, as Ray does with what a generator task yields.
     item_timeout : float, optional
-        Seconds one read may take before it is recorded as failed and the unit goes
-        on without it (``ReaderThreads.wait``); None: no limit.
+        Seconds a read may take before the unit goes on without it; None: no limit.
 
     Yields
     ------
