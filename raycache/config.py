@@ -115,6 +115,23 @@ RAYCACHE_KEYS: dict[str, _Key] = {
         "trainers hold every CPU of the node, or preload cannot start.",
         minimum=0,
     ),
+    "preload_item_timeout_s": _Key(
+        300.0,
+        (int, float),
+        "Longest one provider read may take in a preload; a read still running then is "
+        "recorded as failed (stats()['preload_errors']) and the preload goes on without it. "
+        "None: no limit.",
+        minimum=0.001,
+        nullable=True,
+    ),
+    "preload_on_error": _Key(
+        "continue",
+        (str,),
+        'What a preload does when a provider read fails: "continue" records it '
+        '(stats()["preload_errors"]) and reads the rest; "stop" hands out no more units '
+        "once a unit has failed reads.",
+        choices=("continue", "stop"),
+    ),
     "detached": _Key(
         False,
         (bool,),
@@ -290,6 +307,8 @@ class CacheConfig:
     chunk_size: int | None = None
     chunk_bytes: int = RAYCACHE_KEYS["chunk_bytes"].default
     preload_cpus: float = RAYCACHE_KEYS["preload_cpus"].default
+    preload_item_timeout_s: float | None = RAYCACHE_KEYS["preload_item_timeout_s"].default
+    preload_on_error: str = RAYCACHE_KEYS["preload_on_error"].default
     detached: bool = False
     linger_s: float = RAYCACHE_KEYS["linger_s"].default
     flush_interval_s: float = RAYCACHE_KEYS["flush_interval_s"].default

@@ -58,7 +58,7 @@ class DataCache:
     - ``data_set.preload_threads``: provider reads in flight during preload.
     - ``raycache.name``, ``namespace``, ``address``, ``max_bytes``, ``chunk_size``,
       ``chunk_bytes``, ``detached``, ``linger_s``, ``flush_interval_s``, ``zero_copy``,
-      ``log_dir``, ``timeout_s``.
+      ``log_dir``, ``timeout_s``, ``preload_item_timeout_s``, ``preload_on_error``.
 
     Parameters
     ----------
@@ -218,7 +218,7 @@ class DataCache:
         if client is None:
             return
         with ray_errors_as_plain(f"starting the preload of cache {self.name!r}"):
-            client.waits.start(blob, self.config.preload_threads, self.config.preload_cpus)
+            client.waits.start(blob, self.config)
 
     def try_fetch(self, idx: int) -> dict | None:
         """Fetch item ``idx`` from the cache.
@@ -391,6 +391,11 @@ class DataCache:
             True if no preload is running (it ended, with or without errors, or none
             was started); False if ``timeout`` passed first. Errors are in
             ``stats()["preload_errors"]``.
+
+        Raises
+        ------
+        PreloadFailedError
+            If the preload ended and stored nothing: every read failed.
         """
         if not self.using_cache():
             return True
@@ -426,7 +431,7 @@ class DataCache:
                 "use_cache": False,
                 "preload_errors": [],
             }
-        client = self.attach()
+        client = self._client or self.attach()  # a lost client says why (client.stats)
         if client is None:
             raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
         with ray_errors_as_plain(f"reading the counters of cache {self.name!r}"):

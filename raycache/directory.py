@@ -193,7 +193,9 @@ class CacheDirectory:
         return self._store.add_preloaded(chunk_ref, summary)
 
     # ----------------------------------------------------------------- preload
-    def start_preload(self, provider_blob: bytes, threads: int, cpus_per_task: float = 1.0) -> dict:
+    def start_preload(
+        self, provider_blob, threads, cpus_per_task=1.0, item_timeout=None, on_error="continue"
+    ) -> dict:
         """Start the preload unless one has run or is running; returns its status."""
         with self._lock:
             if self._preload is None and not self._store.dropped:
@@ -208,6 +210,8 @@ class CacheDirectory:
                     missing=self._store.missing,
                     add_chunk=self.add_preloaded,
                     on_progress=self._log_preload,
+                    item_timeout_s=item_timeout,
+                    stop_on_error=on_error == "stop",
                 )
             return self._preload.status() if self._preload is not None else {"state": "idle"}
 

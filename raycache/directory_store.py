@@ -110,15 +110,18 @@ class ChunkStore:
 
     def _fit_budget(self, chunk: Chunk) -> tuple[Chunk, int]:
         """Return the rows of ``chunk`` that fit the byte budget, and how many did not."""
+        first = not self.map.rejected
         fits = self.map.rows_that_fit(chunk.nbytes, len(chunk))
         if fits == len(chunk):
             return chunk, 0
-        logger.warning(
-            "raycache %s: byte budget max_bytes=%d reached; %d items not cached",
-            self.name,
-            self.map.max_bytes,
-            len(chunk) - fits,
-        )
+        if first:  # once per cache: each client says it once in its own process's log
+            logger.warning(
+                "raycache %s: byte budget max_bytes=%d reached with %d bytes stored; "
+                "items over it are not cached (counted in stats()['rejected_items'])",
+                self.name,
+                self.map.max_bytes,
+                self.map.nbytes,
+            )
         return chunk.take(np.arange(fits)), len(chunk) - fits
 
     def _compact(self, cids: list[int]) -> bool:

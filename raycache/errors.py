@@ -27,9 +27,11 @@ __all__ = [
     "CacheMismatchError",
     "CacheUnavailableError",
     "ConfigError",
+    "PreloadFailedError",
     "ProviderNotPicklableError",
     "RemoteError",
     "UnsupportedValueError",
+    "note_provider_index",
     "plain_error",
     "ray_errors_as_plain",
 ]
@@ -47,8 +49,37 @@ class CacheUnavailableError(RuntimeError):
     """The cache's directory actor is gone or did not answer in time."""
 
 
+class PreloadFailedError(RuntimeError):
+    """A preload ended without storing anything: every read failed, or the run did."""
+
+
 class RemoteError(RuntimeError):
     """An error raised inside Ray whose own type cannot be pickled; the message names it."""
+
+
+def note_provider_index(exc: BaseException, idx: int) -> BaseException:
+    """Add a note naming the provider index whose read raised ``exc``; return ``exc``.
+
+    The provider's own error (its type, message and traceback) is what the user must
+    see; the note adds which index it was, which a provider's message often omits.
+    Notes pickle with the exception, so the index reaches a DataLoader's parent too.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The error the provider raised.
+    idx : int
+        The index being read.
+
+    Returns
+    -------
+    BaseException
+        ``exc``, with the note added once.
+    """
+    note = f"raised by the provider reading index {idx}"
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+    return exc
 
 
 def _round_trips(exc: BaseException) -> bool:

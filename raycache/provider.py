@@ -20,7 +20,7 @@ from typing import Any
 
 import ray.cloudpickle as cloudpickle
 
-from raycache.errors import ProviderNotPicklableError
+from raycache.errors import ProviderNotPicklableError, note_provider_index
 
 __all__ = [
     "bypass_active",
@@ -118,9 +118,13 @@ def read_raw(provider: Any, idx: int) -> Any:
         The item as the provider returns it.
     """
     with _bypass():
-        if hasattr(provider, "resolve_data"):
-            return provider.resolve_data(idx)
-        return provider[idx]
+        try:
+            if hasattr(provider, "resolve_data"):
+                return provider.resolve_data(idx)
+            return provider[idx]
+        except Exception as exc:  # the provider's own error, with the index it failed on
+            note_provider_index(exc, idx)
+            raise
 
 
 def pickle_provider(provider: Any) -> bytes:

@@ -22,6 +22,8 @@ EXAMPLES = {
     ("raycache", "chunk_size"): "4096",
     ("raycache", "chunk_bytes"): "33_554_432",
     ("raycache", "preload_cpus"): "0.25",
+    ("raycache", "preload_item_timeout_s"): "60",
+    ("raycache", "preload_on_error"): '"stop"',
     ("raycache", "detached"): "true",
     ("raycache", "linger_s"): "300",
     ("raycache", "flush_interval_s"): "0.05",

@@ -29,13 +29,12 @@ from ray.exceptions import RayActorError
 
 from raycache.chunk import Chunk, flatten_checked, flatten_item
 from raycache.client.forking import ForkSide, forget, register
-from raycache.client.link import ActorLink
+from raycache.client.link import LOST, ActorLink
 from raycache.client.local_map import STALE_S, LocalMap
 from raycache.client.preload_waits import PreloadWaits
 from raycache.client.write_buffer import WriteBuffer
 from raycache.config import CacheConfig
 from raycache.directory import directory_actor
-from raycache.errors import CacheUnavailableError
 from raycache.protocol import ROW_BITS, ROW_MASK, Settings
 from raycache.runtime import ensure_ray
 
@@ -120,7 +119,7 @@ class CacheClient:
         self.misses = 0
         self._sent_counts = (0, 0)
         self.closed = False
-        self._fork = ForkSide(name, self._buffer_item)
+        self._fork = ForkSide(name, self._buffer_item, self.count)
         self._map = LocalMap(self._link, length, self._fork.pins, self._counter_deltas)
         self._map.sync(force=True)
         self._buffer = WriteBuffer(
@@ -151,7 +150,9 @@ class CacheClient:
                     raise
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            self._link = ActorLink(self.actor, self.client_id, self.name, self.timeout)
+            self._link = ActorLink(
+                self.actor, self.client_id, self.name, self.timeout, settings.max_bytes
+            )
             return settings
         raise RuntimeError(f"cache {self.name!r}: could not attach")
 
@@ -183,6 +184,8 @@ class CacheClient:
         """
         self.hits += hits
         self.misses += misses
+        if self._link.forked:  # a DataLoader worker: its parent's stats() counts them
+            self._fork.counted(hits, misses)
 
     def inspect(self) -> ClientState:
         """Return a snapshot of this client's inner state, for tests and diagnosis.
@@ -340,11 +343,12 @@ class CacheClient:
     # ------------------------------------------------------------------ lifetime
     def stats(self) -> dict:
         """Return the directory's counters plus this client's own."""
-        if self._link.dead or self._link.forked:
-            raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
-        self.flush()
-        self._buffer.beat()
-        out = ray.get(self.actor.stats.remote(), timeout=self.timeout)
+        if self._link.usable():
+            self.flush()
+            self._buffer.beat()
+        out = self._link.call("stats") if self._link.usable() else LOST
+        if out is LOST:  # the link logged it once; the error says why
+            raise self._link.unavailable()
         out["client"] = {"hits": self.hits, "misses": self.misses, "pending": len(self._buffer)}
         return out
 

@@ -7,6 +7,10 @@ every chunk (a forked child reads only what was mapped at the fork, and the pare
 references keep those objects alive); after it, the child's clients stop calling Ray
 and the parent starts reading what the child sends it (``raycache.relay``).
 
+A forked child counts its hits and misses like any client, and sends each count to the
+parent over the same pipe (a message with index ``COUNTS``), so that the parent's
+``stats()`` includes the reads of its DataLoader workers.
+
 Guarantees: a failure to prepare one client is logged and never breaks the fork.
 """
 
@@ -23,11 +27,14 @@ from raycache.relay import InsertRelay
 from raycache.runtime import in_forked_child
 from raycache.values import check_item
 
-__all__ = ["ForkSide", "forget", "register"]
+__all__ = ["COUNTS", "ForkSide", "forget", "register"]
 
 logger = logging.getLogger(__name__)
 
 _live_clients: weakref.WeakSet = weakref.WeakSet()
+
+# The index of a relay message that carries a child's (hits, misses), not an item.
+COUNTS = -1
 
 
 class ForkSide:
@@ -39,12 +46,20 @@ class ForkSide:
         The cache name, for messages.
     deliver : Callable[[int, Any], None]
         Buffers an item a child sent (in the parent, from the relay's thread).
+    count : Callable[[int, int], None], optional
+        Adds a child's hits and misses to the parent's (from the relay's thread).
     """
 
-    def __init__(self, name: str, deliver: Callable[[int, Any], None]):
+    def __init__(
+        self,
+        name: str,
+        deliver: Callable[[int, Any], None],
+        count: Callable[[int, int], None] | None = None,
+    ):
         self.name = name
         self.pins = ChildPins()  # retired chunks that forked children may still read
         self._deliver = deliver
+        self._count = count
         self._relay: InsertRelay | None = None  # made at the first fork
         self._warned = False
 
@@ -53,7 +68,7 @@ class ForkSide:
         self.pins.preparing(views)
         # The child cannot call Ray: it sends what it reads to this process instead.
         if self._relay is None:
-            self._relay = InsertRelay(self._deliver, self.name, on_exit=self.pins.exited)
+            self._relay = InsertRelay(self._receive, self.name, on_exit=self.pins.exited)
         self._relay.before_fork()
 
     def after_fork_in_parent(self) -> None:
@@ -88,6 +103,27 @@ class ForkSide:
                 "multiprocessing_context='spawn'.",
                 self.name,
             )
+
+    def counted(self, hits: int, misses: int) -> None:
+        """Send a forked child's hits and misses to the parent (child side).
+
+        Parameters
+        ----------
+        hits : int
+            Reads answered from the cache.
+        misses : int
+            Reads that were not.
+        """
+        if self._relay is not None and (hits or misses):
+            self._relay.send(COUNTS, (int(hits), int(misses)))
+
+    def _receive(self, idx: int, item: Any) -> None:
+        """Take one message from a child (parent side): counts, or an item to insert."""
+        if idx == COUNTS:
+            if self._count is not None:
+                self._count(*item)
+            return
+        self._deliver(idx, item)
 
     def drain(self) -> None:
         """Deliver what forked children have sent so far (parent side)."""

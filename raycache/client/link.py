@@ -7,6 +7,10 @@ the process reads from its provider: a training run outlives its cache.
 
 After ``ray.shutdown()`` any Ray call would silently start a new local Ray, so the
 link checks ``ray.is_initialized()`` before it calls (``usable``).
+
+An insert's reply says how many items did not fit the cache's byte budget; the first
+such reply in a process is logged once, with the figures (``BudgetNotice``), not once
+per insert: a cache smaller than its data is slower, not broken.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError
 
-__all__ = ["LOST", "ActorLink"]
+from raycache.errors import CacheUnavailableError
+
+__all__ = ["LOST", "ActorLink", "BudgetNotice"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +51,20 @@ class ActorLink:
         The cache name, for messages.
     timeout : float
         Seconds a reply may take.
+    max_bytes : int, optional
+        The cache's byte budget, for the message when it is full.
     """
 
-    def __init__(self, actor: Any, client_id: str, name: str, timeout: float):
+    def __init__(
+        self, actor: Any, client_id: str, name: str, timeout: float, max_bytes: int | None = None
+    ):
         self.actor = actor
         self.client_id = client_id
         self.name = name
         self.timeout = timeout
+        self.budget = BudgetNotice(name, max_bytes)
         self.dead = False  # the cache is lost for this process
+        self.reason = ""  # why, once dead
         self.forked = False  # this is a forked child, which must make no Ray call
 
     def usable(self) -> bool:
@@ -61,8 +73,28 @@ class ActorLink:
             return False
         if not ray.is_initialized():
             self.dead = True
+            self.reason = self.reason or "ray.shutdown() was called in this process"
             return False
         return True
+
+    def unavailable(self) -> CacheUnavailableError:
+        """Return the error for a call this process cannot make, saying why.
+
+        Returns
+        -------
+        CacheUnavailableError
+            Names the cache and the cause: the actor died or was dropped, a call timed
+            out, Ray was shut down here, or this is a forked child.
+        """
+        if self.forked and not self.dead:
+            why = "this process was forked from one attached to Ray, and makes no Ray call"
+        else:
+            why = self.reason or "it did not answer"
+        return CacheUnavailableError(
+            f"cache {self.name!r} is gone or unreachable from this process ({why}); "
+            "reads here come from the provider. `raycache list` shows whether it exists; "
+            "attach again (a new DataCache) to make a new one"
+        )
 
     def submit(self, method: str, *args: Any) -> Any:
         """Call actor method ``method`` without waiting; its ref, or ``LOST``."""
@@ -84,7 +116,10 @@ class ActorLink:
 
     def call(self, method: str, *args: Any) -> Any:
         """Call actor method ``method`` and return its reply, or ``LOST``."""
-        return self.get(self.submit(method, *args))
+        reply = self.get(self.submit(method, *args))
+        if method == "insert" and reply is not LOST:
+            self.budget.note(reply.rejected, args[0])
+        return reply
 
     def lost(self, exc: BaseException) -> None:
         """Record that the cache cannot be used any more, once, and say so.
@@ -99,9 +134,64 @@ class ActorLink:
         if self.dead:
             return
         self.dead = True
+        self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         logger.warning(
             "raycache %s: cache unavailable (%s: %s); reading from the provider from now on",
             self.name,
             type(exc).__name__,
             str(exc).splitlines()[0] if str(exc) else "",
+        )
+
+
+class BudgetNotice:
+    """Says once per process that the cache is full, with the figures.
+
+    Parameters
+    ----------
+    name : str
+        The cache name.
+    max_bytes : int or None
+        The cache's byte budget.
+
+    Attributes
+    ----------
+    rejected : int
+        Items this process sent that did not fit, over every insert.
+    """
+
+    def __init__(self, name: str, max_bytes: int | None):
+        self.name = name
+        self.max_bytes = max_bytes
+        self.rejected = 0
+
+    def note(self, rejected: int, chunks: Any) -> None:
+        """Count ``rejected`` items of an insert of ``chunks``; warn at the first.
+
+        Parameters
+        ----------
+        rejected : int
+            Items of the insert the actor did not store (over ``max_bytes``).
+        chunks : list of Chunk
+            What was sent, for the size of an item.
+        """
+        if not rejected:
+            return
+        first = self.rejected == 0
+        self.rejected += rejected
+        if not first:
+            return
+        items = sum(len(chunk) for chunk in chunks)
+        nbytes = sum(int(chunk.nbytes) for chunk in chunks)
+        budget = "unknown" if self.max_bytes is None else f"{self.max_bytes:,} bytes"
+        logger.warning(
+            "raycache %s: the cache is full: its byte budget (raycache.max_bytes = %s) is "
+            "used; %d of %d items just sent (about %s bytes each) were not cached and are "
+            "read from the provider every epoch. Raise raycache.max_bytes or the object "
+            "store's size (docs/troubleshooting.md); stats()['rejected_items'] counts them "
+            "from now on, without another warning.",
+            self.name,
+            budget,
+            rejected,
+            items,
+            f"{nbytes // max(items, 1):,}",
         )

@@ -15,6 +15,7 @@ reads.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +26,13 @@ import ray
 from raycache.client.link import LOST, ActorLink
 from raycache.client.local_map import LocalMap
 from raycache.client.write_buffer import WriteBuffer
+from raycache.config import CacheConfig
+from raycache.errors import PreloadFailedError
 from raycache.protocol import READ_IT, STORED, held_by_units, unit_holding
 
 __all__ = ["INFLIGHT_WAIT_S", "SPARE_BLOCK", "SPARE_BLOCK_MAX", "PreloadWaits"]
+
+logger = logging.getLogger(__name__)
 
 # Longest a miss waits for the preload task reading its unit. The task may not even be
 # scheduled (trainers holding every CPU): then the trainer reads the unit's items itself.
@@ -61,24 +66,28 @@ class PreloadWaits:
         self.stalled: set[int] = set()  # units whose preload reader did not end in time
         self._spare_block: list[int] = []  # spare items reserved for this process
         self._spare_refills = 0  # blocks asked for since the wait began
+        self._outcome_told = False  # the end of the preload was checked (_check_outcome)
 
-    def start(self, provider_blob: bytes, threads: int, cpus_per_task: float) -> None:
+    def start(self, provider_blob: bytes, config: CacheConfig) -> None:
         """Have the actor start the cache's preload (once per cache), then catch up.
 
         Parameters
         ----------
         provider_blob : bytes
             The pickled provider the preload tasks read.
-        threads : int
-            Provider reads in flight.
-        cpus_per_task : float
-            CPUs each preload task reserves.
+        config : CacheConfig
+            Its ``preload_threads`` (reads in flight), ``preload_cpus`` (per task),
+            ``preload_item_timeout_s`` and ``preload_on_error``.
         """
-        ray.get(
-            self._link.actor.start_preload.remote(provider_blob, threads, cpus_per_task),
-            timeout=self._link.timeout,
-        )
-        self._map.sync(force=True)
+        # A cache lost now (killed, dropped) is told once by the link; training goes on
+        # from the provider, so starting its preload is not an error. A forked child
+        # makes no Ray call: its parent starts the preload.
+        if not self._link.usable():
+            return
+        args = (provider_blob, config.preload_threads, config.preload_cpus)
+        args += (config.preload_item_timeout_s, config.preload_on_error)
+        if self._link.call("start_preload", *args) is not LOST:
+            self._map.sync(force=True)
 
     def wait_for_end(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) for the preload to end.
@@ -87,7 +96,18 @@ class PreloadWaits:
         -------
         bool
             True once no preload runs; False if ``timeout`` passed first.
+
+        Raises
+        ------
+        CacheUnavailableError
+            If the cache is lost for this process, or this is a forked child (which
+            cannot ask); the message says which.
+        PreloadFailedError
+            If the preload ended having stored nothing (every read failed, or the run
+            itself failed). One that stored some items logs it once (INFO) instead.
         """
+        if not self._link.usable():  # lost, or a forked child, which makes no Ray call
+            raise self._link.unavailable()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
@@ -97,7 +117,38 @@ class PreloadWaits:
             ref = self._link.actor.wait_preload.remote(left)
             if ray.get(ref, timeout=left + self._link.timeout):
                 self._map.sync(force=True)
+                self._check_outcome()
                 return True
+
+    def _check_outcome(self) -> None:
+        """Raise if the preload that ended stored nothing; warn once if some reads failed.
+
+        A preload whose every read failed must not look like one that succeeded: the
+        cache would hold nothing and every epoch would read the provider.
+        """
+        stats = self._link.call("stats")
+        if stats is LOST:
+            return
+        run = stats.get("preload") or {}
+        failed = int(run.get("error_count", 0))
+        if not failed and run.get("state") != "failed":
+            return
+        errors = run.get("errors") or [{"index": None, "error": run.get("state", "")}]
+        first = errors[0]
+        lines = str(first["error"]).strip().splitlines()
+        what = (
+            f"{failed} of {stats['length']} items could not be read, {run.get('items', 0)} "
+            f"stored (first: index {first['index']}: {lines[0] if lines else ''}); "
+            "stats()['preload_errors'] lists every one"
+        )
+        if run.get("state") == "failed" or not run.get("items"):
+            raise PreloadFailedError(f"the preload of cache {self._link.name!r} failed: {what}")
+        if self._outcome_told:
+            return
+        self._outcome_told = True
+        # INFO, not WARNING: stats() and the actor's log carry it, and a command line
+        # tool that reports the preload's end itself must stay one line.
+        logger.info("raycache %s: the preload ended with errors: %s", self._link.name, what)
 
     def being_preloaded(self, indices: np.ndarray, spares: bool = False) -> np.ndarray:
         """Return, per index, whether a preload unit this client may wait for holds it.

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from raycache.preload.failures import FailureLog
 from raycache.preload.progress import Progress
 from raycache.preload.task import read_units_task
 from raycache.preload.units import MIN_UNIT_ITEMS, UnitScheduler
@@ -87,6 +88,12 @@ class PreloadRun:
         Registers a finished chunk; returns False when the byte budget is full.
     on_progress : Callable[[int, float], None], optional
         Called with the item count and seconds of each finished unit.
+    item_timeout_s : float, optional
+        ``raycache.preload_item_timeout_s``: seconds one read may take before the
+        tasks record it as failed and go on; None: no limit.
+    stop_on_error : bool
+        ``raycache.preload_on_error = "stop"``: hand out no more units once a unit
+        comes back with failed reads (its good items are still stored).
     """
 
     def __init__(
@@ -101,10 +108,14 @@ class PreloadRun:
         missing: Callable[[np.ndarray], np.ndarray],
         add_chunk: Callable[[Any, dict], bool],
         on_progress: Callable[[int, float], None] | None = None,
+        item_timeout_s: float | None = None,
+        stop_on_error: bool = False,
     ):
         self.length = length
         self.threads = threads
         self.cpus_per_task = float(cpus_per_task)
+        self.item_timeout_s = item_timeout_s
+        self.stop_on_error = stop_on_error
         # Total, not available, CPUs: tasks that just finished may still be counted as busy.
         self.tasks = slot_count(threads, ray.cluster_resources().get("CPU", 1), length)
         self.scheduler = UnitScheduler(
@@ -117,6 +128,7 @@ class PreloadRun:
         self._add_chunk = add_chunk
         self._on_progress = on_progress
         self.progress = Progress()
+        self.failures = FailureLog(self.progress.errors)  # logs a few, then one summary
         self.done_event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycache-preload", daemon=True)
         self._thread.start()
@@ -229,12 +241,14 @@ class PreloadRun:
             progress.state = "failed"
         finally:
             self.scheduler.inflight = {}
+            self.failures.summarize(self.length, progress.items)
             progress.end()
             self.done_event.set()
 
     def _start_slots(self, count: int) -> list:
         task = read_units_task.options(num_cpus=self.cpus_per_task)
         args = (self._blob_ref, self.key, self._directory, self.threads_per_task)
+        args += (self.item_timeout_s,)
         return [task.remote(*args) for _ in range(count)]
 
     def _drive(self) -> None:
@@ -297,7 +311,7 @@ class PreloadRun:
             logger.error("raycache preload task failed: %s", detail)
             return False  # its units are reported when the run ends
         if not self._finish(chunk_ref, summary):
-            self.stop()  # the byte budget is full: hand out no more units
+            self.stop()  # the budget is full, or a read failed: hand out no more units
         self.scheduler.registered(summary["unit"])
         return True
 
@@ -310,20 +324,23 @@ class PreloadRun:
             detail,
         )
         self.scheduler.note_failed(todo.tolist())
-        self.progress.errors += [{"index": int(i), "error": detail} for i in todo]
+        self.failures.failed([(int(i), detail) for i in todo])
 
     def _finish(self, chunk_ref: Any, summary: dict) -> bool:
-        """Record one unit's result; False once the byte budget is full."""
+        """Record one unit's result; False to stop the run.
+
+        The run stops once the byte budget is full, or at a failed read with
+        ``stop_on_error``.
+        """
         if summary["errors"]:
             self.scheduler.note_failed([idx for idx, _ in summary["errors"]])
-        for idx, detail in summary["errors"]:
-            logger.error("raycache preload could not read index %s: %s", idx, detail)
-            self.progress.errors.append({"index": idx, "error": detail})
+        self.failures.failed(summary["errors"])
+        go_on = not (summary["errors"] and self.stop_on_error)  # raycache.preload_on_error
         count = len(summary["indices"])
         if not count or self.scheduler.stopped.is_set():
-            return True
+            return go_on
         room = self._add_chunk(chunk_ref, summary)
         self.progress.stored(count, summary["nbytes"])
         if self._on_progress is not None:
             self._on_progress(count, summary["seconds"])
-        return room
+        return room and go_on

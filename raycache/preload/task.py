@@ -89,6 +89,7 @@ def read_units(
     claim: Callable[[tuple | None], tuple | None],
     threads: int,
     reuse_columns: bool = False,
+    item_timeout: float | None = None,
 ) -> Iterator[Chunk | dict]:
     """Read the units ``claim`` hands out, yielding a chunk and its summary for each.
 
@@ -108,6 +109,8 @@ def read_units(
         Fill later units into the arrays of chunks already yielded (see
         ``ColumnSpares``). Only for a consumer that copies each chunk before it asks
         for the next value, as Ray does with what a generator task yields.
+    item_timeout : float, optional
+        Seconds a read may take before the unit goes on without it; None: no limit.
 
     Yields
     ------
@@ -130,15 +133,16 @@ def read_units(
             # The next unit is claimed when the current one drains: late enough that the
             # indices it takes stay free for trainers until then, early enough that the
             # claim's round trip ends before the threads run out of reads.
-            current.draining.wait()
+            readers.wait(current.draining, item_timeout)
             upcoming = units.queue(claim(done))
-            current.done.wait()
+            readers.wait(current.done, item_timeout)
             chunk, summary = _build_chunk(current, began)
             began = time.monotonic()  # the next unit's reads run from here on
             done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
             yield chunk  # Ray has copied the chunk into the object store when this returns
             del chunk
-            if spares is not None:
+            # A read given up on may still write its row later: its columns are not reused.
+            if spares is not None and not current.timed_out:
                 spares.give(current.builder.buffers)
             yield summary
             current = upcoming
@@ -151,7 +155,11 @@ def read_units(
 
 @ray.remote(max_retries=0)
 def read_units_task(
-    provider_blob: bytes, provider_key: str, directory: Any, threads: int
+    provider_blob: bytes,
+    provider_key: str,
+    directory: Any,
+    threads: int,
+    item_timeout: float | None = None,
 ) -> Iterator[Chunk | dict]:
     """Ray generator task: one preload slot, reading units until none is left.
 
@@ -165,6 +173,8 @@ def read_units_task(
         The cache's directory actor, which hands out the units (``preload_claim``).
     threads : int
         Reads in flight at once.
+    item_timeout : float, optional
+        ``raycache.preload_item_timeout_s`` (see ``read_units``).
 
     Yields
     ------
@@ -177,4 +187,4 @@ def read_units_task(
         return ray.get(directory.preload_claim.remote(provider_key, done))
 
     # Ray copies each yielded chunk into the object store before the generator resumes.
-    yield from read_units(provider, claim, threads, reuse_columns=True)
+    yield from read_units(provider, claim, threads, reuse_columns=True, item_timeout=item_timeout)
