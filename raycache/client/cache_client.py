@@ -114,6 +114,7 @@ class CacheClient:
             "detached": config.detached,
             "linger_s": config.linger_s,
             "log_dir": config.log_dir,
+            "locality": config.locality,
         }
         self.settings = self._attach(spec, {"host": socket.gethostname(), "pid": self.pid})
         self.hits = 0
@@ -344,8 +345,10 @@ class CacheClient:
             raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
         self.flush()
         self._buffer.beat()
+        self._map.reads.flush(self.timeout)  # this process's byte counts are in the totals
         out = ray.get(self.actor.stats.remote(), timeout=self.timeout)
         out["client"] = {"hits": self.hits, "misses": self.misses, "pending": len(self._buffer)}
+        out["client"].update(read_bytes=self._map.reads.read, crossed_bytes=self._map.reads.crossed)
         return out
 
     def close(self) -> None:

@@ -254,7 +254,9 @@ class PreloadRun:
         last_news = time.monotonic()
         warned = False
         while slots:
-            ready, _ = ray.wait(slots, num_returns=1, timeout=1.0)
+            # fetch_local=False: the chunks stay on the nodes that built them; waiting
+            # with a fetch copied every chunk into the actor's node.
+            ready, _ = ray.wait(slots, num_returns=1, timeout=1.0, fetch_local=False)
             if not ready and not warned and time.monotonic() - last_news > STARTUP_WARNING_S:
                 warned = True
                 logger.warning(
