@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
 import ray
 
-__all__ = ["NodeBytes", "ReadCounter"]
+__all__ = ["NODES_CHECK_S", "NodeBytes", "ReadCounter"]
 
 logger = logging.getLogger(__name__)
+
+# How long a client trusts its last count of the cluster's nodes. On one node nothing
+# can cross, and the owner is not asked where a chunk is (a call per chunk mapped).
+NODES_CHECK_S = 10.0
 
 
 class NodeBytes:
@@ -75,6 +80,8 @@ class ReadCounter:
         self._actor = actor
         self._node_id: str | None = None
         self._pending: list[Any] = []
+        self._several_nodes = False
+        self._nodes_checked = -NODES_CHECK_S
         self.read = 0
         self.crossed = 0
 
@@ -98,6 +105,12 @@ class ReadCounter:
         bool
             True when the owner lists this node among the chunk's locations.
         """
+        now = time.monotonic()
+        if now - self._nodes_checked >= NODES_CHECK_S:
+            self._nodes_checked = now
+            self._several_nodes = sum(n["Alive"] for n in ray.nodes()) > 1
+        if not self._several_nodes:
+            return True
         where = ray.experimental.get_object_locations([ref], timeout_ms=5000).get(ref) or {}
         return self.node_id in (where.get("node_ids") or ())
 
