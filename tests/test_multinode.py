@@ -18,6 +18,7 @@ import textwrap
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -374,6 +375,33 @@ def test_locality_builds_each_chunk_on_its_node_and_a_warm_epoch_crosses_nothing
     raycache.drop_cache(name)
 
 
+def read_losing_node(
+    ds: CachedDataset, order: list[int], lost: set[int], remove: Callable[[], None]
+) -> tuple[list[str], int]:
+    """Read ``order`` in batches, calling ``remove`` just before the first of ``lost``.
+
+    Returns what was wrong with the items read, and how many were checked.
+    """
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, sampler=order, collate_fn=lambda items: list(items)
+    )
+    bad, checked, removed = [], 0, False
+    batches = _batches(order)
+    for b, items in enumerate(loader):
+        for i, item in zip(batches[b], items):
+            problem = item_mismatch(item, i)
+            if problem:
+                bad.append(problem)
+            checked += 1
+        if not removed and b + 1 < len(batches) and lost & set(batches[b + 1]):
+            # Mid-epoch, before any of the node's items was read: a DataLoader with no
+            # workers reads a batch only when it is asked for the next one.
+            remove()
+            removed = True
+    assert removed, "no batch held a lost item"
+    return bad, checked
+
+
 def test_a_chunk_lost_with_its_node_is_read_again_and_refilled(cluster, name, tmp_path):
     # The cache's directory actor starts before the doomed node joins, so it cannot be
     # placed there: this test is about losing chunks, not the directory.
@@ -404,25 +432,9 @@ def test_a_chunk_lost_with_its_node_is_read_again_and_refilled(cluster, name, tm
     rng = np.random.default_rng(2)
     # The epoch reads the other items first, then the node goes, then its items.
     order = rng.permutation(kept).tolist() + rng.permutation(lost).tolist()
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=BATCH, sampler=order, collate_fn=lambda items: list(items)
-    )
-    bad, checked, removed = [], 0, False
     reads_before_loss = read_count(tmp_path)
-    batches = _batches(order)
-    lost_set = set(lost)
-    for b, items in enumerate(loader):
-        for i, item in zip(batches[b], items):
-            problem = item_mismatch(item, i)
-            if problem:
-                bad.append(problem)
-            checked += 1
-        if not removed and b + 1 < len(batches) and lost_set & set(batches[b + 1]):
-            # Mid-epoch, before any of the node's items was read: a DataLoader with no
-            # workers reads a batch only when it is asked for the next one.
-            cluster.remove_node(doomed, allow_graceful=False)
-            removed = True
-    assert removed
+    remove = lambda: cluster.remove_node(doomed, allow_graceful=False)  # noqa: E731
+    bad, checked = read_losing_node(ds, order, set(lost), remove)
     assert bad == [] and checked == N
     assert not client.dead  # one lost chunk is not a lost cache
     # Every lost item was read from the provider once, on this node, and stored again.
