@@ -7,11 +7,17 @@ indices, units follow the node's indices in order).
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
+import ray
 import torch.utils.data
+from providers import LoggedReadsProvider, make_item
 from ray.exceptions import ObjectLostError, ObjectReconstructionFailedError, OwnerDiedError
 
+import raycache
+from raycache import locality
 from raycache.chunk_loss import LostEvent, forget_chunk, is_chunk_loss, unmap_lost
 from raycache.directory_map import ChunkMap
 from raycache.locality import LocalityPlan
@@ -132,3 +138,36 @@ def test_node_bytes_add_up_per_node_and_crossed():
         "node_crossed_bytes": {"n1": 60, "n2": 70},
         "crossed_bytes": 130,
     }
+
+
+# ------------------------------------------------------------------ on one node's Ray
+def test_a_trainer_reading_during_a_locality_preload_gets_every_item(ray_address, tmp_path):
+    # On one node the plan is one block; what is checked is the run's side of the
+    # protocol: trainers that read while it runs wait for or read each item, and the
+    # cache ends whole.
+    n = 640
+    provider = LoggedReadsProvider(n, str(tmp_path / "reads.log"), latency_s=0.002)
+    config = {
+        "data_set": {"use_cache": True, "preload_cache": True, "preload_threads": 4},
+        "raycache": {"name": f"loc-{uuid.uuid4().hex[:8]}", "chunk_size": 64, "locality": "nodes"},
+    }
+    ds = raycache.CachedDataset(provider, config)
+    order = np.random.default_rng(4).permutation(n).tolist()
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, sampler=order, collate_fn=list)
+    got = [item for batch in loader for item in batch]
+    for i, item in zip(order, got):
+        assert item["data"]["label"] == i and item["object_id"] == f"obj-{i}"
+        np.testing.assert_array_equal(item["data"]["image"], make_item(i)["data"]["image"])
+    assert ds.cache.wait_for_preload(timeout=60)
+    stats = ds.cache.stats()
+    assert stats["preload"]["state"] == "done" and stats["items"] == n
+    assert stats["preload"]["nodes"] == {ray.get_runtime_context().get_node_id(): n}
+    assert locality.node_indices(ds.cache).tolist() == list(range(n))
+    assert sorted(set(provider.reads())) == list(range(n))
+    before = len(provider.reads())
+    again = [item for batch in loader for item in batch]
+    assert [item["data"]["label"] for item in again] == order
+    assert len(provider.reads()) == before  # warm: the provider is not read again
+    assert stats["crossed_bytes"] == 0  # one node: nothing can cross
+    ds.cache.close()
+    raycache.drop_cache(config["raycache"]["name"])
