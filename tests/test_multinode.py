@@ -228,6 +228,8 @@ def test_preload_spreads_over_nodes_and_a_trainer_on_each_node_reads_every_item(
         assert (result["hits"], result["misses"]) == (N, 0)
         assert result["read_bytes"] == stats["bytes"]  # every chunk mapped once
         crossed.setdefault(k, []).append(result["crossed_bytes"])
+        # Every chunk now has a copy in this node's store.
+        assert all(nodes[k] in homes for homes in locality.chunk_nodes(ds.cache).values())
     assert read_count(tmp_path) == N  # the trainers read the provider 0 times
     # Without locality a node's first warm epoch copies the other nodes' chunks over...
     for k in ("node1", "node2"):

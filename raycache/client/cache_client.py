@@ -363,6 +363,7 @@ class CacheClient:
         self._buffer.close(self.timeout)
         if usable and not self._link.dead and ray.is_initialized():
             self._map.forget_pending_reply()  # let Ray forget the reply while it is up
+            self._map.reads.flush(self.timeout)  # byte counts not yet in the totals
             try:
                 ray.get(
                     self.actor.detach.remote(self.client_id, *self._counter_deltas()),
