@@ -155,6 +155,14 @@ RAYCACHE_KEYS: dict[str, _Key] = {
         (bool,),
         "Return read-only views of shared memory instead of private copies.",
     ),
+    "locality": _Key(
+        "off",
+        (str,),
+        '"nodes": the preload builds each chunk on the node whose trainers read it, by '
+        "equal blocks of indices over the cluster's nodes (raycache.locality.node_indices "
+        'gives each node its block); "off": wherever Ray runs the preload tasks.',
+        choices=("off", "nodes"),
+    ),
     "log_dir": _Key(None, (str,), "tensorboardX log directory. Unset: no metrics.", nullable=True),
     "timeout_s": _Key(
         60.0, (int, float), "Longest wait for any single call to the cache.", minimum=0.001
@@ -313,6 +321,7 @@ class CacheConfig:
     linger_s: float = RAYCACHE_KEYS["linger_s"].default
     flush_interval_s: float = RAYCACHE_KEYS["flush_interval_s"].default
     zero_copy: bool = False
+    locality: str = RAYCACHE_KEYS["locality"].default
     log_dir: str | None = None
     timeout_s: float = RAYCACHE_KEYS["timeout_s"].default
 

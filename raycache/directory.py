@@ -29,6 +29,7 @@ import ray
 
 from raycache.chunk import Chunk, chunk_rows
 from raycache.directory_clients import ClientTable
+from raycache.directory_cluster import ClusterSide
 from raycache.directory_map import SNAPSHOT_AFTER, ChunkMap
 from raycache.directory_store import ChunkStore
 from raycache.errors import CacheMismatchError
@@ -52,7 +53,7 @@ CLIENT_TIMEOUT_S = 30.0
 REAP_INTERVAL_S = 1.0
 
 
-class CacheDirectory:
+class CacheDirectory(ClusterSide):
     """State of one cache. Created through ``directory_actor``.
 
     Parameters
@@ -79,6 +80,7 @@ class CacheDirectory:
         )
         self._store = ChunkStore(spec["name"], chunk_map, self._lock)
         self.map = chunk_map
+        ClusterSide.__init__(self, chunk_map, self._lock, self.spec)  # lost chunks, locality
         self._clients = ClientTable()
         self._preload: PreloadRun | None = None
         self._writer = None
@@ -194,12 +196,22 @@ class CacheDirectory:
 
     # ----------------------------------------------------------------- preload
     def start_preload(
-        self, provider_blob, threads, cpus_per_task=1.0, item_timeout=None, on_error="continue"
+        self,
+        provider_blob: bytes,
+        threads: int,
+        cpus_per_task: float = 1.0,
+        item_timeout: float | None = None,
+        on_error: str = "continue",
+        plan: Any = None,
     ) -> dict:
-        """Start the preload unless one has run or is running; returns its status."""
+        """Start the preload unless one has run or is running; returns its status.
+
+        ``plan``: a ``raycache.locality.LocalityPlan`` to follow (see ``preload_run``).
+        """
         with self._lock:
             if self._preload is None and not self._store.dropped:
-                self._preload = PreloadRun(
+                self._preload = self.preload_run(
+                    plan,
                     length=int(self.spec["length"]),
                     provider_blob=provider_blob,
                     threads=int(threads),
@@ -325,6 +337,7 @@ class CacheDirectory:
                 "fingerprint": self.spec["fingerprint"],
                 "preload": preload,
                 "preload_errors": preload.get("errors", []),
+                **self.cluster_stats(),
             }
 
     def drop(self) -> None:

@@ -275,3 +275,18 @@ def test_job_submit_runtime_env_is_accepted_by_ray():
     with open(path) as f:
         env = RuntimeEnv(**yaml.safe_load(f), working_dir=str(REPO))
     assert ".git" in env["excludes"]
+
+
+def test_documented_job_submission_uses_the_runtime_env_and_joins_the_cluster():
+    # The `ray job submit` command of the guide and of this folder's README: the runtime
+    # env file it names exists, and the example joins the job's cluster (--address auto)
+    # instead of starting a Ray of its own inside the job.
+    for doc in (REPO / "docs" / "cluster.md", CONFIGS / "README.md"):
+        text = doc.read_text()
+        commands = re.findall(r"\$ ray job submit .*?(?=\n```)", text, re.S)
+        assert commands, doc
+        for command in commands:
+            env = re.search(r"--runtime-env (\S+)", command).group(1)
+            assert (REPO / env).is_file(), (doc, env)
+            assert "--working-dir ." in command
+            assert "examples/ray_train.py --address auto" in command, (doc, command)

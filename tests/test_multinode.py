@@ -18,6 +18,7 @@ import textwrap
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ import torch.utils.data
 from ray.cluster_utils import Cluster
 
 import raycache
-from raycache import CachedDataset, DataCache
+from raycache import CachedDataset, locality
+from raycache.protocol import ROW_BITS
 
 # Ray workers cannot import this module: ship its provider and trainer by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -121,6 +123,8 @@ def read_epoch(provider: NodeLoggingProvider, config: dict, order: list[int]) ->
         "checked": checked,
         "hits": client["hits"],
         "misses": client["misses"],
+        "read_bytes": client["read_bytes"],
+        "crossed_bytes": client["crossed_bytes"],
     }
 
 
@@ -173,6 +177,8 @@ def cluster():
             "object_store_memory": STORE_BYTES,
             "resources": {"node0": 1},
             "include_dashboard": False,
+            # A node that is killed is declared dead in ~2 s, not Ray's default ~30 s.
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
         },
     )
     try:
@@ -192,7 +198,7 @@ def name() -> str:
 
 
 def test_preload_spreads_over_nodes_and_a_trainer_on_each_node_reads_every_item(
-    cluster, name, tmp_path
+    cluster, name, tmp_path, record_property
 ):
     nodes = node_ids()
     assert len(nodes) == 3
@@ -210,7 +216,8 @@ def test_preload_spreads_over_nodes_and_a_trainer_on_each_node_reads_every_item(
     assert set(reads) == set(nodes.values()), {k: len(v) for k, v in reads.items()}
 
     order = np.random.default_rng(0).permutation(N).tolist()
-    for k in ("node1", "node2"):
+    crossed = {}
+    for k in ("node1", "node2", "node1"):
         result = ray.get(
             read_epoch_task.options(resources={k: 0.01}).remote(provider, config, order),
             timeout=WAIT_S,
@@ -219,7 +226,20 @@ def test_preload_spreads_over_nodes_and_a_trainer_on_each_node_reads_every_item(
         assert result["bad"] == []
         assert result["checked"] == N
         assert (result["hits"], result["misses"]) == (N, 0)
+        assert result["read_bytes"] == stats["bytes"]  # every chunk mapped once
+        crossed.setdefault(k, []).append(result["crossed_bytes"])
+        # Every chunk now has a copy in this node's store.
+        assert all(nodes[k] in homes for homes in locality.chunk_nodes(ds.cache).values())
     assert read_count(tmp_path) == N  # the trainers read the provider 0 times
+    # Without locality a node's first warm epoch copies the other nodes' chunks over...
+    for k in ("node1", "node2"):
+        assert 0 < crossed[k][0] < stats["bytes"], crossed
+    record_property("crossed_bytes_first_epoch_locality_off", crossed)
+    # ...and a later epoch there (another process) reads that node's store: nothing crosses.
+    assert crossed["node1"][1] == 0, crossed
+    totals = ds.cache.stats()
+    assert totals["crossed_bytes"] == crossed["node1"][0] + crossed["node2"][0]
+    assert totals["node_read_bytes"][nodes["node1"]] == 2 * stats["bytes"]
     ds.cache.close()
     raycache.drop_cache(name)
 
@@ -311,57 +331,130 @@ SWEEP_JOB = textwrap.dedent(
 )
 
 
-def test_a_node_lost_mid_epoch_costs_no_read(cluster, name, tmp_path):
-    # The cache's directory actor starts before the doomed node joins, so it cannot be
-    # placed there: this test is about losing chunks, not the directory.
-    provider = NodeLoggingProvider(N, str(tmp_path), latency_s=0.002)
-    config = cache_config(name, tasks=4)
-    DataCache(config, provider).stats()
-    doomed = cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES, resources={"node3": 1})
-    cluster.wait_for_nodes(timeout=WAIT_S)
+def test_locality_builds_each_chunk_on_its_node_and_a_warm_epoch_crosses_nothing(
+    cluster, name, tmp_path
+):
     nodes = node_ids()
-    assert len(nodes) == 4
     warm_workers(list(nodes))
+    provider = NodeLoggingProvider(N, str(tmp_path))
+    config = cache_config(name, locality="nodes")
     ds = CachedDataset(provider, config)
     assert ds.cache.wait_for_preload(timeout=WAIT_S)
-    assert ds.cache.stats()["items"] == N
+    stats = ds.cache.stats()
+    assert stats["items"] == N and stats["preload_errors"] == []
+    share = {k: locality.node_indices(ds.cache, nodes[k]) for k in nodes}
+    # The plan: equal blocks over the nodes, every index once.
+    assert sorted(np.concatenate(list(share.values())).tolist()) == list(range(N))
+    assert {len(v) for v in share.values()} == {N // 3}
+    # Each node's share was read by the preload on that node...
     reads = provider_reads(tmp_path)
-    # The items read on the doomed node are in chunks its preload task stored there.
-    lost = sorted(reads.get(nodes["node3"], []))
-    assert len(lost) >= CHUNK, {k: len(v) for k, v in reads.items()}
-    kept = sorted(set(range(N)) - set(lost))
-    rng = np.random.default_rng(2)
-    # The epoch reads the other nodes' items first, then the node goes, then its items.
-    order = rng.permutation(kept).tolist() + rng.permutation(lost).tolist()
+    for k, node in nodes.items():
+        assert sorted(reads[node]) == share[k].tolist(), k
+    # ...and its chunks were stored there only.
+    client = ds.cache.attach()
+    loc = client.inspect().locations
+    homes = locality.chunk_nodes(ds.cache)
+    for k, node in nodes.items():
+        cids = set((loc[share[k]] >> ROW_BITS).tolist())
+        assert all(homes[c] == {node} for c in cids), (k, [homes[c] for c in cids])
+
+    rng = np.random.default_rng(3)
+    for k in ("node1", "node2"):
+        order = rng.permutation(share[k]).tolist()
+        result = ray.get(
+            read_epoch_task.options(resources={k: 0.01}).remote(provider, config, order),
+            timeout=WAIT_S,
+        )
+        assert result["bad"] == [] and (result["hits"], result["misses"]) == (len(order), 0)
+        assert result["read_bytes"] > 0
+        assert result["crossed_bytes"] == 0, k
+    totals = ds.cache.stats()
+    assert totals["crossed_bytes"] == 0
+    assert totals["node_read_bytes"][nodes["node1"]] > 0
+    assert totals["node_read_bytes"][nodes["node2"]] > 0
+    assert read_count(tmp_path) == N
+    ds.cache.close()
+    raycache.drop_cache(name)
+
+
+def read_losing_node(
+    ds: CachedDataset, order: list[int], lost: set[int], remove: Callable[[], None]
+) -> tuple[list[str], int]:
+    """Read ``order`` in batches, calling ``remove`` just before the first of ``lost``.
+
+    Returns what was wrong with the items read, and how many were checked.
+    """
     loader = torch.utils.data.DataLoader(
         ds, batch_size=BATCH, sampler=order, collate_fn=lambda items: list(items)
     )
     bad, checked, removed = [], 0, False
-    reads_before_loss = read_count(tmp_path)
     batches = _batches(order)
-    lost_set = set(lost)
     for b, items in enumerate(loader):
         for i, item in zip(batches[b], items):
             problem = item_mismatch(item, i)
             if problem:
                 bad.append(problem)
             checked += 1
-        if not removed and b + 1 < len(batches) and lost_set & set(batches[b + 1]):
+        if not removed and b + 1 < len(batches) and lost & set(batches[b + 1]):
             # Mid-epoch, before any of the node's items was read: a DataLoader with no
             # workers reads a batch only when it is asked for the next one.
-            cluster.remove_node(doomed, allow_graceful=False)
+            remove()
             removed = True
-    assert removed
+    assert removed, "no batch held a lost item"
+    return bad, checked
+
+
+def test_a_chunk_lost_with_its_node_is_read_again_and_refilled(cluster, name, tmp_path):
+    # The cache's directory actor starts before the doomed node joins, so it cannot be
+    # placed there: this test is about losing chunks, not the directory.
+    provider = NodeLoggingProvider(N, str(tmp_path))
+    config = cache_config(name)
+    config["data_set"]["preload_cache"] = False
+    ds = CachedDataset(provider, config)
+    doomed = cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES, resources={"node3": 1})
+    cluster.wait_for_nodes(timeout=WAIT_S)
+    nodes = node_ids()
+    assert len(nodes) == 4
+    warm_workers(list(nodes))
+    # A user-given plan: the doomed node preloads the first quarter, node1 the rest.
+    lost = list(range(N // 4))
+    kept = list(range(N // 4, N))
+    plan = locality.LocalityPlan.from_mapping(N, {nodes["node3"]: lost, nodes["node1"]: kept})
+    locality.preload_on_nodes(ds.cache, provider, plan)
+    assert ds.cache.wait_for_preload(timeout=WAIT_S)
+    assert ds.cache.stats()["items"] == N
+    assert sorted(provider_reads(tmp_path)[nodes["node3"]]) == lost
+    # The only copy of the first quarter's chunks is on the doomed node.
+    client = ds.cache.attach()
+    loc = client.inspect().locations
+    homes = locality.chunk_nodes(ds.cache)
+    lost_cids = set((loc[lost] >> ROW_BITS).tolist())
+    assert all(homes[c] == {nodes["node3"]} for c in lost_cids)
+
+    rng = np.random.default_rng(2)
+    # The epoch reads the other items first, then the node goes, then its items.
+    order = rng.permutation(kept).tolist() + rng.permutation(lost).tolist()
+    reads_before_loss = read_count(tmp_path)
+    remove = lambda: cluster.remove_node(doomed, allow_graceful=False)  # noqa: E731
+    bad, checked = read_losing_node(ds, order, set(lost), remove)
     assert bad == [] and checked == N
-    # Served from the cache where a copy survived, from the provider where none did:
-    # never more provider reads than the items whose chunks were read on the lost node.
-    # (Today every preloaded chunk also has a copy on the head node, so the lost items
-    # are served from there and this is 0; see docs/cluster.md.)
-    assert read_count(tmp_path) - reads_before_loss <= len(lost)
+    assert not client.dead  # one lost chunk is not a lost cache
+    # Every lost item was read from the provider once, on this node, and stored again.
+    assert read_count(tmp_path) - reads_before_loss == len(lost)
+    stats = ds.cache.stats()
+    assert stats["lost_chunks"] == len(lost_cids)
+    assert stats["items"] == N
+    # The next epoch is all hits, from a process that knew nothing of the loss too.
+    result = ray.get(
+        read_epoch_task.options(resources={"node2": 0.01}).remote(provider, config, order),
+        timeout=WAIT_S,
+    )
+    assert result["bad"] == [] and (result["hits"], result["misses"]) == (N, 0)
+    assert read_count(tmp_path) - reads_before_loss == len(lost)
+    ds.cache.close()
+    raycache.drop_cache(name)
     # Ray itself declares the node dead (health checks): wait for it, with a timeout.
     deadline = time.monotonic() + WAIT_S
     while "node3" in node_ids() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert node_ids().keys() == {"node0", "node1", "node2"}
-    ds.cache.close()
-    raycache.drop_cache(name)

@@ -28,6 +28,7 @@ EXAMPLES = {
     ("raycache", "linger_s"): "300",
     ("raycache", "flush_interval_s"): "0.05",
     ("raycache", "zero_copy"): "true",
+    ("raycache", "locality"): '"nodes"',
     ("raycache", "log_dir"): '"runs/cache"',
     ("raycache", "timeout_s"): "120",
     ("raycache", "identity"): '"hsc-pdr3-v2"',

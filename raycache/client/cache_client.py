@@ -113,6 +113,7 @@ class CacheClient:
             "detached": config.detached,
             "linger_s": config.linger_s,
             "log_dir": config.log_dir,
+            "locality": config.locality,
         }
         self.settings = self._attach(spec, {"host": socket.gethostname(), "pid": self.pid})
         self.hits = 0
@@ -346,10 +347,12 @@ class CacheClient:
         if self._link.usable():
             self.flush()
             self._buffer.beat()
+            self._map.reads.flush(self.timeout)  # this process's byte counts are in the totals
         out = self._link.call("stats") if self._link.usable() else LOST
         if out is LOST:  # the link logged it once; the error says why
             raise self._link.unavailable()
         out["client"] = {"hits": self.hits, "misses": self.misses, "pending": len(self._buffer)}
+        out["client"].update(read_bytes=self._map.reads.read, crossed_bytes=self._map.reads.crossed)
         return out
 
     def close(self) -> None:
@@ -364,6 +367,7 @@ class CacheClient:
         self._buffer.close(self.timeout)
         if usable and not self._link.dead and ray.is_initialized():
             self._map.forget_pending_reply()  # let Ray forget the reply while it is up
+            self._map.reads.flush(self.timeout)  # byte counts not yet in the totals
             try:
                 ray.get(
                     self.actor.detach.remote(self.client_id, *self._counter_deltas()),

@@ -22,8 +22,11 @@ import numpy as np
 import ray
 
 from raycache.chunk import Chunk
+from raycache.chunk_loss import LostEvent, unmap_lost
+from raycache.client.chunk_fetch import fetch_chunk
 from raycache.client.link import LOST, ActorLink
 from raycache.fork_pins import ChildPins
+from raycache.node_bytes import ReadCounter
 from raycache.protocol import MISSING, AddEvent, Inflight, Snapshot, SyncReply, pack_locations
 
 __all__ = ["MIN_SYNC_S", "POLL_S", "STALE_S", "LocalMap"]
@@ -69,6 +72,7 @@ class LocalMap:
         self.last_sync = 0.0  # when the actor was asked for the state the map holds
         self.lock = threading.Lock()  # held while a reply is fetched and applied
         self._link = link
+        self.reads = ReadCounter(link.actor)  # chunk bytes mapped here, and crossing nodes
         self._pins = pins
         self._counts = counts
         self._ask: tuple | None = None  # (ref, when asked): a sync reply on its way
@@ -82,11 +86,27 @@ class LocalMap:
         ref = self.refs.get(cid)
         if ref is None or not self._link.usable():
             return None
-        view = self._link.get(ref)
-        if view is LOST:
+        view, lost = fetch_chunk(self._link, ref, self.reads)
+        if view is None:
+            if lost:
+                self._chunk_lost(cid)
             return None
         self.views[cid] = view
         return view
+
+    def _chunk_lost(self, cid: int) -> None:
+        """Drop chunk ``cid``, lost with its node, and have the directory unmap it.
+
+        The reply holds the loss (a ``LostEvent``), which unmaps its indices here as in
+        every other process: their next reads are misses, filled from the provider.
+        """
+        with self.lock:
+            self.refs.pop(cid, None)
+            self.views.pop(cid, None)
+            asked = time.monotonic()
+            reply = self._link.call("chunk_lost", cid, self._link.client_id, self.version)
+            if reply is not LOST:
+                self.apply(reply, asked)
 
     def sync_due(self) -> bool:
         """Return True if a miss should ask the actor what changed now."""
@@ -190,6 +210,10 @@ class LocalMap:
             for event in reply.events:
                 if type(event) is AddEvent:
                     self.loc[event.indices] = pack_locations(event.cid, event.rows)
+                elif type(event) is LostEvent:
+                    self.refs.pop(event.cid, None)
+                    self.views.pop(event.cid, None)
+                    unmap_lost(self.loc, event)
                 else:
                     for cid in event.cids:
                         ref = self.refs.pop(cid, None)

@@ -268,7 +268,9 @@ class PreloadRun:
         last_news = time.monotonic()
         warned = False
         while slots:
-            ready, _ = ray.wait(slots, num_returns=1, timeout=1.0)
+            # fetch_local=False: each chunk stays on the node that built it (a fetching
+            # wait would copy every chunk into the actor's node).
+            ready, _ = ray.wait(slots, num_returns=1, timeout=1.0, fetch_local=False)
             if not ready and not warned and time.monotonic() - last_news > STARTUP_WARNING_S:
                 warned = True
                 logger.warning(

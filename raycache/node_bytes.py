@@ -1,0 +1,143 @@
+"""Bytes read per node, and bytes that crossed nodes: counted per chunk, never per item.
+
+A process reads a chunk's bytes out of its node's object store once it has mapped the
+chunk (its items are then views of it), so mapping is the one event that moves data:
+``ReadCounter`` counts it in the reading process, with the chunk's size, and asks the
+chunk's owner beforehand which nodes hold a copy (``get_object_locations``, one call
+per chunk mapped): a mapping on a node that held none copied the chunk across the
+network. The counts go to the directory actor (one call per chunk mapped, not waited
+for) and ``NodeBytes`` adds them up there for ``stats()``.
+
+What the figures mean: ``read_bytes`` per node is the bytes of chunks its processes
+mapped (each process counts its own mapping; a second process on the node reads the
+copy the first one brought); ``crossed_bytes`` is the part of it that had no copy on
+the node when it was mapped, which Ray then copied from another node.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import ray
+
+__all__ = ["NODES_CHECK_S", "NodeBytes", "ReadCounter"]
+
+logger = logging.getLogger(__name__)
+
+# How long a client trusts its last count of the cluster's nodes. On one node nothing
+# can cross, and the owner is not asked where a chunk is (a call per chunk mapped).
+NODES_CHECK_S = 10.0
+
+
+class NodeBytes:
+    """The directory's totals of chunk bytes read and crossed, per reading node."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read: dict[str, int] = defaultdict(int)
+        self._crossed: dict[str, int] = defaultdict(int)
+
+    def add(self, node_id: str, read: int, crossed: int) -> None:
+        """Count ``read`` bytes mapped on ``node_id``, ``crossed`` of them from elsewhere.
+
+        Parameters
+        ----------
+        node_id : str
+            The reading node.
+        read : int
+            Bytes of chunks mapped there.
+        crossed : int
+            The part that had no copy on the node.
+        """
+        with self._lock:
+            self._read[node_id] += int(read)
+            self._crossed[node_id] += int(crossed)
+
+    def report(self) -> dict:
+        """Return ``node_read_bytes``, ``node_crossed_bytes`` (by node id), ``crossed_bytes``."""
+        with self._lock:
+            return {
+                "node_read_bytes": dict(self._read),
+                "node_crossed_bytes": dict(self._crossed),
+                "crossed_bytes": sum(self._crossed.values()),
+            }
+
+
+class ReadCounter:
+    """A process's counts of chunk bytes it mapped, and their reports to the actor.
+
+    Parameters
+    ----------
+    actor : ray.actor.ActorHandle
+        The directory actor (``note_reads``).
+    """
+
+    def __init__(self, actor: Any):
+        self._actor = actor
+        self._node_id: str | None = None
+        self._pending: list[Any] = []
+        self._several_nodes = False
+        self._nodes_checked = -NODES_CHECK_S
+        self.read = 0
+        self.crossed = 0
+
+    @property
+    def node_id(self) -> str:
+        """Return the id of the node this process runs on (looked up once)."""
+        if self._node_id is None:
+            self._node_id = ray.get_runtime_context().get_node_id()
+        return self._node_id
+
+    def is_local(self, ref: Any) -> bool:
+        """Return True if a copy of chunk ``ref`` is in this node's store already.
+
+        Parameters
+        ----------
+        ref : ray.ObjectRef
+            The chunk.
+
+        Returns
+        -------
+        bool
+            True when the owner lists this node among the chunk's locations.
+        """
+        now = time.monotonic()
+        if now - self._nodes_checked >= NODES_CHECK_S:
+            self._nodes_checked = now
+            self._several_nodes = sum(n["Alive"] for n in ray.nodes()) > 1
+        if not self._several_nodes:
+            return True
+        where = ray.experimental.get_object_locations([ref], timeout_ms=5000).get(ref) or {}
+        return self.node_id in (where.get("node_ids") or ())
+
+    def count(self, nbytes: int, local: bool) -> None:
+        """Count one mapped chunk of ``nbytes`` and report it (not waited for).
+
+        Parameters
+        ----------
+        nbytes : int
+            The chunk's bytes.
+        local : bool
+            Whether its node held a copy before the mapping.
+        """
+        crossed = 0 if local else int(nbytes)
+        self.read += int(nbytes)
+        self.crossed += crossed
+        self._pending = [r for r in self._pending if not ray.wait([r], timeout=0)[0]]
+        self._pending.append(self._actor.note_reads.remote(self.node_id, int(nbytes), crossed))
+
+    def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the reports sent so far to be counted.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds.
+        """
+        if self._pending:
+            pending, self._pending = self._pending, []
+            ray.wait(pending, num_returns=len(pending), timeout=timeout)
