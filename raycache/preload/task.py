@@ -84,6 +84,31 @@ class _UnitQueue:
         return self._readers.queue(UnitReads(key, indices.tolist(), builder))
 
 
+def _stream_units(
+    units: _UnitQueue, claim: Callable[[tuple | None], tuple | None], spares: ColumnSpares | None
+) -> Iterator[Chunk | dict]:
+    """Claim units, queue their reads and yield each finished chunk and its summary."""
+    current = units.queue(claim(None))
+    done = None  # (rows, nbytes, seconds) of the last unit finished
+    began = time.monotonic()
+    while current is not None:
+        # The next unit is claimed when the current one drains: late enough that the
+        # indices it takes stay free for trainers until then, early enough that the
+        # claim's round trip ends before the threads run out of reads.
+        current.draining.wait()
+        upcoming = units.queue(claim(done))
+        current.done.wait()
+        chunk, summary = _build_chunk(current, began)
+        began = time.monotonic()  # the next unit's reads run from here on
+        done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
+        yield chunk  # Ray has copied the chunk into the object store when this returns
+        del chunk
+        if spares is not None:
+            spares.give(current.builder.buffers)
+        yield summary
+        current = upcoming
+
+
 def read_units(
     provider: Any,
     claim: Callable[[tuple | None], tuple | None],
@@ -122,26 +147,7 @@ def read_units(
         return _read_into(provider, unit.indices[pos], pos, unit.builder)
 
     with ReaderThreads(read, threads) as readers:
-        units = _UnitQueue(readers, spares)
-        current = units.queue(claim(None))
-        done = None  # (rows, nbytes, seconds) of the last unit finished
-        began = time.monotonic()
-        while current is not None:
-            # The next unit is claimed when the current one drains: late enough that the
-            # indices it takes stay free for trainers until then, early enough that the
-            # claim's round trip ends before the threads run out of reads.
-            current.draining.wait()
-            upcoming = units.queue(claim(done))
-            current.done.wait()
-            chunk, summary = _build_chunk(current, began)
-            began = time.monotonic()  # the next unit's reads run from here on
-            done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
-            yield chunk  # Ray has copied the chunk into the object store when this returns
-            del chunk
-            if spares is not None:
-                spares.give(current.builder.buffers)
-            yield summary
-            current = upcoming
+        yield from _stream_units(_UnitQueue(readers, spares), claim, spares)
     # Reader threads allocated the items in their own malloc arenas, whose freed pages
     # glibc keeps resident: give them back, and the spare columns, once the slot is done.
     if spares is not None:
