@@ -27,7 +27,7 @@ def test_preload_alone_rows_run_and_compare_with_pool_and_ideal():
     io = "preload alone, 2 ms I/O latency per item, 1KiB items, n=64"
     mine = f"| {io} | raycache preload, 4 threads |"
     assert any(line.startswith(mine) and "| thread pool, 4 threads |" in line for line in table)
-    ideal = [line for line in table if "| ideal, 4 threads" in line]
+    ideal = [line for line in table if line.startswith(f"| {io} | ideal, 4 threads")]
     assert len(ideal) == 1 and "| 0.03 s |" in ideal[0]  # 64 items x 2 ms / 4 threads
     cpu = "preload alone, ~1 ms pure-Python CPU per item, 48KiB items, n=16"
     assert any(line.startswith(f"| {cpu} | raycache preload, 4 threads |") for line in table)
