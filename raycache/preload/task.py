@@ -84,6 +84,36 @@ class _UnitQueue:
         return self._readers.queue(UnitReads(key, indices.tolist(), builder))
 
 
+def _stream_units(
+    readers: ReaderThreads,
+    claim: Callable[[tuple | None], tuple | None],
+    spares: ColumnSpares | None,
+    item_timeout: float | None,
+) -> Iterator[Chunk | dict]:
+    """Claim units, queue their reads and yield each finished chunk and its summary."""
+    units = _UnitQueue(readers, spares)
+    current = units.queue(claim(None))
+    done = None  # (rows, nbytes, seconds) of the last unit finished
+    began = time.monotonic()
+    while current is not None:
+        # The next unit is claimed when the current one drains: late enough that the
+        # indices it takes stay free for trainers until then, early enough that the
+        # claim's round trip ends before the threads run out of reads.
+        readers.wait(current.draining, item_timeout)
+        upcoming = units.queue(claim(done))
+        readers.wait(current.done, item_timeout)
+        chunk, summary = _build_chunk(current, began)
+        began = time.monotonic()  # the next unit's reads run from here on
+        done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
+        yield chunk  # Ray has copied the chunk into the object store when this returns
+        del chunk
+        # A read given up on may still write its row later: its columns are not reused.
+        if spares is not None and not current.timed_out:
+            spares.give(current.builder.buffers)
+        yield summary
+        current = upcoming
+
+
 def read_units(
     provider: Any,
     claim: Callable[[tuple | None], tuple | None],
@@ -125,27 +155,7 @@ def read_units(
         return _read_into(provider, unit.indices[pos], pos, unit.builder)
 
     with ReaderThreads(read, threads) as readers:
-        units = _UnitQueue(readers, spares)
-        current = units.queue(claim(None))
-        done = None  # (rows, nbytes, seconds) of the last unit finished
-        began = time.monotonic()
-        while current is not None:
-            # The next unit is claimed when the current one drains: late enough that the
-            # indices it takes stay free for trainers until then, early enough that the
-            # claim's round trip ends before the threads run out of reads.
-            readers.wait(current.draining, item_timeout)
-            upcoming = units.queue(claim(done))
-            readers.wait(current.done, item_timeout)
-            chunk, summary = _build_chunk(current, began)
-            began = time.monotonic()  # the next unit's reads run from here on
-            done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
-            yield chunk  # Ray has copied the chunk into the object store when this returns
-            del chunk
-            # A read given up on may still write its row later: its columns are not reused.
-            if spares is not None and not current.timed_out:
-                spares.give(current.builder.buffers)
-            yield summary
-            current = upcoming
+        yield from _stream_units(readers, claim, spares, item_timeout)
     # Reader threads allocated the items in their own malloc arenas, whose freed pages
     # glibc keeps resident: give them back, and the spare columns, once the slot is done.
     if spares is not None:
