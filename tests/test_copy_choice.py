@@ -1,0 +1,89 @@
+"""The choice between torch's pool and one thread for a batch's big copy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from raycache.copy_choice import CopyChooser, allowed_threads
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    "torch_threads, cpus, expected",
+    [(2, 2, 2), (4, 8, 4), (1, 16, 1), (2, 1, 1), (8, 2, 1), (4, 3, 1)],
+)
+def test_the_pool_is_used_only_when_it_fits_the_cpus_this_process_may_use(
+    torch_threads, cpus, expected
+):
+    assert allowed_threads(torch_threads, cpus) == expected
+
+
+def run(chooser, pool_s, one_s, copies):
+    """Make ``copies`` copies of 1 MiB that take ``pool_s`` / ``one_s``; return the ways."""
+    ways = []
+    for _ in range(copies):
+        way = chooser.parallel(MIB)
+        chooser.record(way, MIB, pool_s if way else one_s)
+        ways.append(way)
+    return ways
+
+
+def test_with_one_allowed_thread_every_copy_takes_one_thread():
+    chooser = CopyChooser(threads=lambda: 1)
+    assert run(chooser, pool_s=0.001, one_s=0.01, copies=50) == [False] * 50
+
+
+def test_a_pool_that_is_slower_is_left_and_tried_less_and_less_often():
+    chooser = CopyChooser(probes=3, recheck=8, max_recheck=64, threads=lambda: 2)
+    ways = run(chooser, pool_s=0.005, one_s=0.001, copies=400)
+    learning = ways[:8]  # the pool's first copy starts it and is not counted
+    assert learning.count(True) >= 3 and learning.count(False) >= 3
+    tries = [k for k, way in enumerate(ways) if way and k >= 8]
+    assert tries, "the pool must be tried again now and then"
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] <= 64 + 1
+    assert sum(ways[8:]) <= len(tries) and len(tries) < 20
+
+
+def test_a_pool_that_is_faster_is_kept():
+    chooser = CopyChooser(probes=3, recheck=8, max_recheck=64, threads=lambda: 2)
+    ways = run(chooser, pool_s=0.001, one_s=0.002, copies=200)
+    assert ways[20:].count(False) < 10 and ways[-1] is True
+
+
+def test_a_node_that_becomes_busy_or_quiet_again_changes_the_choice():
+    chooser = CopyChooser(probes=3, recheck=8, max_recheck=32, threads=lambda: 2)
+    run(chooser, pool_s=0.001, one_s=0.002, copies=50)  # quiet: the pool
+    busy = run(chooser, pool_s=0.010, one_s=0.002, copies=100)
+    assert busy[-50:].count(True) <= 3  # busy: one thread
+    quiet = run(chooser, pool_s=0.001, one_s=0.002, copies=100)
+    assert quiet[-50:].count(True) >= 45  # quiet again: the pool
+
+
+def test_forced_way_is_taken_unmeasured():
+    chooser = CopyChooser(threads=lambda: 1)
+    chooser.forced = True
+    assert run(chooser, pool_s=1.0, one_s=0.001, copies=5) == [True] * 5
+    chooser.forced = None
+    chooser.reset()
+    assert chooser.snapshot()["pool"]["samples"] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_a_process_pinned_to_one_cpu_never_takes_the_pool():
+    # As under taskset or a job scheduler that pins the trainer: torch was told 2 threads.
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "import torch; torch.set_num_threads(2)\n"
+        "from raycache.copy_choice import CHOOSER, allowed_threads\n"
+        "print(allowed_threads(), [CHOOSER.parallel(1 << 22) for _ in range(5)])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split("\n")[0] == "1 [False, False, False, False, False]"
