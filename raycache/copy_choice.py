@@ -211,6 +211,17 @@ class CopyChooser:
 CHOOSER = CopyChooser()
 
 
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker) has its own torch threads and its own share of
+    # the node, and the parent's lock may have been held by another thread at the fork.
+    CHOOSER._lock = threading.Lock()
+    CHOOSER.reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def chosen_copy(nbytes: int, pool: Callable[[], Any], one_thread: Callable[[], Any]) -> Any:
     """Run the copy ``CHOOSER`` picks for ``nbytes``, time it and record the time.
 

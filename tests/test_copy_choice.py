@@ -87,3 +87,31 @@ def test_a_process_pinned_to_one_cpu_never_takes_the_pool():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.split("\n")[0] == "1 [False, False, False, False, False]"
+
+
+def _samples_in_child(queue):
+    from raycache.copy_choice import CHOOSER
+
+    seen = CHOOSER.snapshot()
+    queue.put((seen["pool"]["samples"], seen["one_thread"]["samples"]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_measures_for_itself():
+    import multiprocessing
+
+    from raycache.copy_choice import CHOOSER
+
+    CHOOSER.reset()
+    for way in (True, False, True, False):
+        CHOOSER.record(way, MIB, 0.001)
+    assert CHOOSER.snapshot()["one_thread"]["samples"] == 2
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_samples_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == (0, 0)
+    finally:
+        child.join(timeout=60)
+    CHOOSER.reset()
