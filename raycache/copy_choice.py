@@ -10,10 +10,10 @@ dict cache's items/s with the pool, 1.03x on one thread).
 
 Whether the pool pays therefore depends on what the rest of the node is doing, now,
 which no setting can know in advance. ``CopyChooser`` decides per process by
-measuring: the first big copies alternate between the two ways, after which the
-faster one (by recent seconds per byte) is used and the other is tried again now
-and then, less often each time it loses again, so that a node that becomes busy (or
-quiet) is noticed within a few hundred batches at a cost of well under 1% of copies.
+measuring: a few copies each way first, after which the faster way is used (the pool
+only when clearly faster) and the other is measured again now and then, less often
+each time it loses again, so that a node that becomes busy (or quiet) is noticed
+within a few hundred batches at a cost of a few percent of copies at most.
 Load averages and run-queue counts were not used: they count this process's own
 pool threads, which keep spinning for a while after each copy, and they do not see
 CPU quotas (cgroups), while a measured copy sees all of it.
@@ -74,31 +74,44 @@ class CopyChooser:
     One per process (``CHOOSER``); callers ask ``parallel()``, time the copy they
     made and ``record`` it.
 
+    Each way is measured in *bursts* of ``probes`` copies in a row, whose mean seconds
+    per byte stands for that way until its next burst; the way in use also updates its
+    figure at every copy (a running mean). The pool is taken only at the end of one of
+    its bursts, and only if it was clearly faster (``margin``); one thread is taken back
+    at any copy where the pool's running mean falls behind it. The asymmetry is
+    deliberate: on a busy node the pool costs several times what it saves on a quiet
+    one, and one lucky pool copy must not switch to it.
+
     Parameters
     ----------
     probes : int
-        Timed copies of each way before either is preferred (the first parallel
-        copy of a process, which starts torch's pool, is not counted).
+        Copies in a burst (the first parallel copy of a process, which starts torch's
+        pool, is not counted).
     recheck : int
-        Copies between two tries of the slower way, at first; it doubles each time
-        the slower way stays slower, up to ``max_recheck``, and starts again from
-        ``recheck`` when the faster way changes.
+        Copies between two bursts of the way not in use, at first; it doubles each
+        time that way loses again, up to ``max_recheck``, and starts again from
+        ``recheck`` when the way in use changes.
     max_recheck : int
-        Longest interval between two tries of the slower way.
+        Longest interval between two bursts of the way not in use.
+    margin : float
+        The pool is taken when its seconds per byte are below ``margin`` times one
+        thread's.
     threads : callable, optional
         Returns the threads a parallel copy would use (``allowed_threads``).
     """
 
     def __init__(
         self,
-        probes: int = 3,
+        probes: int = 4,
         recheck: int = 32,
         max_recheck: int = 1024,
+        margin: float = 0.8,
         threads: Callable[[], int] | None = None,
     ):
         self.probes = int(probes)
         self.recheck = int(recheck)
         self.max_recheck = int(max_recheck)
+        self.margin = float(margin)
         self._threads = allowed_threads if threads is None else threads
         self._lock = threading.Lock()
         # Test hook: True or False makes every copy take that way, unmeasured.
@@ -108,13 +121,16 @@ class CopyChooser:
     def reset(self) -> None:
         """Forget every measurement (a test hook; also useful after a change of load)."""
         with self._lock:
-            # Per way (False: one thread, True: the pool): seconds per byte, averaged.
+            # Per way (False: one thread, True: the pool): seconds per byte.
             self.rate: dict[bool, float | None] = {False: None, True: None}
             self.samples = {False: 0, True: 0}
+            self.pool = False  # the way in use once both are measured
             self._pool_started = False
             self._interval = self.recheck
             self._since_check = 0
-            self._winner: bool | None = None
+            self._burst: bool | None = None  # the way being measured in a burst
+            self._burst_left = 0
+            self._burst_s = self._burst_bytes = 0.0
 
     def parallel(self, nbytes: int) -> bool:
         """Return True if a copy of ``nbytes`` should run on torch's pool now.
@@ -135,15 +151,21 @@ class CopyChooser:
         if nbytes <= 0 or self._threads() <= 1:
             return False
         with self._lock:
-            if min(self.samples.values()) < self.probes:
-                # Still learning: take the way with fewer samples, the pool on a tie.
-                return self.samples[True] <= self.samples[False]
-            winner = self.rate[True] < self.rate[False]
+            if self._burst is not None:
+                return self._burst
+            for way in (False, True):  # learning: a first burst of each, the pool last
+                if self.rate[way] is None:
+                    return self._start_burst(way)
             self._since_check += 1
             if self._since_check >= self._interval:
                 self._since_check = 0
-                return not winner
-            return winner
+                return self._start_burst(not self.pool)
+            return self.pool
+
+    def _start_burst(self, way: bool) -> bool:
+        self._burst, self._burst_left = way, self.probes
+        self._burst_s = self._burst_bytes = 0.0
+        return way
 
     def record(self, parallel: bool, nbytes: int, seconds: float) -> None:
         """Record how long a copy took.
@@ -157,7 +179,7 @@ class CopyChooser:
         seconds : float
             Its wall time.
         """
-        if nbytes <= 0 or seconds < 0:
+        if nbytes <= 0 or seconds < 0 or self.forced is not None:
             return
         way = bool(parallel)
         with self._lock:
@@ -165,29 +187,36 @@ class CopyChooser:
                 # The pool's first copy also starts its threads: not what a copy costs.
                 self._pool_started = True
                 return
-            rate = seconds / nbytes
-            old = self.rate[way]
-            if old is None or (self._winner is not None and way != self._winner):
-                # A try of the slower way stands for it alone: it is tried rarely, and
-                # a node that has become quiet must be noticed at the first try. A
-                # wrong switch costs a few copies: the new choice is timed at every
-                # copy and loses again.
-                self.rate[way] = rate
-            else:
-                # A running mean that follows the node within a few copies; a mean,
-                # not a minimum, because the pool's cost on a busy node is its
-                # occasional long waits.
-                self.rate[way] = old + 0.3 * (rate - old)
             self.samples[way] += 1
-            if min(self.samples.values()) < self.probes:
-                return
-            winner = self.rate[True] < self.rate[False]
-            if winner != self._winner:
-                self._winner = winner
-                self._interval = self.recheck
-            elif way != winner:
-                # The slower way was tried and is still slower: try it less often.
-                self._interval = min(self._interval * 2, self.max_recheck)
+            if way == self._burst:
+                self._burst_s += seconds
+                self._burst_bytes += nbytes
+                self._burst_left -= 1
+                if self._burst_left <= 0:
+                    self._burst = None
+                    self.rate[way] = self._burst_s / self._burst_bytes
+                    self._decide(burst_of=way)
+            elif way == self.pool and self.rate[way] is not None:
+                # A running mean, not a minimum: the pool's cost on a busy node is its
+                # occasional long waits.
+                self.rate[way] += 0.3 * (seconds / nbytes - self.rate[way])
+                if way:
+                    self._decide(burst_of=None)
+
+    def _decide(self, burst_of: bool | None) -> None:
+        """Pick the way in use (lock held) after a burst or a pool copy."""
+        if self.rate[True] is None or self.rate[False] is None:
+            return
+        if burst_of is True:  # the only time the pool is taken: clearly faster
+            pool = self.rate[True] < self.margin * self.rate[False]
+        else:  # kept while it is faster at all (no flapping at the margin)
+            pool = self.pool and self.rate[True] < self.rate[False]
+        if pool != self.pool:
+            self.pool = pool
+            self._interval = self.recheck
+            self._since_check = 0
+        elif burst_of is not None and burst_of != pool:
+            self._interval = min(self._interval * 2, self.max_recheck)
 
     def snapshot(self) -> dict:
         """Return what it has measured: samples and seconds per MiB of each way.
@@ -195,7 +224,7 @@ class CopyChooser:
         Returns
         -------
         dict
-            ``{"one_thread": {...}, "pool": {...}, "threads": int}``.
+            ``{"one_thread": {...}, "pool": {...}, "threads": int, "in_use": str}``.
         """
         with self._lock:
 
@@ -204,7 +233,12 @@ class CopyChooser:
                 mib = None if rate is None else rate * 2**20
                 return {"samples": self.samples[w], "s_per_mib": mib}
 
-            return {"one_thread": way(False), "pool": way(True), "threads": self._threads()}
+            return {
+                "one_thread": way(False),
+                "pool": way(True),
+                "threads": self._threads(),
+                "in_use": "pool" if self.pool else "one_thread",
+            }
 
 
 # The process's chooser: torch's pool and the node's load are per process.

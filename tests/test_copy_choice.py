@@ -40,29 +40,48 @@ def test_with_one_allowed_thread_every_copy_takes_one_thread():
 
 def test_a_pool_that_is_slower_is_left_and_tried_less_and_less_often():
     chooser = CopyChooser(probes=3, recheck=8, max_recheck=64, threads=lambda: 2)
-    ways = run(chooser, pool_s=0.005, one_s=0.001, copies=400)
-    learning = ways[:8]  # the pool's first copy starts it and is not counted
-    assert learning.count(True) >= 3 and learning.count(False) >= 3
-    tries = [k for k, way in enumerate(ways) if way and k >= 8]
-    assert tries, "the pool must be tried again now and then"
-    gaps = [b - a for a, b in zip(tries, tries[1:])]
-    assert gaps == sorted(gaps) and gaps[-1] <= 64 + 1
-    assert sum(ways[8:]) <= len(tries) and len(tries) < 20
+    ways = run(chooser, pool_s=0.005, one_s=0.001, copies=600)
+    learning = ways[:7]  # 3 one-thread copies, then the pool's 3 (+1 that starts it)
+    assert learning == [False] * 3 + [True] * 4
+    starts = [k for k in range(8, len(ways)) if ways[k] and not ways[k - 1]]
+    assert starts, "the pool must be measured again now and then"
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] <= 64 + 3
+    assert sum(ways[7:]) == 3 * len(starts)  # only its bursts
+    assert chooser.snapshot()["in_use"] == "one_thread"
 
 
 def test_a_pool_that_is_faster_is_kept():
     chooser = CopyChooser(probes=3, recheck=8, max_recheck=64, threads=lambda: 2)
     ways = run(chooser, pool_s=0.001, one_s=0.002, copies=200)
-    assert ways[20:].count(False) < 10 and ways[-1] is True
+    assert ways[20:].count(False) < 20
+    assert chooser.snapshot()["in_use"] == "pool"
+
+
+def test_a_pool_only_slightly_faster_is_not_taken():
+    # Within the margin the pool's gain is small and its risk on a busy node is not.
+    chooser = CopyChooser(probes=3, recheck=8, margin=0.8, threads=lambda: 2)
+    ways = run(chooser, pool_s=0.0019, one_s=0.002, copies=100)
+    assert chooser.snapshot()["in_use"] == "one_thread" and ways[-1] is False
+
+
+def test_one_lucky_pool_copy_does_not_switch_to_the_pool():
+    chooser = CopyChooser(probes=4, recheck=8, threads=lambda: 2)
+    run(chooser, pool_s=0.01, one_s=0.002, copies=60)
+    times = iter([0.0001, 0.01, 0.01, 0.01] * 100)  # a burst: one fast copy, three slow
+    for _ in range(200):
+        way = chooser.parallel(MIB)
+        chooser.record(way, MIB, next(times) if way else 0.002)
+    assert chooser.snapshot()["in_use"] == "one_thread"
 
 
 def test_a_node_that_becomes_busy_or_quiet_again_changes_the_choice():
     chooser = CopyChooser(probes=3, recheck=8, max_recheck=32, threads=lambda: 2)
     run(chooser, pool_s=0.001, one_s=0.002, copies=50)  # quiet: the pool
     busy = run(chooser, pool_s=0.010, one_s=0.002, copies=100)
-    assert busy[-50:].count(True) <= 3  # busy: one thread
+    assert busy[-50:].count(True) <= 6  # busy: one thread, bar a burst of the pool
     quiet = run(chooser, pool_s=0.001, one_s=0.002, copies=100)
-    assert quiet[-50:].count(True) >= 45  # quiet again: the pool
+    assert quiet[-50:].count(True) >= 40  # quiet again: the pool, bar bursts of one thread
 
 
 def test_forced_way_is_taken_unmeasured():
