@@ -11,7 +11,7 @@ per mapped chunk (``_layout``), not once per batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from operator import attrgetter, itemgetter
 from typing import Any
@@ -23,7 +23,7 @@ from raycache.copy_choice import chosen_copy
 from raycache.gathered import GatheredBatch, collate
 from raycache.protocol import chunk_ids
 from raycache.protocol import rows as location_rows
-from raycache.span_copy import copy_rows, gather_rows, row_span
+from raycache.span_copy import copy_rows, row_span
 
 __all__ = ["GatheredBatch", "collate", "gather", "read_partial"]
 
@@ -116,7 +116,7 @@ def _take_single(kind: tuple, source: Any, rows: np.ndarray, span: Any = None) -
         return ("list", [source.row(r, True) for r in rows.tolist()])
     if span is not None and _copies_rows(kind, len(rows)):
         which = np.zeros(len(rows), dtype=np.intp)
-        pool = partial(_column_span, copy_rows, kind, [source], [span], which, rows)
+        pool = partial(_column_span, kind, [source], [span], which, rows)
         return chosen_copy(_copy_bytes(kind, len(rows)), pool, partial(_fancy, kind, source, rows))
     return _fancy(kind, source, rows)
 
@@ -178,13 +178,11 @@ def _take_uniform(
 
     ``sources_of`` maps each chunk id to its per-column sources and ``spans_of`` to
     their row spans (see ``_layout``). An array column whose rows every chunk holds as
-    plain bytes is copied with one call over all the chunks: ``gather_rows`` (numpy, this
-    thread), or, when the column's batch is big enough (``COPY_ROWS_MIN_BYTES``) and
-    ``raycache.copy_choice`` finds that it pays, ``copy_rows`` (torch's pool). One
-    chunk: one fancy index per column. Other columns of several chunks: rows are copied
-    one by one (a Python step per row), except that small rows of chunks that each hold
-    many rows of the batch are gathered per chunk (no Python step per row, but a second
-    copy).
+    plain bytes is copied with one ``copy_rows`` call over all the chunks, when the
+    column's batch is big enough (``COPY_ROWS_MIN_BYTES``). Otherwise,
+    one chunk: one fancy index per column. Several: rows are copied one by one (one
+    copy, a Python step per row), except that small rows of chunks that each hold many
+    rows of the batch are gathered per chunk (no Python step per row, but a second copy).
     """
     if len(sources_of) == 1:
         sources = next(iter(sources_of.values()))
@@ -196,36 +194,34 @@ def _take_uniform(
     positions = None
     out = []
     for j, kind in enumerate(kinds):
+        sources = list(map(itemgetter(j), per_row))
+        if groups is not None and kind[0] != "list" and _row_bytes(sources[0]) <= GROUP_MAX_BYTES:
+            one_thread = partial(_column_grouped, kind, j, groups, sources_of, cids, rows)
+        else:
+            one_thread = partial(_column_rows, kind, sources, row_list)
         if (
             spans_of is not None
-            and kind[0] in _COPY_KINDS
+            and _copies_rows(kind, len(rows))
             and all(spans[j] is not None for spans in spans_of.values())
         ):
             if positions is None:
                 positions = _positions(sources_of, cids)
             keys, which = positions
-            spans = [spans_of[c][j] for c in keys]
-            args = (kind, [sources_of[c][j] for c in keys], spans, which, rows)
-            one_thread = partial(_column_span, gather_rows, *args)
-            if _copies_rows(kind, len(rows)):
-                pool = partial(_column_span, copy_rows, *args)
-                out.append(chosen_copy(_copy_bytes(kind, len(rows)), pool, one_thread))
-            else:
-                out.append(one_thread())
-            continue
-        sources = list(map(itemgetter(j), per_row))
-        if groups is not None and kind[0] != "list" and _row_bytes(sources[0]) <= GROUP_MAX_BYTES:
-            out.append(_column_grouped(kind, j, groups, sources_of, cids, rows))
+            span_sources = [sources_of[c][j] for c in keys]
+            pool = partial(_column_span, kind, span_sources, [spans_of[c][j] for c in keys])
+            out.append(
+                chosen_copy(_copy_bytes(kind, len(rows)), partial(pool, which, rows), one_thread)
+            )
         else:
-            out.append(_column_rows(kind, sources, row_list))
+            out.append(one_thread())
     return out
 
 
 def _column_span(
-    copy: Callable, kind: tuple, sources: list, spans: list, which: np.ndarray, rows: np.ndarray
+    kind: tuple, sources: list, spans: list, which: np.ndarray, rows: np.ndarray
 ) -> tuple:
-    """Gather one array column with one call of ``copy`` over all its chunks."""
-    return (kind[0], copy(sources, spans, which, rows))
+    """Gather one array column with one ``copy_rows`` call over all its chunks."""
+    return (kind[0], copy_rows(sources, spans, which, rows))
 
 
 def _take_mixed(chunks: dict, layouts: dict, cids: np.ndarray, rows: np.ndarray) -> list:
@@ -276,7 +272,7 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
     if uniform:
         sources_of = dict(zip(layouts, map(itemgetter(3), layouts.values())))
         spans_of = None
-        if any(kind[0] in _COPY_KINDS for kind in first[2]):
+        if any(_copies_rows(kind, len(loc)) for kind in first[2]):
             spans_of = dict(zip(layouts, map(itemgetter(4), layouts.values())))
         columns = _take_uniform(first[2], sources_of, cids, rows, spans_of)
     else:

@@ -20,14 +20,13 @@ before the copy.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["RowSpan", "copy_rows", "gather_rows", "row_span"]
+__all__ = ["RowSpan", "copy_rows", "row_span"]
 
 # Element types the copy moves bytes as: wider is faster (torch copies a uint8 row about
 # 1.6x slower than the same bytes as int64).
@@ -113,74 +112,6 @@ def copy_rows(
     row_bytes = out.itemsize * (out.size // len(rows)) if len(rows) else 0
     if not len(rows) or not row_bytes:
         return out
-    base, offsets, end = _offsets(spans, which, rows, row_bytes)
-    # Widest word that every row start (relative to the span) and the row length share.
-    common = int(np.bitwise_or.reduce(offsets)) | row_bytes | 8
-    word = common & -common
-    numpy_word, typestr = _WORDS[word]
-    count = (end - base) // word
-    row_words = row_bytes // word
-    span = torch.from_numpy(np.asarray(_Span(base, count, typestr, sources)))
-    every_start = span.as_strided((count - row_words + 1, row_words), (1, 1))
-    target = torch.from_numpy(out.view(np.uint8).reshape(len(rows), row_bytes).view(numpy_word))
-    torch.index_select(every_start, 0, torch.from_numpy(offsets // word), out=target)
-    return out
-
-
-def gather_rows(
-    sources: Sequence[np.ndarray],
-    spans: Sequence[RowSpan],
-    which: np.ndarray,
-    rows: np.ndarray,
-) -> np.ndarray:
-    """Copy the same rows as ``copy_rows``, on this thread, with one numpy call.
-
-    numpy's fancy index copies each selected element with one ``memcpy`` of its item
-    size and has no thread pool. Over the span of all the chunks viewed as one array
-    of row-sized opaque items (``V<row bytes>``) starting at every byte, the batch's
-    rows are one fancy index: no Python step per row.
-
-    Parameters
-    ----------
-    sources, spans, which, rows
-        As for ``copy_rows``.
-
-    Returns
-    -------
-    np.ndarray
-        ``(len(rows), *row_shape)``, a private copy.
-
-    Raises
-    ------
-    IndexError
-        If a row is out of its source's range.
-    """
-    first = sources[0]
-    shape = first.shape[1:]
-    row_bytes = first.itemsize * math.prod(shape)
-    if not len(rows) or not row_bytes:
-        return np.empty((len(rows),) + shape, dtype=first.dtype)
-    base, offsets, end = _offsets(spans, which, rows, row_bytes)
-    span = np.asarray(_Span(base, end - base, "|u1", sources))
-    items = np.ndarray((end - base - row_bytes + 1,), f"V{row_bytes}", span, 0, (1,))
-    out = items[offsets]
-    # Retyped in place, not viewed: the batch's arrays must own their memory (their
-    # rows' ``base`` is how ``raycache.gathered`` recognises them).
-    try:
-        out.dtype = first.dtype
-        out.shape = (len(rows),) + shape
-    except (AttributeError, TypeError, ValueError):  # a numpy that refuses it: copy
-        out = out.view(first.dtype).reshape((len(rows),) + shape).copy()
-    return out
-
-
-def _offsets(
-    spans: Sequence[RowSpan], which: np.ndarray, rows: np.ndarray, row_bytes: int
-) -> tuple:
-    """Return ``(base, offsets, end)``: the span's first and end address, each row's offset.
-
-    Every row is checked against its own chunk's row count first.
-    """
     table = np.array(spans, dtype=np.int64)  # address, stride, rows per source
     bad = (rows < 0) | (rows >= table[which, 2])
     if bad.any():
@@ -190,4 +121,15 @@ def _offsets(
     starts = table[which, 0] + rows * table[which, 1]
     base = int(table[:, 0].min())
     ends = table[:, 0] + np.maximum(table[:, 2] - 1, 0) * table[:, 1] + row_bytes
-    return base, starts - base, int(ends.max())
+    # Widest word that every row start (relative to the span) and the row length share.
+    offsets = starts - base
+    common = int(np.bitwise_or.reduce(offsets)) | row_bytes | 8
+    word = common & -common
+    numpy_word, typestr = _WORDS[word]
+    count = (int(ends.max()) - base) // word
+    row_words = row_bytes // word
+    span = torch.from_numpy(np.asarray(_Span(base, count, typestr, sources)))
+    every_start = span.as_strided((count - row_words + 1, row_words), (1, 1))
+    target = torch.from_numpy(out.view(np.uint8).reshape(len(rows), row_bytes).view(numpy_word))
+    torch.index_select(every_start, 0, torch.from_numpy(offsets // word), out=target)
+    return out

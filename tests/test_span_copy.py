@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycache.span_copy import copy_rows, gather_rows, row_span
+from raycache.span_copy import copy_rows, row_span
 
 
 def pieces(dtype, row_shape, counts, seed=0):
@@ -19,20 +19,9 @@ def pieces(dtype, row_shape, counts, seed=0):
     return out
 
 
-COPY = {"copy": copy_rows}
-
-
-@pytest.fixture(autouse=True, params=[copy_rows, gather_rows], ids=["torch", "numpy"])
-def way(request):
-    """Every test runs for both copies: torch's (copy_rows) and numpy's (gather_rows)."""
-    COPY["copy"] = request.param
-    yield request.param
-    COPY["copy"] = copy_rows
-
-
 def copy_of(sources, which, rows):
     spans = [row_span(s) for s in sources]
-    return COPY["copy"](sources, spans, np.asarray(which), np.asarray(rows, dtype=np.int64))
+    return copy_rows(sources, spans, np.asarray(which), np.asarray(rows, dtype=np.int64))
 
 
 @pytest.mark.parametrize(
