@@ -32,7 +32,7 @@ from benchmarks.baselines import GatherDataset, ListDataset, identity
 from benchmarks.common import close_cache, log, make_loader, run_rounds, timed_epoch
 from benchmarks.providers import Provider
 from benchmarks.results import Row, compare
-from benchmarks.warm import _preloaded
+from benchmarks.warm import preloaded
 
 __all__ = ["busy", "spinner"]
 
@@ -67,7 +67,7 @@ def busy(args: argparse.Namespace) -> list[Row]:
         One row per variant and scenario.
     """
     provider = Provider(args.busy_items, SHAPE)
-    ds = _preloaded(provider, args, "busy")
+    ds = preloaded(provider, args, "busy")
     try:
         rows = one_core_busy(ds, provider, args)
         for omp_one in (False, True):
