@@ -13,10 +13,18 @@ warm
     A shuffled epoch, batch 64, ``num_workers=0``, of a fully cached dataset, for 48 KiB
     and 1 KiB items, against the numpy fancy-index gather limit, a plain in-process dict
     cache (what Hyrax keeps) and Ray Data (``benchmarks.warm``).
+busy
+    Warm epochs on a busy node: one other process busy on one core, and K trainer
+    processes at once with torch's default threads and with ``OMP_NUM_THREADS=1``,
+    against the dict cache in the same conditions (``benchmarks.busy``).
 preload
     The first epoch while the cache preloads, I/O-bound and CPU-bound, against a
     thread-pool preloader of the same concurrency (Hyrax's) and no cache
     (``benchmarks.first_epoch``).
+alone
+    The preload alone (no trainer), I/O- and CPU-bound, 1 KiB to 1 MiB items, 8 to 64
+    reads in flight, against a thread pool and the ideal ``items x latency / threads``
+    (``benchmarks.preload_alone``; run it alone for the default, not preallocated, store).
 fill
     The first epoch without preload (each miss read by the trainer and inserted) against
     the same epoch with no cache: the cost of caching (``benchmarks.first_epoch``).
@@ -41,8 +49,11 @@ from pathlib import Path
 
 import ray
 
+from benchmarks.busy import busy
 from benchmarks.common import log
 from benchmarks.first_epoch import fill, preload, startup
+from benchmarks.preload_alone import add_arguments as add_alone_arguments
+from benchmarks.preload_alone import preload_alone
 from benchmarks.providers import MIB, Provider, calibrate_spin
 from benchmarks.report import markdown_table, write_report
 from benchmarks.results import Row
@@ -53,7 +64,7 @@ from benchmarks.warm import warm
 __all__ = ["DEFAULT_OUT", "SCENARIOS", "export_source_tree", "main", "parse_args", "run_scenarios"]
 
 DEFAULT_OUT = "raycache-bench-results"
-SCENARIOS = ("warm", "preload", "fill", "scale", "sweep")
+SCENARIOS = ("warm", "busy", "preload", "alone", "fill", "scale", "sweep")
 
 
 def run_scenarios(args: argparse.Namespace) -> tuple[list[Row], dict]:
@@ -75,6 +86,8 @@ def run_scenarios(args: argparse.Namespace) -> tuple[list[Row], dict]:
     if "warm" in only:
         rows += warm(args, args.warm_large_items, (3, 64, 64), "48 KiB")
         rows += warm(args, args.warm_small_items, (256,), "1 KiB")
+    if "busy" in only:
+        rows += busy(args)
     iterations = calibrate_spin(0.001) if only & {"preload", "fill"} else 0
     info["spin_iterations_per_ms"] = iterations
     shape = (3, 64, 64)
@@ -85,6 +98,8 @@ def run_scenarios(args: argparse.Namespace) -> tuple[list[Row], dict]:
     if "preload" in only:
         rows += preload(args, "io", io)
         rows += preload(args, "cpu", cpu)
+    if "alone" in only:
+        rows += preload_alone(args)
     if "fill" in only:
         rows += fill(args, "io", Provider(args.fill_items, shape, latency_s=0.002))
         rows += fill(args, "cpu", Provider(args.fill_items, shape, spin_iterations=iterations))
@@ -118,6 +133,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     p.add_argument("--warm-large-items", type=int, default=20_000, help="48 KiB items")
     p.add_argument("--warm-small-items", type=int, default=200_000, help="1 KiB items")
+    p.add_argument("--busy-items", type=int, default=20_000, help="48 KiB items, busy node")
+    p.add_argument("--busy-trainers", type=int, default=2, help="trainers at once, busy node")
+    p.add_argument("--busy-epochs", type=int, default=2, help="epochs per trainer and round")
     p.add_argument("--preload-items", type=int, default=4096)
     p.add_argument("--fill-items", type=int, default=2048)
     p.add_argument("--scale-items", type=int, default=1_000_000)
@@ -163,6 +181,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out docs rewrites the repository's page)",
     )
     p.add_argument("--no-report", action="store_true", help="print the table only")
+    add_alone_arguments(p)
     return p.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ from benchmarks.providers import BATCH, KIB, Provider, shape_bytes
 from benchmarks.results import Row, compare
 from raycache.dataset import CachedDataset
 
-__all__ = ["warm"]
+__all__ = ["preloaded", "warm"]
 
 
 def warm(args: argparse.Namespace, n: int, shape: tuple[int, ...], label: str) -> list[Row]:
@@ -57,7 +57,7 @@ def warm(args: argparse.Namespace, n: int, shape: tuple[int, ...], label: str) -
     log("== %s", scenario)
     provider = Provider(n, shape)
     start = time.perf_counter()
-    ds = _preloaded(provider, args, f"warm{label}")
+    ds = preloaded(provider, args, f"warm{label}")
     log(
         "   raycache preload: %.1f s, %d chunks",
         time.perf_counter() - start,
@@ -83,7 +83,7 @@ def warm(args: argparse.Namespace, n: int, shape: tuple[int, ...], label: str) -
     return compare(scenario, samples, "items/s", _checks(samples, big), notes)
 
 
-def _preloaded(provider: Provider, args: argparse.Namespace, tag: str, **keys: Any) -> Any:
+def preloaded(provider: Provider, args: argparse.Namespace, tag: str, **keys: Any) -> Any:
     """Build a ``CachedDataset`` over ``provider``; return it once its preload is done."""
     ds = CachedDataset(provider, cache_config(unique_name(tag), args, preload=True, **keys))
     ds.cache.wait_for_preload()
@@ -99,7 +99,7 @@ def _add_small_chunks(
     these rows show what a fixed, smaller chunk costs. Returns the extra dataset, which
     the caller closes.
     """
-    extra = _preloaded(provider, args, "warm1k", chunk_size=args.small_chunk_size)
+    extra = preloaded(provider, args, "warm1k", chunk_size=args.small_chunk_size)
     tag = f"chunk_size={args.small_chunk_size:,}"
     variants[f"raycache, ds.collate, {tag}"] = lambda: timed_epoch(
         make_loader(extra, extra.collate)

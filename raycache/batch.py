@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from functools import partial
 from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
-import torch
 
 from raycache.chunk import Chunk, _Numbers, _Stacked
+from raycache.copy_choice import chosen_copy
 from raycache.gathered import GatheredBatch, collate
 from raycache.protocol import chunk_ids
 from raycache.protocol import rows as location_rows
@@ -34,9 +35,10 @@ __all__ = ["GatheredBatch", "collate", "gather", "read_partial"]
 GROUP_MIN_ROWS = 64
 GROUP_MAX_BYTES = 4096
 # Columns whose rows ``copy_rows`` can copy in one call over every chunk of a batch, and
-# the bytes of a column's batch from which it does: a call costs more than copying row
+# the bytes of a column's batch from which it may: a call costs more than copying row
 # by row (or numpy's fancy index of one chunk), and copies over torch's threads, which
-# pays for big copies only (docs/design.md, "Gathering a batch").
+# pays for big copies only, and only while the node has idle cores: whether it is used
+# for a big copy is measured, per process, by ``raycache.copy_choice``.
 _COPY_KINDS = ("array", "tensor")
 COPY_ROWS_MIN_BYTES = 512 * 1024
 # Attribute under which a mapped chunk keeps its layout (see ``_layout``).
@@ -94,17 +96,18 @@ def _row_values(sources: Sequence[Any], rows: Sequence[int]) -> list:
     return [src.row(r, True) for src, r in zip(sources, rows)]
 
 
-def _copies_rows(kind: tuple, count: int) -> bool:
-    """Return True if ``count`` rows of a column of ``kind`` are worth ``copy_rows``.
+def _copy_bytes(kind: tuple, count: int) -> int:
+    """Return the bytes of ``count`` rows of a column of ``kind``."""
+    return count * kind[1].itemsize * math.prod(kind[2])
 
-    Only with more than one torch thread: on one, ``copy_rows`` is slower than the
-    row-by-row copy (docs/design.md, "Gathering a batch").
+
+def _copies_rows(kind: tuple, count: int) -> bool:
+    """Return True if ``count`` rows of a column of ``kind`` may be copied by ``copy_rows``.
+
+    Whether they are, or are copied on this thread alone, is ``chosen_copy``'s call:
+    on one thread ``copy_rows`` is slower than the row-by-row copy.
     """
-    return (
-        kind[0] in _COPY_KINDS
-        and count * kind[1].itemsize * math.prod(kind[2]) >= COPY_ROWS_MIN_BYTES
-        and torch.get_num_threads() > 1
-    )
+    return kind[0] in _COPY_KINDS and _copy_bytes(kind, count) >= COPY_ROWS_MIN_BYTES
 
 
 def _take_single(kind: tuple, source: Any, rows: np.ndarray, span: Any = None) -> tuple:
@@ -112,7 +115,14 @@ def _take_single(kind: tuple, source: Any, rows: np.ndarray, span: Any = None) -
     if kind[0] == "list":
         return ("list", [source.row(r, True) for r in rows.tolist()])
     if span is not None and _copies_rows(kind, len(rows)):
-        return (kind[0], copy_rows([source], [span], np.zeros(len(rows), dtype=np.intp), rows))
+        which = np.zeros(len(rows), dtype=np.intp)
+        pool = partial(_column_span, kind, [source], [span], which, rows)
+        return chosen_copy(_copy_bytes(kind, len(rows)), pool, partial(_fancy, kind, source, rows))
+    return _fancy(kind, source, rows)
+
+
+def _fancy(kind: tuple, source: np.ndarray, rows: np.ndarray) -> tuple:
+    """Gather one column of one chunk with numpy's fancy index: one copy, one thread."""
     return (kind[0], source[rows])  # fancy indexing: one copy into a new array
 
 
@@ -184,6 +194,11 @@ def _take_uniform(
     positions = None
     out = []
     for j, kind in enumerate(kinds):
+        sources = list(map(itemgetter(j), per_row))
+        if groups is not None and kind[0] != "list" and _row_bytes(sources[0]) <= GROUP_MAX_BYTES:
+            one_thread = partial(_column_grouped, kind, j, groups, sources_of, cids, rows)
+        else:
+            one_thread = partial(_column_rows, kind, sources, row_list)
         if (
             spans_of is not None
             and _copies_rows(kind, len(rows))
@@ -192,15 +207,21 @@ def _take_uniform(
             if positions is None:
                 positions = _positions(sources_of, cids)
             keys, which = positions
-            sources = [sources_of[c][j] for c in keys]
-            out.append((kind[0], copy_rows(sources, [spans_of[c][j] for c in keys], which, rows)))
-            continue
-        sources = list(map(itemgetter(j), per_row))
-        if groups is not None and kind[0] != "list" and _row_bytes(sources[0]) <= GROUP_MAX_BYTES:
-            out.append(_column_grouped(kind, j, groups, sources_of, cids, rows))
+            span_sources = [sources_of[c][j] for c in keys]
+            pool = partial(_column_span, kind, span_sources, [spans_of[c][j] for c in keys])
+            out.append(
+                chosen_copy(_copy_bytes(kind, len(rows)), partial(pool, which, rows), one_thread)
+            )
         else:
-            out.append(_column_rows(kind, sources, row_list))
+            out.append(one_thread())
     return out
+
+
+def _column_span(
+    kind: tuple, sources: list, spans: list, which: np.ndarray, rows: np.ndarray
+) -> tuple:
+    """Gather one array column with one ``copy_rows`` call over all its chunks."""
+    return (kind[0], copy_rows(sources, spans, which, rows))
 
 
 def _take_mixed(chunks: dict, layouts: dict, cids: np.ndarray, rows: np.ndarray) -> list:

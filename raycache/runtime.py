@@ -348,6 +348,8 @@ def _start_private(reason: str, log_to_driver: bool = True) -> None:
             "will not share its caches) because the node Ray is unavailable: %s",
             reason,
         )
+    from raycache.node_ray import EMBEDDED_SYSTEM_CONFIG
+
     _keep_loopback()
     ray.init(
         address="local",
@@ -355,6 +357,7 @@ def _start_private(reason: str, log_to_driver: bool = True) -> None:
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=log_to_driver,
+        _system_config=dict(EMBEDDED_SYSTEM_CONFIG),
     )
 
 

@@ -8,9 +8,10 @@ starts at every element, holds every row of every chunk. ``torch.index_select`` 
 copies all the rows of a batch in one call, split over torch's intra-op threads
 (``torch.get_num_threads()``; DataLoader workers have one).
 
-With two or more torch threads it copies a batch of big rows faster than a row-by-row
-copy; with one it is slower (docs/design.md, "Gathering a batch"), so ``raycache.batch``
-uses it only with more than one.
+With two or more torch threads on idle cores it copies a batch of big rows faster than
+a row-by-row copy; with one, or on cores that other processes keep busy, it is slower
+(docs/design.md, "One copy for a big batch"), so ``raycache.batch`` uses it only where
+``raycache.copy_choice`` has measured that it pays.
 
 Only rows of chunks the caller holds are read: the span's other bytes (other objects,
 or no memory at all) are never touched, and every offset is checked against its chunk

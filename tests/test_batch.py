@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, default_collate
 
 import raycache
 import raycache.batch
+import raycache.copy_choice
 from raycache import CachedDataset, GatheredBatch
 from raycache.protocol import chunk_ids
 
@@ -376,9 +377,17 @@ def torch_threads():
 
 
 @pytest.fixture
-def copy_calls(monkeypatch, torch_threads):
+def copy_calls(monkeypatch, copy_counter):
+    """Count copy_rows calls; every copy big enough for it takes it (not measured)."""
+    monkeypatch.setattr(raycache.copy_choice.CHOOSER, "forced", True)
+    return copy_counter
+
+
+@pytest.fixture
+def copy_counter(monkeypatch, torch_threads):
     """Count copy_rows calls; torch gets 2 threads, so that batches may take it."""
     torch_threads(2)
+    raycache.copy_choice.CHOOSER.reset()
     calls = []
     real = raycache.batch.copy_rows
 
@@ -446,7 +455,7 @@ def test_big_shuffled_batches_are_copied_at_once_by_default(ray_address, cache_n
 
 
 def test_with_one_torch_thread_big_batches_are_copied_row_by_row(
-    ray_address, cache_name, copy_calls, torch_threads
+    ray_address, cache_name, copy_counter, torch_threads
 ):
     torch_threads(1)
     order = np.random.default_rng(5).permutation(64)
@@ -454,4 +463,20 @@ def test_with_one_torch_thread_big_batches_are_copied_row_by_row(
         idx = np.random.default_rng(6).permutation(64)[:32].tolist()
         batch = ds.collate(ds.__getitems__(idx))
         assert torch.equal(batch["image"][:, 3, 9], torch.tensor(idx, dtype=torch.float32))
-        assert copy_calls == []
+        assert copy_counter == []
+
+
+def test_big_batches_are_exact_whichever_way_the_copy_is_chosen(
+    ray_address, cache_name, copy_counter
+):
+    # The chooser learns by timing both ways: the batches it learns on must be right too.
+    order = np.random.default_rng(7).permutation(96)
+    with filled(cache_name, big_item, n=96, chunk_size=8, order=order) as ds:
+        rng = np.random.default_rng(8)
+        for _ in range(12):
+            idx = rng.permutation(96)[:16].tolist()
+            batch = ds.collate(ds.__getitems__(idx))
+            assert torch.equal(batch["image"][:, 2, 5], torch.tensor(idx, dtype=torch.float32))
+    seen = raycache.copy_choice.CHOOSER.snapshot()
+    assert seen["pool"]["samples"] >= 3 and seen["one_thread"]["samples"] >= 3
+    assert len(copy_counter) >= 4  # the pool's copies, its first (unmeasured) included

@@ -1,0 +1,280 @@
+"""Whether a batch's big copy runs on torch's thread pool or on this thread alone.
+
+``span_copy.copy_rows`` copies a batch's rows over torch's intra-op threads. On an
+idle machine two threads copy 48 KiB rows ~1.5x faster than one. On a busy node the
+same copy is several times *slower* than one thread's: the pool's threads are
+OpenMP threads, the copy waits for the slowest of them, and a thread that has to
+share its core with another process is the slowest by a whole scheduler slice
+(measured 2026-12-05, 2 cores, one other process spinning on one core: 0.15x the
+dict cache's items/s with the pool, 1.03x on one thread).
+
+Whether the pool pays therefore depends on what the rest of the node is doing, now,
+which no setting can know in advance. ``CopyChooser`` decides per process by
+measuring: a few copies each way first, after which the faster way is used (the pool
+only when clearly faster) and the other is measured again now and then, less often
+each time it loses again, so that a node that becomes busy (or quiet) is noticed
+within a few hundred batches at a cost of a few percent of copies at most.
+Load averages and run-queue counts were not used: they count this process's own
+pool threads, which keep spinning for a while after each copy, and they do not see
+CPU quotas (cgroups), while a measured copy sees all of it.
+
+Guarantees: the pool is never chosen when it could oversubscribe what this process
+may use: only when ``torch.get_num_threads()`` is more than one and no more than the
+CPUs in this process's affinity mask (``allowed_threads``), unless a test sets
+``CHOOSER.forced``. raycache never changes torch's thread count; it only decides whether
+to use the pool torch has.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["CHOOSER", "CopyChooser", "allowed_threads", "chosen_copy"]
+
+
+def _affinity_cpus() -> int:
+    """Return the CPUs this process may run on (all CPUs where the OS cannot say)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def allowed_threads(torch_threads: int | None = None, cpus: int | None = None) -> int:
+    """Return the threads a parallel copy would use, or 1 where it must not run.
+
+    Parameters
+    ----------
+    torch_threads : int, optional
+        Torch's intra-op threads; default ``torch.get_num_threads()``.
+    cpus : int, optional
+        CPUs in this process's affinity mask; default ``os.sched_getaffinity(0)``.
+
+    Returns
+    -------
+    int
+        ``torch_threads`` if it is more than one and at most ``cpus``, else 1. torch's
+        pool always runs ``torch_threads`` threads, so a pool larger than the CPUs this
+        process may use would put two of its threads on one CPU: then it is not used.
+    """
+    threads = torch.get_num_threads() if torch_threads is None else int(torch_threads)
+    limit = _affinity_cpus() if cpus is None else int(cpus)
+    return threads if 1 < threads <= limit else 1
+
+
+class CopyChooser:
+    """Chooses between the parallel and the one-thread copy from measured copies.
+
+    One per process (``CHOOSER``); callers ask ``parallel()``, time the copy they
+    made and ``record`` it.
+
+    Each way is measured in *bursts* of ``probes`` copies in a row, whose mean seconds
+    per byte stands for that way until its next burst; the way in use also updates its
+    figure at every copy (a running mean). The pool is taken only at the end of one of
+    its bursts, and only if it was clearly faster (``margin``); one thread is taken back
+    at any copy where the pool's running mean falls behind it. The asymmetry is
+    deliberate: on a busy node the pool costs several times what it saves on a quiet
+    one, and one lucky pool copy must not switch to it.
+
+    Parameters
+    ----------
+    probes : int
+        Copies in a burst (the first parallel copy of a process, which starts torch's
+        pool, is not counted).
+    recheck : int
+        Copies between two bursts of the way not in use, at first; it doubles each
+        time that way loses again, up to ``max_recheck``, and starts again from
+        ``recheck`` when the way in use changes.
+    max_recheck : int
+        Longest interval between two bursts of the way not in use.
+    margin : float
+        The pool is taken when its seconds per byte are below ``margin`` times one
+        thread's.
+    threads : callable, optional
+        Returns the threads a parallel copy would use (``allowed_threads``).
+    """
+
+    def __init__(
+        self,
+        probes: int = 4,
+        recheck: int = 32,
+        max_recheck: int = 1024,
+        margin: float = 0.8,
+        threads: Callable[[], int] | None = None,
+    ):
+        self.probes = int(probes)
+        self.recheck = int(recheck)
+        self.max_recheck = int(max_recheck)
+        self.margin = float(margin)
+        self._threads = allowed_threads if threads is None else threads
+        self._lock = threading.Lock()
+        # Test hook: True or False makes every copy take that way, unmeasured.
+        self.forced: bool | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every measurement (a test hook; also useful after a change of load)."""
+        with self._lock:
+            # Per way (False: one thread, True: the pool): seconds per byte.
+            self.rate: dict[bool, float | None] = {False: None, True: None}
+            self.samples = {False: 0, True: 0}
+            self.pool = False  # the way in use once both are measured
+            self._pool_started = False
+            self._interval = self.recheck
+            self._since_check = 0
+            self._burst: bool | None = None  # the way being measured in a burst
+            self._burst_left = 0
+            self._burst_s = self._burst_bytes = 0.0
+
+    def parallel(self, nbytes: int) -> bool:
+        """Return True if a copy of ``nbytes`` should run on torch's pool now.
+
+        Parameters
+        ----------
+        nbytes : int
+            Bytes the copy moves (the caller has decided it is big enough for the
+            pool to be worth asking about).
+
+        Returns
+        -------
+        bool
+            False whenever ``allowed_threads`` is 1.
+        """
+        if self.forced is not None:
+            return self.forced
+        if nbytes <= 0 or self._threads() <= 1:
+            return False
+        with self._lock:
+            if self._burst is not None:
+                return self._burst
+            for way in (False, True):  # learning: a first burst of each, the pool last
+                if self.rate[way] is None:
+                    return self._start_burst(way)
+            self._since_check += 1
+            if self._since_check >= self._interval:
+                self._since_check = 0
+                return self._start_burst(not self.pool)
+            return self.pool
+
+    def _start_burst(self, way: bool) -> bool:
+        self._burst, self._burst_left = way, self.probes
+        self._burst_s = self._burst_bytes = 0.0
+        return way
+
+    def record(self, parallel: bool, nbytes: int, seconds: float) -> None:
+        """Record how long a copy took.
+
+        Parameters
+        ----------
+        parallel : bool
+            Whether it ran on the pool (what ``parallel`` returned).
+        nbytes : int
+            Bytes it moved.
+        seconds : float
+            Its wall time.
+        """
+        if nbytes <= 0 or seconds < 0 or self.forced is not None:
+            return
+        way = bool(parallel)
+        with self._lock:
+            if way and not self._pool_started:
+                # The pool's first copy also starts its threads: not what a copy costs.
+                self._pool_started = True
+                return
+            self.samples[way] += 1
+            if way == self._burst:
+                self._burst_s += seconds
+                self._burst_bytes += nbytes
+                self._burst_left -= 1
+                if self._burst_left <= 0:
+                    self._burst = None
+                    self.rate[way] = self._burst_s / self._burst_bytes
+                    self._decide(burst_of=way)
+            elif way == self.pool and self.rate[way] is not None:
+                # A running mean, not a minimum: the pool's cost on a busy node is its
+                # occasional long waits.
+                self.rate[way] += 0.3 * (seconds / nbytes - self.rate[way])
+                if way:
+                    self._decide(burst_of=None)
+
+    def _decide(self, burst_of: bool | None) -> None:
+        """Pick the way in use (lock held) after a burst or a pool copy."""
+        if self.rate[True] is None or self.rate[False] is None:
+            return
+        if burst_of is True:  # the only time the pool is taken: clearly faster
+            pool = self.rate[True] < self.margin * self.rate[False]
+        else:  # kept while it is faster at all (no flapping at the margin)
+            pool = self.pool and self.rate[True] < self.rate[False]
+        if pool != self.pool:
+            self.pool = pool
+            self._interval = self.recheck
+            self._since_check = 0
+        elif burst_of is not None and burst_of != pool:
+            self._interval = min(self._interval * 2, self.max_recheck)
+
+    def snapshot(self) -> dict:
+        """Return what it has measured: samples and seconds per MiB of each way.
+
+        Returns
+        -------
+        dict
+            ``{"one_thread": {...}, "pool": {...}, "threads": int, "in_use": str}``.
+        """
+        with self._lock:
+
+            def way(w: bool) -> dict:
+                rate = self.rate[w]
+                mib = None if rate is None else rate * 2**20
+                return {"samples": self.samples[w], "s_per_mib": mib}
+
+            return {
+                "one_thread": way(False),
+                "pool": way(True),
+                "threads": self._threads(),
+                "in_use": "pool" if self.pool else "one_thread",
+            }
+
+
+# The process's chooser: torch's pool and the node's load are per process.
+CHOOSER = CopyChooser()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker) has its own torch threads and its own share of
+    # the node, and the parent's lock may have been held by another thread at the fork.
+    CHOOSER._lock = threading.Lock()
+    CHOOSER.reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def chosen_copy(nbytes: int, pool: Callable[[], Any], one_thread: Callable[[], Any]) -> Any:
+    """Run the copy ``CHOOSER`` picks for ``nbytes``, time it and record the time.
+
+    Parameters
+    ----------
+    nbytes : int
+        Bytes the copy moves.
+    pool : Callable[[], Any]
+        Makes the copy on torch's thread pool.
+    one_thread : Callable[[], Any]
+        Makes the same copy on this thread.
+
+    Returns
+    -------
+    Any
+        What the chosen callable returned.
+    """
+    parallel = CHOOSER.parallel(nbytes)
+    start = time.perf_counter()
+    result = pool() if parallel else one_thread()
+    CHOOSER.record(parallel, nbytes, time.perf_counter() - start)
+    return result
