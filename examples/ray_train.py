@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -131,10 +132,14 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--name", default="ray-train-example")
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
-    p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray address (default: RAY_ADDRESS, set inside a submitted job; else a local Ray)",
+    )
     p.add_argument("--result-dir", default=None)
     args = p.parse_args()
-    ray.init(address=args.address or "local")
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local")
     try:
         result = run(
             args.workers,

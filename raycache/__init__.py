@@ -23,6 +23,7 @@ _EXPORTS = {
     "CacheMismatchError": "raycache.errors",
     "CacheUnavailableError": "raycache.errors",
     "ConfigError": "raycache.errors",
+    "PreloadFailedError": "raycache.errors",
     "ProviderNotPicklableError": "raycache.errors",
     "UnsupportedValueError": "raycache.errors",
 }
@@ -43,6 +44,7 @@ __all__ = [
     "ConfigError",
     "DataCache",
     "GatheredBatch",
+    "PreloadFailedError",
     "ProviderNotPicklableError",
     "UnsupportedValueError",
     "cache_stats",

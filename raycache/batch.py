@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from raycache.chunk import Chunk, _Numbers, _Stacked
+from raycache.chunk import Chunk
+from raycache.columns import NumberColumn, StackedColumn
 from raycache.copy_choice import chosen_copy
 from raycache.gathered import GatheredBatch, collate
 from raycache.protocol import chunk_ids
@@ -50,10 +51,10 @@ _LAYOUT_IDS: dict[tuple, int] = {}
 
 
 def _column_kind(column: Any) -> tuple:
-    if isinstance(column, _Stacked):
+    if isinstance(column, StackedColumn):
         kind = "tensor" if column.tensor else "array"
         return (kind, column.data.dtype, column.data.shape[1:])
-    if isinstance(column, _Numbers):
+    if isinstance(column, NumberColumn):
         return ("numbers", column.data.dtype, ())
     return ("list",)
 

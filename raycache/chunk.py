@@ -25,11 +25,18 @@ import numpy as np
 # or the first reservation the directory actor answers while a trainer waits for it.
 import numpy.ma  # noqa: F401
 
-from raycache.values import IMMUTABLE_LEAVES, Position, check_item, loaded_torch
+from raycache.columns import (
+    ObjectColumn,
+    StackedColumn,
+    copy_leaves,
+    make_column,
+)
+from raycache.values import Position, check_item
 
 __all__ = [
     "MAX_CHUNK_ITEMS",
     "Chunk",
+    "build_item",
     "chunk_rows",
     "flatten_checked",
     "flatten_item",
@@ -51,7 +58,7 @@ def flatten_item(item: Any, leaves: list) -> Any:
     item : Any
         A validated item.
     leaves : list
-        Receives the leaves, depth first, in the order ``_build`` consumes them.
+        Receives the leaves, depth first, in the order ``build_item`` consumes them.
 
     Returns
     -------
@@ -126,169 +133,16 @@ def leaves_nbytes(leaves: list) -> int:
     return sum([int(getattr(leaf, "nbytes", 64)) for leaf in leaves])
 
 
-def _build(template: Any, leaves: Any) -> Any:
+def build_item(template: Any, leaves: Any) -> Any:
     """Rebuild an item from its template and an iterator over its leaf values."""
     if template is _LEAF or template == _LEAF:
         return next(leaves)
     kind = template[0]
     if kind == "d":
-        return {k: _build(t, leaves) for k, t in zip(template[1], template[2])}
+        return {k: build_item(t, leaves) for k, t in zip(template[1], template[2])}
     if kind == "l":
-        return [_build(t, leaves) for t in template[1]]
-    return tuple(_build(t, leaves) for t in template[1])
-
-
-class _Stacked:
-    """Same dtype and shape in every row: one ``(n, *shape)`` array."""
-
-    def __init__(self, data: np.ndarray, tensor: bool):
-        self.data = data
-        self.tensor = tensor
-
-    def row(self, r: int, copy: bool) -> Any:
-        view = self.data[r, ...]  # `...` keeps 0-d rows arrays, not numpy scalars
-        if self.tensor:
-            import torch  # the chunk holds tensors: rebuilding them needs torch
-
-            return torch.from_numpy(view.copy())
-        return view.copy() if copy else view
-
-    def take(self, rows: np.ndarray) -> _Stacked:
-        return _Stacked(self.data[rows], self.tensor)
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-
-class _Ragged:
-    """Same dtype and number of dimensions, shapes differ: one flat buffer and offsets."""
-
-    def __init__(self, flat: np.ndarray, offsets: np.ndarray, shapes: np.ndarray, tensor: bool):
-        self.flat = flat
-        self.offsets = offsets
-        self.shapes = shapes
-        self.tensor = tensor
-
-    @classmethod
-    def from_arrays(cls, arrays: Sequence[np.ndarray], tensor: bool) -> _Ragged:
-        sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.empty(0)
-        shapes = np.array([a.shape for a in arrays], dtype=np.int64).reshape(len(arrays), -1)
-        return cls(flat, offsets, shapes, tensor)
-
-    def _view(self, r: int) -> np.ndarray:
-        return self.flat[self.offsets[r] : self.offsets[r + 1]].reshape(tuple(self.shapes[r]))
-
-    def row(self, r: int, copy: bool) -> Any:
-        view = self._view(r)
-        if self.tensor:
-            import torch  # the chunk holds tensors: rebuilding them needs torch
-
-            return torch.from_numpy(view.copy())
-        return view.copy() if copy else view
-
-    def take(self, rows: np.ndarray) -> _Ragged:
-        return _Ragged.from_arrays([self._view(int(r)) for r in rows], self.tensor)
-
-    @property
-    def nbytes(self) -> int:
-        return self.flat.nbytes + self.offsets.nbytes + self.shapes.nbytes
-
-
-class _Numbers:
-    """Python ints, floats or bools: one numpy array, converted back on read."""
-
-    def __init__(self, data: np.ndarray):
-        self.data = data
-
-    def row(self, r: int, copy: bool) -> Any:
-        return self.data[r].item()
-
-    def take(self, rows: np.ndarray) -> _Numbers:
-        return _Numbers(self.data[rows])
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-
-class _Objects:
-    """Anything else (mixed types, strings, None): one list of values.
-
-    Immutable values are returned as they are; arrays and tensors are copied on
-    read unless zero-copy views were asked for.
-    """
-
-    def __init__(self, values: list):
-        self.values = values
-
-    def row(self, r: int, copy: bool) -> Any:
-        value = self.values[r]
-        if isinstance(value, IMMUTABLE_LEAVES):
-            return value
-        return _copy_leaves(value, copy)
-
-    def take(self, rows: np.ndarray) -> _Objects:
-        return _Objects([self.values[int(r)] for r in rows])
-
-    @property
-    def nbytes(self) -> int:
-        from raycache.values import data_size
-
-        return sum(data_size(v) for v in self.values)
-
-
-def _copy_leaves(value: Any, copy: bool) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.copy() if copy else value
-    torch = loaded_torch()
-    if torch is not None and isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _copy_leaves(v, copy) for k, v in value.items()}
-    if type(value) is list:
-        return [_copy_leaves(v, copy) for v in value]
-    if isinstance(value, tuple):
-        values = [_copy_leaves(v, copy) for v in value]
-        make = getattr(type(value), "_make", None)  # a namedtuple keeps its type
-        return make(values) if make is not None else tuple(values)
-    return value
-
-
-def _is_tensor(value: Any) -> bool:
-    torch = loaded_torch()
-    return torch is not None and isinstance(value, torch.Tensor)
-
-
-def _column(values: list) -> Any:
-    """Choose the layout for one leaf position across all rows of a chunk."""
-    first = values[0]
-    if isinstance(first, np.ndarray) or _is_tensor(first):
-        tensor = _is_tensor(first)
-        arrays = [v.numpy() if _is_tensor(v) else v for v in values]
-        kinds_match = all(
-            (_is_tensor(v) == tensor) and (isinstance(v, np.ndarray) or _is_tensor(v))
-            for v in values
-        )
-        if kinds_match:
-            dtype, shape = arrays[0].dtype, arrays[0].shape
-            if all(a.dtype == dtype and a.shape == shape for a in arrays):
-                return _Stacked(np.stack(arrays), tensor)
-            if all(a.dtype == dtype and a.ndim == len(shape) for a in arrays):
-                return _Ragged.from_arrays(arrays, tensor)
-        return _Objects(list(values))
-    kind = type(first)
-    if kind in (int, float, bool) and all(type(v) is kind for v in values):
-        if kind is int:
-            try:
-                return _Numbers(np.array(values, dtype=np.int64))
-            except OverflowError:
-                return _Objects(list(values))
-        return _Numbers(np.array(values, dtype=np.float64 if kind is float else np.bool_))
-    return _Objects(list(values))
+        return [build_item(t, leaves) for t in template[1]]
+    return tuple(build_item(t, leaves) for t in template[1])
 
 
 # A chunk whose item count is set by chunk_bytes alone holds at most this many items.
@@ -328,7 +182,7 @@ class Chunk:
     template : Any
         The shared structure of all rows, or None when rows differ (row layout).
     columns : list
-        One column per leaf position (columnar), or a single ``_Objects`` of items.
+        One column per leaf position (columnar), or a single ``ObjectColumn`` of items.
     """
 
     def __init__(self, indices: np.ndarray, template: Any, columns: list):
@@ -354,20 +208,23 @@ class Chunk:
         """
         idx = np.asarray(indices, dtype=np.int64)
         if not len(rows):
-            return cls(idx, None, [_Objects([])])
+            return cls(idx, None, [ObjectColumn([])])
         per_row: list[list] = [[] for _ in rows]
         templates = [flatten_item(r, leaves) for r, leaves in zip(rows, per_row)]
         template = templates[0]
         if all(t == template for t in templates):
-            columns = [_column([leaves[j] for leaves in per_row]) for j in range(len(per_row[0]))]
+            columns = [
+                make_column([leaves[j] for leaves in per_row]) for j in range(len(per_row[0]))
+            ]
             return cls(idx, template, columns)
-        return cls(idx, None, [_Objects([_copy_leaves(r, True) for r in rows])])
+        return cls(idx, None, [ObjectColumn([copy_leaves(r, True) for r in rows])])
 
     def __len__(self) -> int:
         return len(self.indices)
 
     @property
     def nbytes(self) -> int:
+        """Bytes the column holds."""
         """Bytes of the stored data (columns), not counting Python overhead."""
         return int(sum(c.nbytes for c in self.columns))
 
@@ -388,7 +245,7 @@ class Chunk:
         """
         if self.template is None:
             return self.columns[0].row(r, copy)
-        return _build(self.template, iter([c.row(r, copy) for c in self.columns]))
+        return build_item(self.template, iter([c.row(r, copy) for c in self.columns]))
 
     def take(self, rows: np.ndarray) -> Chunk:
         """Return a new chunk holding only the given rows (copies their data).
@@ -423,7 +280,7 @@ class Chunk:
         template = chunks[0].template
         same = template is not None and all(c.template == template for c in chunks)
         if same and all(
-            isinstance(c.columns[j], _Stacked) for c in chunks for j in range(len(c.columns))
+            isinstance(c.columns[j], StackedColumn) for c in chunks for j in range(len(c.columns))
         ):
             first = chunks[0].columns
             shapes_match = all(
@@ -434,7 +291,9 @@ class Chunk:
             )
             if shapes_match:
                 columns = [
-                    _Stacked(np.concatenate([c.columns[j].data for c in chunks]), first[j].tensor)
+                    StackedColumn(
+                        np.concatenate([c.columns[j].data for c in chunks]), first[j].tensor
+                    )
                     for j in range(len(first))
                 ]
                 return Chunk(np.concatenate([c.indices for c in chunks]), template, columns)

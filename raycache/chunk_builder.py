@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from raycache.chunk import Chunk, _build, _column, _Stacked, flatten_item, leaves_nbytes
+from raycache.chunk import Chunk, build_item, flatten_item, leaves_nbytes
+from raycache.columns import StackedColumn, make_column
 from raycache.values import IMMUTABLE_LEAVES, copy_item, loaded_torch
 
 __all__ = ["ChunkBuilder", "ColumnSpares", "release_heap"]
@@ -279,11 +280,11 @@ class ChunkBuilder:
         k = 0
         for slot in self._slots:
             if slot is None:
-                columns.append(_column([self._others[p][k] for p in kept]))
+                columns.append(make_column([self._others[p][k] for p in kept]))
                 k += 1
             else:
                 column = slot[3][: len(kept)] if prefix else slot[3][positions]
-                columns.append(_Stacked(column, slot[2]))
+                columns.append(StackedColumn(column, slot[2]))
         return Chunk(indices, self._template, columns)
 
     def row(self, pos: int) -> Any:
@@ -313,4 +314,4 @@ class ChunkBuilder:
 
                 row = torch.from_numpy(row)
             leaves.append(row)
-        return _build(self._template, iter(leaves))
+        return build_item(self._template, iter(leaves))

@@ -44,8 +44,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raycache.ray_settings import EMBEDDED_SYSTEM_CONFIG, LOOPBACK_ENV
+
 __all__ = [
-    "EMBEDDED_SYSTEM_CONFIG",
     "NodeRayError",
     "attach",
     "host_linger_s",
@@ -64,22 +65,6 @@ START_TIMEOUT_S = 120.0
 LOCK_TIMEOUT_S = 150.0  # longer than a start, which runs while the lock is held
 POLL_S = 0.5
 DEFAULT_LINGER_S = 10.0
-# Set in the host (before Ray is imported) and its children: with it, Ray keeps
-# "127.0.0.1" as the node address instead of replacing it by the machine's IP.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# Ray settings for a Ray that raycache starts itself (the node Ray, or a private one),
-# which serves caches only: a directory actor and, while a cache preloads, its tasks.
-# Ray starts one idle worker per CPU when the first driver connects and keeps up to one
-# per CPU once they have run something (~45-90 MiB each, measured 2026-12-05): on a
-# 2-core node that was two idle workers, on a 64-core node it would be 64. raycache
-# needs none waiting: the actor starts its own worker, and preload tasks start theirs
-# (~1 s, once per preload) and give them back ~1 s after the last task. Metrics
-# collection is for the dashboard, which raycache does not start.
-EMBEDDED_SYSTEM_CONFIG = {
-    "prestart_worker_first_driver": False,
-    "num_workers_soft_limit": 0,
-    "enable_metrics_collection": False,
-}
 
 # The shared lock on users.lock that marks this process as a user of the node Ray.
 _users_fd: int | None = None

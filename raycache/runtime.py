@@ -316,7 +316,7 @@ def _keep_loopback() -> None:
     to 127.0.0.1 does not listen. Children (spawned DataLoader workers) inherit the
     environment variable and do the same.
     """
-    from raycache.node_ray import LOOPBACK_ENV
+    from raycache.ray_settings import LOOPBACK_ENV
 
     os.environ.update(LOOPBACK_ENV)
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
@@ -348,7 +348,7 @@ def _start_private(reason: str, log_to_driver: bool = True) -> None:
             "will not share its caches) because the node Ray is unavailable: %s",
             reason,
         )
-    from raycache.node_ray import EMBEDDED_SYSTEM_CONFIG
+    from raycache.ray_settings import EMBEDDED_SYSTEM_CONFIG
 
     _keep_loopback()
     ray.init(

@@ -25,17 +25,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
 
 from raycache.chunk import Chunk, flatten_checked, flatten_item
 from raycache.client.forking import ForkSide, forget, register
-from raycache.client.link import LOST, ActorLink
+from raycache.client.link import LOST, cache_spec, link_to_directory
 from raycache.client.local_map import STALE_S, LocalMap
 from raycache.client.preload_waits import PreloadWaits
 from raycache.client.write_buffer import WriteBuffer
 from raycache.config import CacheConfig
-from raycache.directory import directory_actor
-from raycache.protocol import ROW_BITS, ROW_MASK, Settings
+from raycache.protocol import ROW_BITS, ROW_MASK
 from raycache.runtime import ensure_ray
 
 __all__ = ["CacheClient", "ClientState"]
@@ -103,19 +101,11 @@ class CacheClient:
         self.pid = os.getpid()
         self.client_id = f"{socket.gethostname()}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self.timeout = float(config.timeout_s)
-        spec = {
-            "name": name,
-            "length": length,
-            "fingerprint": fingerprint,
-            "chunk_size": config.chunk_size,
-            "chunk_bytes": config.chunk_bytes,
-            "max_bytes": config.max_bytes,
-            "detached": config.detached,
-            "linger_s": config.linger_s,
-            "log_dir": config.log_dir,
-            "locality": config.locality,
-        }
-        self.settings = self._attach(spec, {"host": socket.gethostname(), "pid": self.pid})
+        spec = cache_spec(config, name, length, fingerprint)
+        info = {"host": socket.gethostname(), "pid": self.pid}
+        self.actor, self.settings, self._link = link_to_directory(
+            config, spec, self.client_id, info
+        )
         self.hits = 0
         self.misses = 0
         self._sent_counts = (0, 0)
@@ -136,26 +126,6 @@ class CacheClient:
         register(self)
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().close())
-
-    def _attach(self, spec: dict, info: dict) -> Settings:
-        # The actor may be freeing itself (linger expired) at this moment: try again,
-        # and a fresh actor is created under the same name.
-        for attempt in range(3):
-            self.actor = directory_actor(self.name, self.config.namespace, spec)
-            try:
-                settings = ray.get(
-                    self.actor.attach.remote(self.client_id, info, spec), timeout=self.timeout
-                )
-            except RayActorError:
-                if attempt == 2:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            self._link = ActorLink(
-                self.actor, self.client_id, self.name, self.timeout, settings.max_bytes
-            )
-            return settings
-        raise RuntimeError(f"cache {self.name!r}: could not attach")
 
     # ------------------------------------------------------------------ state
     @property

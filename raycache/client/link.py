@@ -16,14 +16,18 @@ per insert: a cache smaller than its data is slower, not broken.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError
 
+from raycache.config import CacheConfig
+from raycache.directory import directory_actor
 from raycache.errors import CacheUnavailableError
+from raycache.protocol import Settings
 
-__all__ = ["LOST", "ActorLink", "BudgetNotice"]
+__all__ = ["LOST", "ActorLink", "BudgetNotice", "cache_spec", "link_to_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,3 +199,100 @@ class BudgetNotice:
             items,
             f"{nbytes // max(items, 1):,}",
         )
+
+
+def cache_spec(config: CacheConfig, name: str, length: int, fingerprint: str) -> dict:
+    """Return what a client tells the directory actor: who it is, and how to create it.
+
+    Parameters
+    ----------
+    config : CacheConfig
+        The client's settings.
+    name : str
+        The cache name.
+    length : int
+        Number of provider items.
+    fingerprint : str
+        The provider's description, checked against the cache's.
+
+    Returns
+    -------
+    dict
+        The actor's creation arguments, also compared at attach.
+    """
+    return {
+        "name": name,
+        "length": length,
+        "fingerprint": fingerprint,
+        "chunk_size": config.chunk_size,
+        "chunk_bytes": config.chunk_bytes,
+        "max_bytes": config.max_bytes,
+        "detached": config.detached,
+        "linger_s": config.linger_s,
+        "log_dir": config.log_dir,
+        "locality": config.locality,
+    }
+
+
+def link_to_directory(
+    config: CacheConfig, spec: dict, client_id: str, info: dict
+) -> tuple[Any, Settings, ActorLink]:
+    """Attach ``client_id`` to the cache's actor, creating it if it does not exist.
+
+    Parameters
+    ----------
+    config : CacheConfig
+        The client's settings (namespace, timeout, preload).
+    spec : dict
+        ``cache_spec``'s value.
+    client_id : str
+        The client's unique id.
+    info : dict
+        Host and pid, for ``stats()``.
+
+    Returns
+    -------
+    tuple
+        The actor's handle, the cache's settings and the link over which the client
+        makes every later call.
+
+    Raises
+    ------
+    CacheMismatchError
+        If the cache holds other data (from the actor, as a ``RayTaskError``).
+    RayActorError
+        If the actor died three times while this process attached.
+    """
+    name, timeout = spec["name"], float(config.timeout_s)
+    if config.use_cache and config.preload_cache:
+        _prestart_preload(config, name, int(spec["length"]))
+    # The actor may be freeing itself (linger expired) at this moment: try again,
+    # and a fresh actor is created under the same name.
+    for attempt in range(3):
+        actor = directory_actor(name, config.namespace, spec)
+        try:
+            settings = ray.get(actor.attach.remote(client_id, info, spec), timeout=timeout)
+        except RayActorError:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+            continue
+        return actor, settings, ActorLink(actor, client_id, name, timeout, settings.max_bytes)
+    raise RuntimeError(f"cache {name!r}: could not attach")
+
+
+def _prestart_preload(config: CacheConfig, name: str, length: int) -> None:
+    """Where this process creates a cache that will preload, start its readers now.
+
+    Ray then starts the preload's worker processes while the actor starts
+    (``raycache.preload.prestart_readers``); a process attaching to a cache that
+    exists starts nothing.
+    """
+    try:
+        directory_actor(name, config.namespace)
+        return
+    except ValueError:
+        pass  # no such cache yet: this process creates it
+    from raycache.preload.prestart import prestart_readers
+
+    prestart_readers(config.preload_threads, length, config.preload_cpus)
