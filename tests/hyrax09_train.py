@@ -1,6 +1,6 @@
 """A user's Hyrax 0.13 training script, run by the tests in a subprocess.
 
-``python hyrax09_train.py CONFIG.json`` trains ``HyraxLoopback`` on ``CountingDataset``
+``python hyrax09_train.py CONFIG.json`` trains ``TinyModel`` (a pass-through) on ``CountingDataset``
 (``HyraxRandomDataset`` whose ``get_image`` appends ``"<pid> <idx>"`` to a log file, so a
 test can count provider reads in every process) with Hyrax's train verb, then prints one
 JSON line: ``{"result": ...}`` with what the test checks. The options (JSON): ``cache``
@@ -15,10 +15,12 @@ always with the ``nccl`` backend, so the verb is shown ``device_count() == 2`` a
 ``idist.Parallel`` is given ``backend="gloo"``. That is the only change to Hyrax.
 """
 
+import functools
 import json
 import os
 import sys
 import time
+import types
 
 import hyrax09_standins
 
@@ -36,8 +38,33 @@ import numpy as np  # noqa: E402
 from hyrax.datasets.random.hyrax_random_dataset import HyraxRandomDataset  # noqa: E402
 
 
+def _metadata_value(dataset, column, idx):
+    return dataset._metadata_table[column][idx]
+
+
 class CountingDataset(HyraxRandomDataset):
-    """``HyraxRandomDataset`` that logs every image read, with a read latency."""
+    """``HyraxRandomDataset`` that logs every image read, with a read latency.
+
+    Hyrax 0.13's ``HyraxDataset.__init__`` sets a ``get_<column>`` attribute per metadata
+    column as a method bound to a local function, which pickle cannot restore ("no
+    attribute 'getter'"): the train verb's ``idist.Parallel`` then fails to start its
+    ranks, whichever cache is used. This class replaces those attributes by picklable
+    partials of a module-level function, the same in every process.
+    """
+
+    def __init__(self, config, data_location):
+        super().__init__(config, data_location)
+        for column in self._metadata_table.colnames:
+            if isinstance(self.__dict__.get(f"get_{column}"), types.MethodType):
+                setattr(self, f"get_{column}", functools.partial(_metadata_value, self, column))
+
+    if OPTIONS.get("state_identity"):
+        # raycache derives a cache's identity from the dataset's state; an astropy Table
+        # (the metadata) digests differently once pickled into a spawned rank, so the
+        # DDP test states what determines the items instead.
+        def cache_identity(self):
+            cfg = self._config["data_set"]["HyraxRandomDataset"]
+            return f"{self.data_location}|{cfg['size']}|{list(cfg['shape'])}|{cfg['seed']}"
 
     def get_image(self, idx):
         # O_APPEND writes of one short line are atomic: every process logs to one file.
@@ -49,6 +76,35 @@ class CountingDataset(HyraxRandomDataset):
         if OPTIONS.get("latency_s"):
             time.sleep(OPTIONS["latency_s"])
         return super().get_image(idx)
+
+
+from hyrax.models.model_registry import hyrax_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+@hyrax_model
+class TinyModel(nn.Module):
+    """Passes its input through; one weight for the optimizer. Picklable for DDP ranks."""
+
+    def __init__(self, config, data_sample=None):
+        super().__init__()
+        self.weight = nn.Linear(1, 1)
+        self.config = config
+
+    def forward(self, x):
+        return x[0] if isinstance(x, (tuple, list)) else x
+
+    def train_batch(self, batch):
+        self.forward(batch)
+        return {"loss": 0.0}
+
+    def validate_batch(self, batch):
+        self.forward(batch)
+        return {"loss": 0.0}
+
+    @staticmethod
+    def prepare_inputs(data_dict):
+        return (data_dict["data"]["image"], np.array([], dtype=np.float32))
 
 
 def make_config():
@@ -67,7 +123,7 @@ def make_config():
     h.set_config("data_set.HyraxRandomDataset.shape", OPTIONS.get("shape", [2, 8, 8]))
     h.set_config("data_set.use_cache", True)
     h.set_config("data_set.seed", 11)
-    h.set_config("model.name", "HyraxLoopback")
+    h.set_config("model.name", "TinyModel")
     h.set_config("train.epochs", OPTIONS.get("epochs", 2))
     h.set_config("general.results_dir", OPTIONS["results_dir"])
     h.set_config("general.distributed", bool(OPTIONS.get("distributed")))
