@@ -103,7 +103,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> list[str]:
-    """Provide an inert module for each name in ``STANDINS`` not installed, and for torchvision always.
+    """Provide an inert module for torchvision, and for each other name not installed.
 
     Returns
     -------

@@ -117,7 +117,9 @@ def make_config():
         "primary_id_field": "object_id",
         "fields": ["image", "object_id"],
     }
-    h.set_config("data_request", {"train": {"data": dict(group)}, "validate": {"data": dict(group)}})
+    h.set_config(
+        "data_request", {"train": {"data": dict(group)}, "validate": {"data": dict(group)}}
+    )
     h.set_config("split", {"train": 0.8, "validate": 0.2, "rng_seed": 7})
     h.set_config("data_set.HyraxRandomDataset.size", OPTIONS.get("size", 200))
     h.set_config("data_set.HyraxRandomDataset.shape", OPTIONS.get("shape", [2, 8, 8]))
@@ -138,10 +140,9 @@ def make_config():
 
 def show_two_devices():
     """Hyrax 0.13 trains on several processes only with >1 CUDA device, and with nccl."""
+    import hyrax.verbs.train as train_verb
     import ignite.distributed as idist
     import torch
-
-    import hyrax.verbs.train as train_verb
 
     torch.cuda.device_count = lambda: 2
 
@@ -172,8 +173,9 @@ def check_cache(config):
     this process) resolves every index; raycache's ``DataCache`` over the same dataset
     answers ``try_fetch`` from the shared cache the training processes filled.
     """
-    import raycache.hyrax
     from hyrax.pytorch_ignite import setup_dataset
+
+    import raycache.hyrax
 
     provider = setup_dataset(config, splits=("train",))["train"]
     assert type(provider.data_cache).__module__ == "hyrax.datasets.data_cache"

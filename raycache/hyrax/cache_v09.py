@@ -93,7 +93,7 @@ class DataCache:
         self._token = fork_channel.register(self)
 
     def _forked_worker(self) -> bool:
-        """True in a forked worker that asks its parent (instead of calling Ray)."""
+        """Return True in a forked worker, which asks its parent instead of calling Ray."""
         return self._token is not None and fork_channel.child_link() is not None
 
     def answer(self, op: str, friendly_name: str, real_idx: int, data: Any = None) -> Any:

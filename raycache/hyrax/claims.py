@@ -9,8 +9,8 @@ until the claimer has stored it (``done``), then fetch it.
 The claims live in one small asyncio actor per Ray namespace (``ClaimBoard``), shared by
 every cache: a claim is a key ``(cache name, index)``. The actor is detached, so it does
 not die with the process that happened to create it; it holds no data and no CPU, only
-the claims in flight, and stays until the Ray cluster ends. A claim expires after ``CLAIM_TTL_S``, so a claimer that
-died does not block the others for longer than that; a wait returns after its timeout
+the claims in flight, and stays until the Ray cluster ends. A claim expires after
+``CLAIM_TTL_S``, so a claimer that died does not block the others for longer than that; a wait returns after its timeout
 whatever happened, and the waiter then reads the item itself: a claim saves reads, it
 never makes a reader fail.
 """

@@ -75,7 +75,9 @@ class _ParentServer:
         self._socks: dict[socket.socket, threading.Lock] = {}
         self._pending: tuple[socket.socket, socket.socket] | None = None
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="raycache-fork-reads")
-        self._thread = threading.Thread(target=self._serve, name="raycache-fork-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, name="raycache-fork-server", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -224,4 +226,6 @@ def _after_in_child() -> None:
         _link = server.in_child()
 
 
-os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
+os.register_at_fork(
+    before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child
+)

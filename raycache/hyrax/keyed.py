@@ -82,9 +82,7 @@ def check_key(key: Any, dataset: str) -> int:
         )
     value = int(key)
     if not -(2**63) <= value < 2**63:
-        raise TypeError(
-            f"augment_cache_key of dataset {dataset!r} returned {value}, outside int64"
-        )
+        raise TypeError(f"augment_cache_key of dataset {dataset!r} returned {value}, outside int64")
     return value
 
 
@@ -162,9 +160,7 @@ class AugmentSlots:
             The augmented item.
         """
         # The row stores its key: a later fetch of another key that maps here is a miss.
-        self.table.insert_into_cache(
-            slot_of(key, self.slots), {"key": np.int64(key), "data": data}
-        )
+        self.table.insert_into_cache(slot_of(key, self.slots), {"key": np.int64(key), "data": data})
 
     def close(self) -> None:
         """Detach this process from the table."""
