@@ -164,7 +164,10 @@ class DataCache:
         """
         self._use_cache = False
         caches = list(self._base.values()) + [t.table for t in self._augment.values()]
+        fills = list(self._fills.values())
         self._base, self._augment, self._fills = {}, {}, {}
+        for fill in fills:
+            fill.close()
         for cache in caches:
             cache.close()
         self._data_size_bytes = 0

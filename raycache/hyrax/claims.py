@@ -10,9 +10,9 @@ The claims live in one small asyncio actor per Ray namespace (``ClaimBoard``), s
 every cache: a claim is a key ``(cache name, index)``. The actor is detached, so it does
 not die with the process that happened to create it; it holds no data and no CPU, only
 the claims in flight, and stays until the Ray cluster ends. A claim expires after
-``CLAIM_TTL_S``, so a claimer that died does not block the others for longer than that; a wait returns after its timeout
-whatever happened, and the waiter then reads the item itself: a claim saves reads, it
-never makes a reader fail.
+``CLAIM_TTL_S``, so a claimer that died does not block the others for longer than that;
+a wait returns after its timeout whatever happened, and the waiter then reads the item
+itself: a claim saves reads, it never makes a reader fail.
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ class ClaimBoard:
         held = self._claims.pop((cache, int(idx)), None)
         if held is not None:
             held[2].set()
+
+    async def done_many(self, cache: str, indices: list[int]) -> None:
+        """End the claims on several indices of ``cache`` (see ``done``)."""
+        for idx in indices:
+            held = self._claims.pop((cache, int(idx)), None)
+            if held is not None:
+                held[2].set()
 
     async def wait(self, cache: str, idx: int, timeout: float) -> bool:
         """Wait until the claim on ``(cache, idx)`` ends, at most ``timeout`` s.

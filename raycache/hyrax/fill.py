@@ -4,9 +4,10 @@
 ``raycache.hyrax.claims``: a miss claims the index; the claimer reads it (in Hyrax's
 ``resolve_data``) and its insert is sent to the cache at once, then the claim is ended;
 a process that misses a claimed index waits for that, syncs its map and fetches the
-item. Sending each claimed insert at once (instead of buffering it for up to
-``flush_interval_s``) is what lets the waiters see it: it costs one actor call per item
-while the cache fills, small next to the item's read.
+item. Claimed inserts are sent in batches, every ``SEND_ITEMS`` items or ``SEND_AFTER_S``
+seconds, whichever comes first (a thread sees to the second), and their claims are ended
+in one call after the batch was stored: a miss costs one actor call (the claim), and a
+process waiting for another's read waits at most about ``SEND_AFTER_S`` plus that read.
 
 Works in processes connected to Ray; a forked DataLoader worker goes through its parent
 (``raycache.hyrax.fork_channel``), which runs this on its behalf.
@@ -29,6 +30,8 @@ __all__ = ["WAIT_S", "OnceFill"]
 logger = logging.getLogger(__name__)
 
 WAIT_S = 30.0  # longest wait for another process's read of a claimed item
+SEND_ITEMS = 32
+SEND_AFTER_S = 0.2
 
 
 class OnceFill:
@@ -43,9 +46,13 @@ class OnceFill:
     def __init__(self, shared: Any):
         self.shared = shared
         self._mine: set[int] = set()  # indices this process claimed and has not stored
+        self._stored: list[int] = []  # claimed, inserted, not yet sent
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._board: Any = None
         self._owner = f"{os.getpid()}-{id(self):x}"
+        self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
 
     def _claims(self) -> Any:
         if self._board is None:
@@ -83,7 +90,7 @@ class OnceFill:
         return self.shared.try_fetch(idx)
 
     def insert(self, idx: int, data: Any) -> None:
-        """Insert ``data``; if this process claimed ``idx``, send it now and end the claim.
+        """Insert ``data``; if this process claimed ``idx``, send it soon and end the claim.
 
         Parameters
         ----------
@@ -94,12 +101,43 @@ class OnceFill:
         """
         self.shared.insert_into_cache(idx, data)
         with self._lock:
-            mine = int(idx) in self._mine
+            if int(idx) not in self._mine:
+                return
             self._mine.discard(int(idx))
-        if not mine:
-            return
-        name = self.shared.name
-        if not self.shared.flush():
-            logger.warning("raycache %s: item %d was not sent in time", name, idx)
-        with ray_errors_as_plain(f"ending the claim on item {idx} of cache {name!r}"):
-            ray.get(self._claims().done.remote(name, idx), timeout=WAIT_S)
+            self._stored.append(int(idx))
+            full = len(self._stored) >= SEND_ITEMS
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_every, name="raycache-claimed-sends", daemon=True
+                )
+                self._sender.start()
+        if full:
+            self.send()
+
+    def send(self) -> None:
+        """Send the claimed items inserted so far, then end their claims."""
+        with self._send_lock:
+            with self._lock:
+                stored, self._stored = self._stored, []
+            if not stored:
+                return
+            name = self.shared.name
+            if not self.shared.flush():
+                logger.warning(
+                    "raycache %s: %d claimed items were not sent in time", name, len(stored)
+                )
+            with ray_errors_as_plain(f"ending claims on cache {name!r}"):
+                # Not waited for: the items are stored; the waiters only need waking.
+                self._claims().done_many.remote(name, stored)
+
+    def _send_every(self) -> None:
+        while not self._stop.wait(SEND_AFTER_S):
+            try:
+                self.send()
+            except Exception:  # the next round tries again; the claims expire meanwhile
+                logger.exception("raycache %s: sending claimed items failed", self.shared.name)
+
+    def close(self) -> None:
+        """Send what is pending and stop the sending thread."""
+        self._stop.set()
+        self.send()
