@@ -26,7 +26,9 @@ import ray
 __all__ = ["CLAIM_TTL_S", "ClaimBoard", "board"]
 
 CLAIM_TTL_S = 60.0
-BOARD_NAME = "raycache-hyrax-claims"
+# The version is in the name: the board is detached, so a board made by an older
+# raycache may still be running in the cluster, with other methods.
+BOARD_NAME = "raycache-hyrax-claims-v2"
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)

@@ -134,7 +134,12 @@ class OnceFill:
         while not self._stop.wait(SEND_AFTER_S):
             try:
                 self.send()
-            except Exception:  # the next round tries again; the claims expire meanwhile
+            except Exception as exc:
+                if isinstance(exc, RuntimeError) and "after shutdown" in str(exc):
+                    # The interpreter is exiting and the client's sender pool is gone:
+                    # the client's own exit hook sends what it buffered.
+                    return
+                # The next round tries again; the claims expire meanwhile.
                 logger.exception("raycache %s: sending claimed items failed", self.shared.name)
 
     def close(self) -> None:
