@@ -16,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 import raycache
 import raycache.hyrax
@@ -248,3 +249,60 @@ def test_use_cache_off_caches_nothing(ray_address):
     cache.insert_base("data", 1, {"image": np.zeros(1)})
     assert cache.try_fetch("data", 1) == (None, False)
     assert cache.shared_caches == {}
+
+
+class LoggedDataset(AugmentedDataset):
+    """Logs each read to a file: forked workers' reads are counted in the test process."""
+
+    def __init__(self, n, tag, log):
+        super().__init__(n, tag)
+        self.log = str(log)
+
+    def get_image(self, idx):
+        with open(self.log, "a") as f:
+            f.write(f"{idx}\n")
+        return super().get_image(idx)
+
+
+class HyraxLike(torch.utils.data.Dataset):
+    """A provider the way Hyrax 0.13 uses its cache, for a torch DataLoader."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.cache = raycache.hyrax.DataCache(config(), {"data": dataset}, {"data": False})
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        return resolve(self.cache, self.dataset, idx)["image"]
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_forked_workers_read_each_item_once(ray_address, tmp_path, persistent):
+    log = tmp_path / "reads.log"
+    provider = HyraxLike(LoggedDataset(64, uuid.uuid4().hex, log))
+    sampler = torch.utils.data.RandomSampler(
+        provider, replacement=True, num_samples=96, generator=torch.Generator().manual_seed(3)
+    )
+    loader = torch.utils.data.DataLoader(
+        provider,
+        batch_size=8,
+        sampler=sampler,
+        num_workers=2,
+        persistent_workers=persistent,
+        multiprocessing_context="fork",  # as Hyrax 0.9+ does
+    )
+    name = provider.cache.shared_caches["data"].name
+    try:
+        seen = set()
+        for _ in range(3):
+            for batch in loader:
+                seen.update(int(v) for v in batch[:, 0, 0])
+        counts = Counter(int(line) for line in log.read_text().split())
+        assert set(counts) == seen
+        assert max(counts.values()) == 1, {i: n for i, n in counts.items() if n > 1}
+    finally:
+        del loader
+        provider.cache.disable()
+        raycache.drop_cache(name)
