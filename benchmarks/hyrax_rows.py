@@ -29,7 +29,7 @@ import ray
 import raycache
 from raycache.tools.memory import node_memory
 
-__all__ = ["main", "run_one"]
+__all__ = ["main", "run_one", "run_rows"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "hyrax09_train.py"
@@ -99,6 +99,42 @@ def run_one(options: dict, hyrax_dir: Path, workdir: Path, address: str) -> dict
     }
 
 
+def run_rows(
+    setups: list[str], base: dict, hyrax_dir: Path, address: str, rounds: int = 1
+) -> list[dict]:
+    """Run each set-up with Hyrax's own cache, then raycache's, ``rounds`` times.
+
+    Parameters
+    ----------
+    setups : list of str
+        Keys of ``SETUPS``.
+    base : dict
+        Options every run gets (``size``, ``shape``, ``epochs``, ``batch_size``,
+        ``latency_s``).
+    hyrax_dir : Path
+        Where Hyrax 0.13 is installed.
+    address : str
+        The Ray (already started, its workers able to import raycache) to join.
+    rounds : int
+        Repetitions, interleaved.
+
+    Returns
+    -------
+    list of dict
+        One row per run: ``setup``, ``cache``, and ``run_one``'s numbers.
+    """
+    rows = []
+    for _ in range(rounds):
+        for setup in setups:
+            for cache in ("hyrax", "raycache"):
+                with tempfile.TemporaryDirectory(prefix="hyrax-row-") as tmp:
+                    options = dict(base, cache=cache, **SETUPS[setup])
+                    row = run_one(options, hyrax_dir, Path(tmp), address)
+                rows.append({"setup": setup, "cache": cache, **row})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Read the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -146,16 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "latency_s": args.latency_ms / 1000.0,
     }
-    rows = []
     try:
-        for _ in range(args.rounds):
-            for setup in args.setups:
-                for cache in ("hyrax", "raycache"):
-                    with tempfile.TemporaryDirectory(prefix="hyrax-row-") as tmp:
-                        options = dict(base, cache=cache, **SETUPS[setup])
-                        row = run_one(options, args.hyrax_dir, Path(tmp), address)
-                    rows.append({"setup": setup, "cache": cache, **row})
-                    print(json.dumps(rows[-1]), flush=True)
+        rows = run_rows(args.setups, base, args.hyrax_dir, address, args.rounds)
     finally:
         for name in raycache.list_caches():
             if name.startswith("CountingDataset-"):
