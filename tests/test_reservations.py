@@ -194,7 +194,10 @@ def test_a_reserved_item_the_trainer_fails_to_read_is_read_by_the_preload(ray_ad
 
 def test_items_reserved_by_a_trainer_that_died_are_read_by_the_preload(ray_address, cache_name):
     """A trainer dies while reading its reserved misses: the cache still fills, correctly."""
-    n = 96
+    # ~8 s of preload at one thread: it must still run when the trainer process has started,
+    # joined Ray and attached, which takes a few seconds on a loaded machine (the preload's
+    # readers are started with the cache, so the preload does not wait for them).
+    n = 400
     config = _config(cache_name, 1, chunk_size=8)
     ds = CachedDataset(ExitOnReadProvider(n, latency_s=0.02), config)
     try:
