@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
@@ -17,6 +20,7 @@ from raycache.dataset import CachedDataset
 
 __all__ = [
     "cache_config",
+    "export_source_tree",
     "close_cache",
     "log",
     "make_loader",
@@ -75,3 +79,19 @@ def close_cache(ds: CachedDataset) -> None:
 
 def log(msg: str, *args: Any) -> None:
     print(msg % args if args else msg, flush=True)
+
+
+def export_source_tree() -> None:
+    """Put the folder holding ``benchmarks/`` on ``PYTHONPATH`` for the processes to come.
+
+    Preload tasks unpickle ``benchmarks.providers.Provider`` by reference in Ray's worker
+    processes, and the scale scenario's probe imports it in a new process: both inherit
+    this environment (a local Ray's raylet starts the workers), and neither would find
+    ``benchmarks`` otherwise unless it was started from the source tree.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])

@@ -37,12 +37,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import ray
 
 import raycache
-from benchmarks.common import log, unique_name
+from benchmarks.common import export_source_tree, log, unique_name
 from benchmarks.first_epoch import warm_workers
 from benchmarks.providers import MIB, Provider, calibrate_spin
 from benchmarks.results import Row, compare
@@ -211,16 +210,6 @@ def _ends(values: Sequence[int]) -> list[int]:
     return sorted({values[0], values[-1]})
 
 
-def _export_source_tree() -> None:
-    """Let Ray's workers import ``benchmarks`` (the providers are pickled by reference)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Start a private Ray (default store, not preallocated), run the rows, print them.
 
@@ -240,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
-    _export_source_tree()
+    export_source_tree()
     start = time.perf_counter()
     ray.init(
         address="local",

@@ -50,7 +50,7 @@ from pathlib import Path
 import ray
 
 from benchmarks.busy import busy
-from benchmarks.common import log
+from benchmarks.common import export_source_tree, log
 from benchmarks.first_epoch import fill, preload, startup
 from benchmarks.preload_alone import add_arguments as add_alone_arguments
 from benchmarks.preload_alone import preload_alone
@@ -235,19 +235,3 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args, rows, info, table)
     log("total wall time %.0f s", info["wall_s"])
     return 0
-
-
-def export_source_tree() -> None:
-    """Put the folder holding ``benchmarks/`` on ``PYTHONPATH`` for the processes to come.
-
-    Preload tasks unpickle ``benchmarks.providers.Provider`` by reference in Ray's worker
-    processes, and the scale scenario's probe imports it in a new process: both inherit
-    this environment (a local Ray's raylet starts the workers), and neither would find
-    ``benchmarks`` otherwise unless it was started from the source tree.
-    """
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
