@@ -85,6 +85,7 @@ def read_node_task(
     threads: int,
     chunk_size: int | None,
     chunk_bytes: int,
+    item_timeout: float | None = None,
 ) -> Iterator[Chunk | dict]:
     """Ray generator task: read one node's ``indices`` into chunks stored on that node.
 
@@ -102,6 +103,8 @@ def read_node_task(
         ``raycache.chunk_size``.
     chunk_bytes : int
         ``raycache.chunk_bytes``.
+    item_timeout : float, optional
+        ``raycache.preload_item_timeout_s`` (see ``raycache.preload.task.read_units``).
 
     Yields
     ------
@@ -110,7 +113,9 @@ def read_node_task(
     """
     provider = load_provider(provider_key, provider_blob)
     units = NodeUnits(indices, chunk_size, chunk_bytes)
-    yield from read_units(provider, units.claim, threads, reuse_columns=True)
+    yield from read_units(
+        provider, units.claim, threads, reuse_columns=True, item_timeout=item_timeout
+    )
 
 
 class LocalityRun:
@@ -211,7 +216,7 @@ class LocalityRun:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
             )
             args = (blob, self.key, todo, self.threads_per_task, run["chunk_size"])
-            slots[task.remote(*args, int(run["chunk_bytes"]))] = node
+            slots[task.remote(*args, int(run["chunk_bytes"]), run.get("item_timeout_s"))] = node
         return slots
 
     def _drive(self) -> None:
