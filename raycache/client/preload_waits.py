@@ -185,10 +185,14 @@ class PreloadWaits:
         it returns True (it reads an item the preload has not reached). Its errors (the
         provider's) are its caller's, and propagate.
         """
-        # A preload reader is reading idx (as of the last sync, which may be a moment
-        # old): wait for it instead of reading it too.
+        # A preload reader is reading idx: wait for it instead of reading it too. The
+        # units known here are as of the last sync, which may predate idx's unit, so
+        # while a preload runs the actor is asked even where no known unit holds idx
+        # (it answers None at once if none does).
         unit = unit_holding(self._map.inflight, idx)
-        if unit is None or unit in self.stalled:
+        if unit in self.stalled:
+            return False
+        if unit is None and not (self._map.preloading and self._link.usable()):
             return False
         patience = min(self._link.timeout, INFLIGHT_WAIT_S)
         asked = time.monotonic()
@@ -210,11 +214,20 @@ class PreloadWaits:
         if reply is LOST:
             return False
         if reply is None:
-            self.stalled.add(unit)
+            if time.monotonic() - asked >= patience:  # the unit outlasted the wait
+                self._note_stalled(idx, unit)
             return False
         with self._map.lock:  # the map's news up to idx's unit: no sync of its own
             self._map.apply(reply, asked)
         return self._map.loc[idx] >= 0
+
+    def _note_stalled(self, idx: int, unit: int | None) -> None:
+        """Remember the unit holding ``idx`` as stalled: its items are not waited for again."""
+        if unit is None:  # claimed since the last sync: learn which it is
+            self._map.sync(force=True)
+            unit = unit_holding(self._map.inflight, idx)
+        if unit is not None:
+            self.stalled.add(unit)
 
     def spare_index(self) -> int | None:
         """Return an index reserved for this process to read while it waits, or None.
