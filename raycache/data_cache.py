@@ -79,13 +79,16 @@ class DataCache(AttachedCache):
         with ray_errors_as_plain(f"starting the preload of cache {self.name!r}"):
             client.waits.start(blob, self.config)
 
-    def try_fetch(self, idx: int) -> dict | None:
+    def try_fetch(self, idx: int, *, wait: bool = True) -> dict | None:
         """Fetch item ``idx`` from the cache.
 
         Parameters
         ----------
         idx : int
             Provider index (Python or numpy integer) in ``[0, len(provider))``.
+        wait : bool
+            As for ``fetch_many``: True waits (at most ~5 s) for a preload task that
+            is reading ``idx``; False returns None at once.
 
         Returns
         -------
@@ -105,7 +108,7 @@ class DataCache(AttachedCache):
         idx = check_index(idx, self._length())
         start = time.perf_counter()
         client = self.attach()
-        item = None if client is None else client.get(idx, copy=not self.config.zero_copy)
+        item = None if client is None else client.get(idx, not self.config.zero_copy, wait)
         if client is not None:
             client.count(int(item is not None), int(item is None))
         self._metrics.timed("hit" if item is not None else "miss", start)

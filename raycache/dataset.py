@@ -77,7 +77,8 @@ class CachedDataset(torch.utils.data.Dataset):
         return len(self.cache)
 
     def __getitem__(self, idx: int) -> Any:
-        item = self.cache.try_fetch(idx)
+        # No wait here: the miss path below asks the actor once, and waits if a unit has it.
+        item = self.cache.try_fetch(idx, wait=False)
         if item is None:
             idx = self.cache.check_index(idx)
             # As a batch's miss: reserved for this process unless a unit has it now.
