@@ -92,3 +92,27 @@ def test_a_forked_child_asking_about_the_preload_gets_a_clear_error(ray_address,
     assert ds.cache.stats()["name"] == cache_name  # this process's Ray is unharmed
     ds.cache.close()
     raycache.drop_cache(cache_name)
+
+
+def test_a_forked_child_leaves_the_inherited_heap_to_the_parent(ray_address, cache_name):
+    """The objects alive at the fork are frozen in the child only: its cycle collector
+    never writes to (and so never copies) the pages it shares with the parent."""
+    import gc
+
+    ds = CachedDataset(ArrayProvider(64), {"raycache": {"name": cache_name, "chunk_size": 32}})
+    assert gc.get_freeze_count() == 0
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os.write(write_fd, str(gc.get_freeze_count()).encode())
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        frozen_in_child = int(pipe.read() or "0")
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert frozen_in_child > 1000, "the child's collector would scan the inherited heap"
+    assert gc.get_freeze_count() == 0, "the parent's objects stayed frozen after the fork"
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
