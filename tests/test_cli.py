@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,27 @@ def test_help_is_plain_text(command):
         assert markup not in proc.stdout
     if command in ("list", "stats"):
         assert "--json" in proc.stdout
+
+
+def _commands_in_help() -> list[str]:
+    """The commands ``raycache --help`` lists, read from its output."""
+    proc = cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    listed = proc.stdout.split("positional arguments:", 1)[1].split("options:", 1)[0]
+    return re.findall(r"^    (\w+) ", listed, re.M)
+
+
+def test_every_command_has_plain_help_and_a_docs_section():
+    commands = _commands_in_help()
+    assert set(COMMANDS) | {"demo", "bench"} <= set(commands), commands
+    page = (REPO / "docs" / "cli.md").read_text()
+    for command in commands:
+        proc = cli(command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: raycache {command}"), proc.stdout[:200]
+        for markup in ("``", ":class:", ":func:", ":meth:", "Traceback"):
+            assert markup not in proc.stdout + proc.stderr, (command, markup)
+        assert f"`raycache {command}" in page, f"docs/cli.md has no section on {command}"
 
 
 def test_top_level_help_and_bad_usage():
