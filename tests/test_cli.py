@@ -81,6 +81,28 @@ def test_every_command_has_plain_help_and_a_docs_section():
         assert f"`raycache {command}" in page, f"docs/cli.md has no section on {command}"
 
 
+# The command-line front ends, whose output is what they print; everything else logs.
+PRINTING_MODULES = ("raycache/cli.py", "raycache/preload_command.py", "raycache/tools/")
+
+
+def test_library_modules_log_and_never_print():
+    import ast
+
+    printing = []
+    for path in sorted((REPO / "raycache").rglob("*.py")):
+        where = path.relative_to(REPO).as_posix()
+        if where.startswith(PRINTING_MODULES):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "print"
+            ):
+                printing.append(f"{where}:{node.lineno}")
+    assert printing == [], f"print in library code (use the module's logger): {printing}"
+
+
 def test_top_level_help_and_bad_usage():
     proc = cli("--help")
     assert proc.returncode == 0 and "exit status" in proc.stdout
