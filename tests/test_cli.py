@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,49 @@ def test_help_is_plain_text(command):
         assert markup not in proc.stdout
     if command in ("list", "stats"):
         assert "--json" in proc.stdout
+
+
+def _commands_in_help() -> list[str]:
+    """The commands ``raycache --help`` lists, read from its output."""
+    proc = cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    listed = proc.stdout.split("positional arguments:", 1)[1].split("options:", 1)[0]
+    return re.findall(r"^    (\w+) ", listed, re.M)
+
+
+def test_every_command_has_plain_help_and_a_docs_section():
+    commands = _commands_in_help()
+    assert set(COMMANDS) | {"demo", "bench"} <= set(commands), commands
+    page = (REPO / "docs" / "cli.md").read_text()
+    for command in commands:
+        proc = cli(command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: raycache {command}"), proc.stdout[:200]
+        for markup in ("``", ":class:", ":func:", ":meth:", "Traceback"):
+            assert markup not in proc.stdout + proc.stderr, (command, markup)
+        assert f"`raycache {command}" in page, f"docs/cli.md has no section on {command}"
+
+
+# The command-line front ends, whose output is what they print; everything else logs.
+PRINTING_MODULES = ("raycache/cli.py", "raycache/preload_command.py", "raycache/tools/")
+
+
+def test_library_modules_log_and_never_print():
+    import ast
+
+    printing = []
+    for path in sorted((REPO / "raycache").rglob("*.py")):
+        where = path.relative_to(REPO).as_posix()
+        if where.startswith(PRINTING_MODULES):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "print"
+            ):
+                printing.append(f"{where}:{node.lineno}")
+    assert printing == [], f"print in library code (use the module's logger): {printing}"
 
 
 def test_top_level_help_and_bad_usage():

@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        0 when every trainer received its whole shard with the right values, 1 if a
-        check failed, 2 if a trainer failed or the demo timed out.
+        0 when every trainer received its whole shard with the right values; 1 if a
+        check failed, a trainer failed or the demo timed out (the ``raycache`` exit
+        statuses: 2 is kept for bad options, which ``parse_args`` reports).
     """
     args = parse_args(argv)
     deadline = time.monotonic() + args.timeout
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             for title, no_cache in runs:
                 results.append(_run(args, data_dir, data_bytes, title, no_cache, deadline))
         except _Failed as exc:
-            print(f"demo failed: {exc}", file=sys.stderr)
-            return 2
+            print(f"raycache demo: {exc}", file=sys.stderr)
+            return 1
     _summary(results, data_bytes, time.monotonic() - deadline + args.timeout)
     if args.json:
         Path(args.json).write_text(json.dumps({"data_bytes": data_bytes, "runs": results}))
