@@ -27,6 +27,7 @@ import numpy as np
 import ray
 
 from raycache.chunk import Chunk, flatten_checked, flatten_item
+from raycache.client.fork_reads import ForkReads
 from raycache.client.forking import ForkSide, forget, register
 from raycache.client.link import LOST, cache_spec, link_to_directory
 from raycache.client.local_map import STALE_S, LocalMap
@@ -122,7 +123,9 @@ class CacheClient:
             counts=self._counter_deltas,
             alone=self._filling_alone,
         )
-        self.waits = PreloadWaits(self._link, self._map, self._buffer)
+        # A forked child's misses are asked of this process (``raycache.client.fork_reads``).
+        self.fork_reads = ForkReads(self, self._fork.drain)
+        self.waits = PreloadWaits(self._link, self._map, self._buffer, self.fork_reads)
         register(self)
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().close())
@@ -198,6 +201,8 @@ class CacheClient:
             item = self._buffer.item(idx)
             if item is not None:
                 return item
+        if self._link.forked:  # no Ray call here: the parent answers
+            return self.fork_reads.take(idx, wait)
         if self._refresh(idx, wait, meanwhile):
             return self._read_mapped(idx, copy)
         return None
@@ -218,7 +223,9 @@ class CacheClient:
         ``wait`` as for ``get``.
         """
         loc = self._map.loc[indices]
-        if (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
+        if self._link.forked and (loc < 0).any():  # one question to the parent per batch
+            self.fork_reads.prefetch(indices[loc < 0], wait)
+        elif (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
             loc = self._map.loc[indices]
         return loc
 
