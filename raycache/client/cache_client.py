@@ -123,9 +123,8 @@ class CacheClient:
             counts=self._counter_deltas,
             alone=self._filling_alone,
         )
-        # A forked child's misses are asked of this process (``raycache.client.fork_reads``).
-        self.fork_reads = ForkReads(self, self._fork.drain)
-        self.waits = PreloadWaits(self._link, self._map, self._buffer, self.fork_reads)
+        asks = ForkReads(self, self._fork.drain)  # a forked child's misses, asked of its parent
+        self.waits = PreloadWaits(self._link, self._map, self._buffer, asks)
         register(self)
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().close())
@@ -202,10 +201,8 @@ class CacheClient:
             if item is not None:
                 return item
         if self._link.forked:  # no Ray call here: the parent answers
-            return self.fork_reads.take(idx, wait)
-        if self._refresh(idx, wait, meanwhile):
-            return self._read_mapped(idx, copy)
-        return None
+            return self.waits.fork_reads.take(idx, wait)
+        return self._read_mapped(idx, copy) if self._refresh(idx, wait, meanwhile) else None
 
     def _read_mapped(self, idx: int, copy: bool) -> Any:
         loc = int(self._map.loc[idx])
@@ -224,7 +221,7 @@ class CacheClient:
         """
         loc = self._map.loc[indices]
         if self._link.forked and (loc < 0).any():  # one question to the parent per batch
-            self.fork_reads.prefetch(indices[loc < 0], wait)
+            self.waits.fork_reads.prefetch(indices[loc < 0], wait)
         elif (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
             loc = self._map.loc[indices]
         return loc
@@ -251,10 +248,7 @@ class CacheClient:
     ) -> bool:
         """After a miss: learn what changed (rate-limited); True if ``idx`` is now cached.
 
-        With ``wait``, an index that a preload unit is being read for is waited for
-        (calling ``meanwhile`` until it returns False, if given). Without, it is not;
-        and while this process fills the cache alone, the client does not wait for the
-        actor's answer either (see ``LocalMap.poll``).
+        ``wait`` and ``meanwhile`` as for ``get`` (filling alone: ``LocalMap.poll``).
         """
         if self._link.dead or self._link.forked:
             return False

@@ -69,7 +69,7 @@ class PreloadWaits:
         fork_reads: Any = None,
     ):
         self._link = link
-        self._fork_reads = fork_reads
+        self.fork_reads = fork_reads  # a forked child's questions to its parent
         self._map = local_map
         self._buffer = buffer
         self.stalled: set[int] = set()  # units whose preload reader did not end in time
@@ -180,8 +180,8 @@ class PreloadWaits:
         numpy.ndarray
             A bool per index: wait for it (True) or read it (False).
         """
-        if self._link.forked and self._fork_reads is not None:
-            return self._fork_reads.being_preloaded(indices, self._map.preloading)
+        if self._link.forked and self.fork_reads is not None:
+            return self.fork_reads.being_preloaded(indices, self._map.preloading)
         if self._map.preloading and self._link.usable():
             block = SPARE_BLOCK if spares and not self._spare_block else 0
             held, picked = self._reserve(indices, block)
