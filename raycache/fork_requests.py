@@ -134,7 +134,19 @@ class _ParentServer:
                 except (EOFError, OSError, pickle.UnpicklingError):
                     self.drop(sock)
                     continue
-                self._pool.submit(self._answer, sock, request)
+                if self._quick(request):  # two thread hops fewer than the pool
+                    self._answer(sock, request)
+                else:
+                    self._pool.submit(self._answer, sock, request)
+
+    def _quick(self, request: Any) -> bool:
+        """Return True for a question its handler answers without waiting (see ``register``)."""
+        try:
+            token, op, args = request
+            quick = getattr(self.handlers.get(token), "quick", None)
+            return bool(quick is not None and quick(op, *args))
+        except Exception:  # a malformed request: the pool answers it with the error
+            return False
 
     def drop(self, sock: socket.socket) -> None:
         """Forget one child's socket and tell the handlers the child is gone."""
@@ -201,7 +213,10 @@ def register(handler: Any) -> int:
     Call in a process connected to Ray, before it forks. The handler is held weakly.
     It has ``answer(op, *args)``, or ``answer_for(child, op, *args)`` where it keeps
     state per child (``child`` is an int key, the same for every question of one
-    child); and optionally ``child_gone(child)``, called once the child's socket closed.
+    child); optionally ``child_gone(child)``, called once the child's socket closed; and
+    optionally ``quick(op, *args)``, True for a question answered without waiting (no
+    blocking call beyond a bounded, rate-limited one), which the thread reading the
+    sockets answers itself instead of handing it to the pool.
 
     Parameters
     ----------

@@ -212,6 +212,23 @@ class ForkReads:
             return held, client.preloading
         raise ValueError(f"unknown question {op!r} from a forked worker: lookup or reserve")
 
+    def quick(self, op: str, *args: Any) -> bool:
+        """Return True for a question answered without waiting: a lookup without ``wait``.
+
+        Parameters
+        ----------
+        op : str
+            The question.
+        *args : Any
+            Its arguments.
+
+        Returns
+        -------
+        bool
+            Whether ``raycache.fork_requests`` may answer it on its reading thread.
+        """
+        return op == "lookup" and not args[1]
+
     def _answer_lookup(self, client: Any, indices: np.ndarray, wait: bool) -> list:
         """Return the item or None per index; with ``wait``, within one bound in all."""
         self._drain()  # what the children sent may answer a sibling's miss
