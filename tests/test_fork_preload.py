@@ -162,3 +162,52 @@ ds.cache.close()
 raycache.drop_cache({name!r})
 print(result)
 """
+
+
+_DIES = """
+import select
+LOG = {log!r}
+class FirstSlow(LoggedSlowProvider):
+    "The first items are slow, so the preload is still running when the child reserves."
+
+    def __getitem__(self, i):
+        self.latency_s = 0.15 if i < 8 else 0.0
+        return super().__getitem__(i)
+
+n = 192
+provider = FirstSlow(n, LOG, 0.0)
+config = {{
+    "data_set": {{"preload_cache": True, "preload_threads": 2}},
+    "raycache": {{"name": {name!r}, "chunk_size": 16}},
+}}
+ds = CachedDataset(provider, config)
+out_r, out_w = os.pipe()
+pid = os.fork()
+if pid == 0:  # reserve the top of what the preload has not reached, then die unread
+    os.close(out_r)
+    held = ds.cache.miss_reads.being_preloaded(np.arange(64, n, dtype=np.int64))
+    os.write(out_w, str(int((~held).sum())).encode())
+    os._exit(0)
+os.close(out_w)
+assert select.select([out_r], [], [], 45)[0], "the child did not reserve"
+reserved = int(os.read(out_r, 64))
+os.waitpid(pid, 0)
+died = time.monotonic()
+assert ds.cache.wait_for_preload(timeout=60)
+after = time.monotonic() - died
+print(json.dumps({{"reserved": reserved, "after": after, "cached": ds.cache.stats()["items"]}}))
+ds.cache.close()
+raycache.drop_cache({name!r})
+"""
+
+
+def test_what_a_dead_child_reserved_is_given_back_to_the_preload(ray_address, tmp_path):
+    log_path = tmp_path / "reads.log"
+    script = SCRIPT_HEAD + _DIES.format(log=str(log_path), name=f"fork-dies-{tmp_path.name[-8:]}")
+    out = json.loads(run_python(script, ray_address, timeout=90).strip().splitlines()[-1])
+    assert out["reserved"] > 0, out  # the child's misses were reserved for it, by its parent
+    reads = _reads(log_path)
+    assert sorted(reads) == list(range(192)) and max(reads.values()) == 1, reads
+    # Given back when the child's socket closed: the preload read them at once, without
+    # waiting for the reservations' lease (5 s and more) to run out.
+    assert out["after"] < 4.0, out
