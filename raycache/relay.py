@@ -12,8 +12,9 @@ hands the items to the client, which buffers and sends them as its own inserts. 
 has one writer, so messages never interleave; a child that dies mid-message leaves a
 truncated message, which the parent drops with the pipe.
 
-The children do not see what the parent inserts after they were forked (they make no
-Ray call to learn of new chunks): a DataLoader's workers forked for the next epoch do.
+The children map no chunk stored after they were forked (they make no Ray call to learn
+of new chunks); they ask their parent for such items instead (``raycache.client.fork_reads``),
+and a DataLoader's workers forked for the next epoch map them.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import numpy as np
 import ray
 
 from raycache.chunk import Chunk, flatten_checked, flatten_item
+from raycache.client.fork_reads import ForkReads
 from raycache.client.forking import ForkSide, forget, register
 from raycache.client.link import LOST, cache_spec, link_to_directory
 from raycache.client.local_map import STALE_S, LocalMap
@@ -122,7 +123,8 @@ class CacheClient:
             counts=self._counter_deltas,
             alone=self._filling_alone,
         )
-        self.waits = PreloadWaits(self._link, self._map, self._buffer)
+        asks = ForkReads(self, self._fork.drain)  # a forked child's misses, asked of its parent
+        self.waits = PreloadWaits(self._link, self._map, self._buffer, asks)
         register(self)
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().close())
@@ -198,9 +200,9 @@ class CacheClient:
             item = self._buffer.item(idx)
             if item is not None:
                 return item
-        if self._refresh(idx, wait, meanwhile):
-            return self._read_mapped(idx, copy)
-        return None
+        if self._link.forked:  # no Ray call here: the parent answers
+            return self.waits.fork_reads.take(idx, wait)
+        return self._read_mapped(idx, copy) if self._refresh(idx, wait, meanwhile) else None
 
     def _read_mapped(self, idx: int, copy: bool) -> Any:
         loc = int(self._map.loc[idx])
@@ -218,7 +220,9 @@ class CacheClient:
         ``wait`` as for ``get``.
         """
         loc = self._map.loc[indices]
-        if (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
+        if self._link.forked and (loc < 0).any():  # one question to the parent per batch
+            self.waits.fork_reads.prefetch(indices[loc < 0], wait)
+        elif (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
             loc = self._map.loc[indices]
         return loc
 
@@ -244,10 +248,7 @@ class CacheClient:
     ) -> bool:
         """After a miss: learn what changed (rate-limited); True if ``idx`` is now cached.
 
-        With ``wait``, an index that a preload unit is being read for is waited for
-        (calling ``meanwhile`` until it returns False, if given). Without, it is not;
-        and while this process fills the cache alone, the client does not wait for the
-        actor's answer either (see ``LocalMap.poll``).
+        ``wait`` and ``meanwhile`` as for ``get`` (filling alone: ``LocalMap.poll``).
         """
         if self._link.dead or self._link.forked:
             return False

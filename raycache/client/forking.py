@@ -7,6 +7,8 @@ every chunk (a forked child reads only what was mapped at the fork, and the pare
 references keep those objects alive); after it, the child's clients stop calling Ray
 and the parent starts reading what the child sends it (``raycache.relay``).
 
+A forked child's misses are asked of the parent (``raycache.client.fork_reads``, over
+``raycache.fork_requests``): items stored since the fork, and preload units to wait for.
 A forked child counts its hits and misses like any client, and sends each count to the
 parent over the same pipe (a message with index ``COUNTS``), so that the parent's
 ``stats()`` includes the reads of its DataLoader workers.

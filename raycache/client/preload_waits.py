@@ -57,10 +57,19 @@ class PreloadWaits:
         The client's map (its units, its version).
     buffer : WriteBuffer
         The client's write buffer (a spare it holds is not read again).
+    fork_reads : ForkReads, optional
+        What a forked child asks its parent instead (``being_preloaded``).
     """
 
-    def __init__(self, link: ActorLink, local_map: LocalMap, buffer: WriteBuffer):
+    def __init__(
+        self,
+        link: ActorLink,
+        local_map: LocalMap,
+        buffer: WriteBuffer,
+        fork_reads: Any = None,
+    ):
         self._link = link
+        self.fork_reads = fork_reads  # a forked child's questions to its parent
         self._map = local_map
         self._buffer = buffer
         self.stalled: set[int] = set()  # units whose preload reader did not end in time
@@ -157,7 +166,7 @@ class PreloadWaits:
         reserved for this process, which reads them: the preload's units leave them out.
         With ``spares``, a batch that will wait for a unit also gets a block of spare
         items to read meanwhile (``spare_index``). A forked child, which makes no Ray
-        call, goes by the units it knew of at the fork.
+        call, asks its parent, which reserves them (``raycache.client.fork_reads``).
 
         Parameters
         ----------
@@ -171,6 +180,8 @@ class PreloadWaits:
         numpy.ndarray
             A bool per index: wait for it (True) or read it (False).
         """
+        if self._link.forked and self.fork_reads is not None:
+            return self.fork_reads.being_preloaded(indices, self._map.preloading)
         if self._map.preloading and self._link.usable():
             block = SPARE_BLOCK if spares and not self._spare_block else 0
             held, picked = self._reserve(indices, block)
