@@ -13,11 +13,13 @@ two reads per thread left to start), so its threads go straight on while the fin
 unit is packed and sent, and the claimed indices stay free for trainers until then.
 
 The pickled provider reaches a task as an ObjectRef inside a one-item list, which the
-task empties as soon as it has the bytes (``load_boxed_provider``). A ref passed as a
-task's own argument stays borrowed by the task until it ends, and Ray never frees an
-object whose owner (the directory actor) died while a task borrowed it: every actor
-killed during a preload left its provider blob in the object store until Ray stopped.
-A ref inside a list is borrowed only until the task drops it.
+task empties as soon as it has the bytes (``load_boxed_provider``). The raylet pins a
+task's top-level ObjectRef arguments (and arguments large enough to be stored) for as
+long as the task's worker is leased, and when the owner (the directory actor) dies it
+kills that worker without unpinning them (ray-project/ray#64627): each actor killed or
+dropped during a preload left its provider blob in the object store until Ray stopped,
+even under memory pressure. A ref inside a list is no pinned argument; the task
+borrows it only until it drops it.
 
 The read path does one provider read, one flatten-and-check and one copy into the
 unit's columns per item; everything else is per unit.
