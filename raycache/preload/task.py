@@ -40,9 +40,18 @@ from raycache.chunk_builder import ChunkBuilder, ColumnSpares, release_heap
 from raycache.preload.readers import ReaderThreads, UnitReads
 from raycache.provider import load_provider, read_raw
 
-__all__ = ["BLOB_GET_TIMEOUT_S", "load_boxed_provider", "read_units", "read_units_task"]
+__all__ = [
+    "BLOB_GET_TIMEOUT_S",
+    "CLAIM_TIMEOUT_S",
+    "load_boxed_provider",
+    "read_units",
+    "read_units_task",
+]
 
 BLOB_GET_TIMEOUT_S = 120.0  # the blob is in the object store already; this bounds a stall
+# A claim is a short call under the actor's lock; this long only if the actor is stuck.
+# The task then fails, and the run reports the unit it was reading as lost.
+CLAIM_TIMEOUT_S = 300.0
 
 
 def _read_into(provider: Any, idx: int, pos: int, builder: ChunkBuilder) -> str | None:
@@ -241,7 +250,8 @@ def read_units_task(
     provider = load_boxed_provider(provider_key, provider_box)
 
     def claim(done: tuple | None) -> tuple | None:
-        return ray.get(directory.preload_claim.remote(provider_key, done))
+        # A dead actor raises ActorDiedError here: the task ends, yielding no more.
+        return ray.get(directory.preload_claim.remote(provider_key, done), timeout=CLAIM_TIMEOUT_S)
 
     # Ray copies each yielded chunk into the object store before the generator resumes.
     yield from read_units(provider, claim, threads, reuse_columns=True, item_timeout=item_timeout)
