@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raycache.auth_token import before_starting_ray
 from raycache.ray_settings import EMBEDDED_SYSTEM_CONFIG, LOOPBACK_ENV
 
 __all__ = [
@@ -362,6 +363,7 @@ class _Host:
         # Ray replaces a loopback node address by the machine's IP unless told this
         # is not a cluster; then every server it starts binds 127.0.0.1 only.
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        before_starting_ray()  # the token Ray would make with the umask: made 0600 here
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",

@@ -348,9 +348,11 @@ def _start_private(reason: str, log_to_driver: bool = True) -> None:
             "will not share its caches) because the node Ray is unavailable: %s",
             reason,
         )
+    from raycache.auth_token import before_starting_ray
     from raycache.ray_settings import EMBEDDED_SYSTEM_CONFIG
 
     _keep_loopback()
+    before_starting_ray()  # the token Ray would make with the umask: made 0600 here
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",

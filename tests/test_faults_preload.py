@@ -7,13 +7,22 @@ trainer that reads it, naming the index; the end of the run is one summary line,
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import signal
 import time
 
 import fault_helpers
 import pytest
 import ray.cloudpickle
-from fault_helpers import HangsAt, UnsupportedItems, assert_epoch_matches
+from fault_helpers import (
+    HangsAt,
+    UnsupportedItems,
+    actor_pid,
+    assert_epoch_matches,
+    store_objects,
+)
 from providers import ArrayProvider
 
 import raycache
@@ -116,3 +125,26 @@ def test_preload_on_error_stop_hands_out_no_more_units(ray_address, cache_name):
     assert assert_epoch_matches(ds, provider, skip=(3,)) == 1023  # the rest from the provider
     ds.cache.close()
     raycache.drop_cache(cache_name)
+
+
+def test_the_actor_killed_during_a_preload_leaves_nothing_in_the_object_store(
+    ray_address, cache_name
+):
+    before = store_objects()
+    # A read that takes 4 s keeps a preload task running when the actor is killed.
+    provider = HangsAt(256, hang_at=40, hang_s=4.0)
+    ds = CachedDataset(provider, cfg(cache_name))
+    deadline = time.monotonic() + 60
+    while ds.cache.stats()["preload"]["units"] < 2:  # both slots are reading
+        assert time.monotonic() < deadline, "the preload handed out no units"
+        time.sleep(0.05)
+    os.kill(actor_pid(cache_name), signal.SIGKILL)
+    assert assert_epoch_matches(ds, provider) == 256  # from the provider
+    ds.cache.close()
+    del ds
+    gc.collect()  # a closed client's mapped chunks go with its cycle
+    # The tasks end once they find the actor gone; what the actor owned goes with it.
+    deadline = time.monotonic() + 30
+    while (left := store_objects()) > before and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert left <= before, f"{left - before} objects left in the object store"

@@ -247,7 +247,9 @@ class PreloadRun:
 
     def _start_slots(self, count: int) -> list:
         task = read_units_task.options(num_cpus=self.cpus_per_task)
-        args = (self._blob_ref, self.key, self._directory, self.threads_per_task)
+        # The ref travels inside a list, which the task empties once it has the bytes:
+        # a bare ref argument would keep the blob stored after a killed actor (task.py).
+        args = ([self._blob_ref], self.key, self._directory, self.threads_per_task)
         args += (self.item_timeout_s,)
         return [task.remote(*args) for _ in range(count)]
 

@@ -12,6 +12,15 @@ A task claims its next unit and queues its reads while the current unit drains (
 two reads per thread left to start), so its threads go straight on while the finished
 unit is packed and sent, and the claimed indices stay free for trainers until then.
 
+The pickled provider reaches a task as an ObjectRef inside a one-item list, which the
+task empties as soon as it has the bytes (``load_boxed_provider``). The raylet pins a
+task's top-level ObjectRef arguments (and arguments large enough to be stored) for as
+long as the task's worker is leased, and when the owner (the directory actor) dies it
+kills that worker without unpinning them (ray-project/ray#64627): each actor killed or
+dropped during a preload left its provider blob in the object store until Ray stopped,
+even under memory pressure. A ref inside a list is no pinned argument; the task
+borrows it only until it drops it.
+
 The read path does one provider read, one flatten-and-check and one copy into the
 unit's columns per item; everything else is per unit.
 """
@@ -31,7 +40,18 @@ from raycache.chunk_builder import ChunkBuilder, ColumnSpares, release_heap
 from raycache.preload.readers import ReaderThreads, UnitReads
 from raycache.provider import load_provider, read_raw
 
-__all__ = ["read_units", "read_units_task"]
+__all__ = [
+    "BLOB_GET_TIMEOUT_S",
+    "CLAIM_TIMEOUT_S",
+    "load_boxed_provider",
+    "read_units",
+    "read_units_task",
+]
+
+BLOB_GET_TIMEOUT_S = 120.0  # the blob is in the object store already; this bounds a stall
+# A claim is a short call under the actor's lock; this long only if the actor is stuck.
+# The task then fails, and the run reports the unit it was reading as lost.
+CLAIM_TIMEOUT_S = 300.0
 
 
 def _read_into(provider: Any, idx: int, pos: int, builder: ChunkBuilder) -> str | None:
@@ -163,9 +183,44 @@ def read_units(
     release_heap()
 
 
+def load_boxed_provider(provider_key: str, provider_box: list) -> Any:
+    """Load the provider whose pickle ``provider_box`` holds, and let go of the ref at once.
+
+    Parameters
+    ----------
+    provider_key : str
+        Identifies the preload run (see ``raycache.provider.load_provider``).
+    provider_box : list
+        A one-item list holding the ObjectRef of the pickled provider; emptied here, so
+        that the task borrows the ref only while it reads it (see the module docstring).
+
+    Returns
+    -------
+    Any
+        The provider.
+
+    Raises
+    ------
+    ValueError
+        If ``provider_box`` is not a one-item list of an ObjectRef.
+    """
+    if not (isinstance(provider_box, list) and len(provider_box) == 1):
+        raise ValueError(
+            f"provider_box must be a one-item list holding the provider's ObjectRef, "
+            f"got {type(provider_box).__name__} of length {len(provider_box)}; "
+            "pass [ray.put(provider_blob)]"
+        )
+    blob_ref = provider_box.pop()
+    try:
+        provider_blob = ray.get(blob_ref, timeout=BLOB_GET_TIMEOUT_S)
+    finally:
+        del blob_ref  # the borrow ends here, not when the task ends
+    return load_provider(provider_key, provider_blob)
+
+
 @ray.remote(max_retries=0)
 def read_units_task(
-    provider_blob: bytes,
+    provider_box: list,
     provider_key: str,
     directory: Any,
     threads: int,
@@ -175,8 +230,9 @@ def read_units_task(
 
     Parameters
     ----------
-    provider_blob : bytes
-        The pickled provider.
+    provider_box : list
+        ``[ray.put(provider_blob)]``: the pickled provider's ref, in a list so that the
+        task can let go of it (see ``load_boxed_provider``).
     provider_key : str
         Identifies the preload run (see ``raycache.provider.load_provider``).
     directory : ray.actor.ActorHandle
@@ -191,10 +247,11 @@ def read_units_task(
     Chunk or dict
         See ``read_units``. The directory actor owns what is yielded.
     """
-    provider = load_provider(provider_key, provider_blob)
+    provider = load_boxed_provider(provider_key, provider_box)
 
     def claim(done: tuple | None) -> tuple | None:
-        return ray.get(directory.preload_claim.remote(provider_key, done))
+        # A dead actor raises ActorDiedError here: the task ends, yielding no more.
+        return ray.get(directory.preload_claim.remote(provider_key, done), timeout=CLAIM_TIMEOUT_S)
 
     # Ray copies each yielded chunk into the object store before the generator resumes.
     yield from read_units(provider, claim, threads, reuse_columns=True, item_timeout=item_timeout)
