@@ -10,13 +10,27 @@ dict cache's items/s with the pool, 1.03x on one thread).
 
 Whether the pool pays therefore depends on what the rest of the node is doing, now,
 which no setting can know in advance. ``CopyChooser`` decides per process by
-measuring: a few copies each way first, after which the faster way is used (the pool
-only when clearly faster) and the other is measured again now and then, less often
-each time it loses again, so that a node that becomes busy (or quiet) is noticed
-within a few hundred batches at a cost of a few percent of copies at most.
-Load averages and run-queue counts were not used: they count this process's own
-pool threads, which keep spinning for a while after each copy, and they do not see
-CPU quotas (cgroups), while a measured copy sees all of it.
+measuring: a few copies each way first, after which the faster way is used and the
+other is measured again now and then, less often each time it loses again, so that a
+node that becomes busy (or quiet) is noticed within a few hundred batches at a cost of
+a few percent of copies at most.
+
+How much faster the pool must be depends on whether other processes use this
+process's CPUs (``raycache.idle_cpus``, which discounts this process's own threads;
+load averages cannot, as they count the pool's threads spinning after each copy).
+Where others do, or where that cannot be read, the pool must be clearly faster
+(``margin``): its occasional long waits cost several times what it saves. Where
+they leave the pool's threads idle CPUs, it is taken when it is faster at all
+(``quiet_margin``): on 2 cores left to this process the pool copied 3 MiB batches of
+48 KiB rows 1.26x faster than one thread, a per-copy gain the clear-margin rule sat on the
+edge of. Either way the decision rests on measured copies, which also see CPU quotas
+(cgroups) that ``/proc/stat`` does not.
+
+The first pool copy after one-thread copies is not counted: the pool's threads have
+gone to sleep, and waking them made that copy cost 1.6x a copy while the pool is in
+use (0.28 ms vs 0.17 ms for 3 MiB, 2 cores left to this process), which steady
+use never pays. Counted in a burst of four, it made the pool look slower than one
+thread where it was 1.26x faster.
 
 Guarantees: the pool is never chosen when it could oversubscribe what this process
 may use: only when ``torch.get_num_threads()`` is more than one and no more than the
