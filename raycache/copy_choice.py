@@ -10,13 +10,27 @@ dict cache's items/s with the pool, 1.03x on one thread).
 
 Whether the pool pays therefore depends on what the rest of the node is doing, now,
 which no setting can know in advance. ``CopyChooser`` decides per process by
-measuring: a few copies each way first, after which the faster way is used (the pool
-only when clearly faster) and the other is measured again now and then, less often
-each time it loses again, so that a node that becomes busy (or quiet) is noticed
-within a few hundred batches at a cost of a few percent of copies at most.
-Load averages and run-queue counts were not used: they count this process's own
-pool threads, which keep spinning for a while after each copy, and they do not see
-CPU quotas (cgroups), while a measured copy sees all of it.
+measuring: a few copies each way first, after which the faster way is used and the
+other is measured again now and then, less often each time it loses again, so that a
+node that becomes busy (or quiet) is noticed within a few hundred batches at a cost of
+a few percent of copies at most.
+
+How much faster the pool must be depends on whether other processes use this
+process's CPUs (``raycache.idle_cpus``, which discounts this process's own threads;
+load averages cannot, as they count the pool's threads spinning after each copy).
+Where others do, or where that cannot be read, the pool must be clearly faster
+(``margin``): its occasional long waits cost several times what it saves. Where
+they leave the pool's threads idle CPUs, it is taken when it is faster at all
+(``quiet_margin``): on 2 cores left to this process the pool copied 3 MiB batches of
+48 KiB rows 1.26x faster than one thread, a per-copy gain the clear-margin rule sat on the
+edge of. Either way the decision rests on measured copies, which also see CPU quotas
+(cgroups) that ``/proc/stat`` does not.
+
+The first pool copy after one-thread copies is not counted: the pool's threads have
+gone to sleep, and waking them made that copy cost 1.6x a copy while the pool is in
+use (0.28 ms vs 0.17 ms for 3 MiB, 2 cores left to this process), which steady
+use never pays. Counted in a burst of four, it made the pool look slower than one
+thread where it was 1.26x faster.
 
 Guarantees: the pool is never chosen when it could oversubscribe what this process
 may use: only when ``torch.get_num_threads()`` is more than one and no more than the
@@ -34,6 +48,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from raycache.idle_cpus import OthersLoad
 
 __all__ = ["CHOOSER", "CopyChooser", "allowed_threads", "chosen_copy"]
 
@@ -95,9 +111,15 @@ class CopyChooser:
         Longest interval between two bursts of the way not in use.
     margin : float
         The pool is taken when its seconds per byte are below ``margin`` times one
-        thread's.
+        thread's, where other processes use this process's CPUs.
+    quiet_margin : float
+        The same where they leave the pool's threads idle CPUs.
     threads : callable, optional
         Returns the threads a parallel copy would use (``allowed_threads``).
+    others : callable, optional
+        Returns the CPUs (of this process's affinity) that other processes kept busy
+        lately, or None where unknown (then ``margin`` applies); default
+        ``raycache.idle_cpus.OthersLoad().sample``.
     """
 
     def __init__(
@@ -106,13 +128,18 @@ class CopyChooser:
         recheck: int = 32,
         max_recheck: int = 1024,
         margin: float = 0.8,
+        quiet_margin: float = 1.0,
         threads: Callable[[], int] | None = None,
+        others: Callable[[], float | None] | None = None,
     ):
         self.probes = int(probes)
         self.recheck = int(recheck)
         self.max_recheck = int(max_recheck)
         self.margin = float(margin)
+        self.quiet_margin = float(quiet_margin)
         self._threads = allowed_threads if threads is None else threads
+        self._load = OthersLoad() if others is None else None
+        self._others = self._load.sample if others is None else others
         self._lock = threading.Lock()
         # Test hook: True or False makes every copy take that way, unmeasured.
         self.forced: bool | None = None
@@ -125,12 +152,14 @@ class CopyChooser:
             self.rate: dict[bool, float | None] = {False: None, True: None}
             self.samples = {False: 0, True: 0}
             self.pool = False  # the way in use once both are measured
-            self._pool_started = False
+            self._last_way: bool | None = None
             self._interval = self.recheck
             self._since_check = 0
             self._burst: bool | None = None  # the way being measured in a burst
             self._burst_left = 0
             self._burst_s = self._burst_bytes = 0.0
+            if self._load is not None:
+                self._load.restart()
 
     def parallel(self, nbytes: int) -> bool:
         """Return True if a copy of ``nbytes`` should run on torch's pool now.
@@ -183,9 +212,11 @@ class CopyChooser:
             return
         way = bool(parallel)
         with self._lock:
-            if way and not self._pool_started:
-                # The pool's first copy also starts its threads: not what a copy costs.
-                self._pool_started = True
+            cold = way and self._last_way is not True
+            self._last_way = way
+            if cold:
+                # Wakes (or first starts) the pool's threads: not what its copies cost
+                # while it is in use. A burst of the pool is one copy longer for it.
                 return
             self.samples[way] += 1
             if way == self._burst:
@@ -207,8 +238,9 @@ class CopyChooser:
         """Pick the way in use (lock held) after a burst or a pool copy."""
         if self.rate[True] is None or self.rate[False] is None:
             return
-        if burst_of is True:  # the only time the pool is taken: clearly faster
-            pool = self.rate[True] < self.margin * self.rate[False]
+        if burst_of is True:  # the only time the pool is taken
+            margin = self.quiet_margin if self._idle() else self.margin
+            pool = self.rate[True] < margin * self.rate[False]
         else:  # kept while it is faster at all (no flapping at the margin)
             pool = self.pool and self.rate[True] < self.rate[False]
         if pool != self.pool:
@@ -218,13 +250,22 @@ class CopyChooser:
         elif burst_of is not None and burst_of != pool:
             self._interval = min(self._interval * 2, self.max_recheck)
 
+    def _idle(self) -> bool:
+        """Return True if other processes leave the pool's threads idle CPUs."""
+        others = self._others()
+        if others is None:
+            return False
+        # A quarter of a CPU of slack: Ray's own processes and the kernel's threads.
+        return others <= _affinity_cpus() - self._threads() + 0.25
+
     def snapshot(self) -> dict:
         """Return what it has measured: samples and seconds per MiB of each way.
 
         Returns
         -------
         dict
-            ``{"one_thread": {...}, "pool": {...}, "threads": int, "in_use": str}``.
+            ``{"one_thread": {...}, "pool": {...}, "threads": int, "in_use": str,
+            "others_cpus": float or None}``.
         """
         with self._lock:
 
@@ -238,6 +279,7 @@ class CopyChooser:
                 "pool": way(True),
                 "threads": self._threads(),
                 "in_use": "pool" if self.pool else "one_thread",
+                "others_cpus": None if self._load is None else self._load.latest,
             }
 
 
