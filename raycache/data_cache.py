@@ -279,8 +279,11 @@ class DataCache(AttachedCache):
             stored from inserts and from the preload), ``clients``, ``preload``
             (state, ``loaded``: items its tasks read, ``reserved``: items trainers
             are reading for it now, seconds), ``preload_errors``
-            (``[{"index", "error"}]``), and ``client`` (this process's hits, misses
-            and buffered items). With ``use_cache`` off: ``length``, zero counts.
+            (``[{"index", "error"}]``), and ``client`` (this process's hits, misses,
+            buffered items, and the mean seconds of its reads and inserts, ``hit_s``,
+            ``miss_s`` and ``cache_insert_s``, None before the first; the tensorboardX
+            scalars of the same names average them per 1,000 calls). With
+            ``use_cache`` off: ``length``, zero counts.
         """
         if not self._use_cache or self._inert:
             return {
@@ -298,5 +301,6 @@ class DataCache(AttachedCache):
             raise CacheUnavailableError(f"cache {self.name!r} is unavailable in this process")
         with ray_errors_as_plain(f"reading the counters of cache {self.name!r}"):
             out = client.stats()
+        out["client"].update(self._metrics.summary())
         out["use_cache"] = True
         return out

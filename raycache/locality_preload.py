@@ -32,10 +32,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from raycache.chunk import Chunk, chunk_rows
 from raycache.locality import LocalityPlan
 from raycache.preload.progress import Progress
-from raycache.preload.task import read_units
+from raycache.preload.task import load_boxed_provider, read_units, unbox
 from raycache.preload.units import PROBE_ITEMS, index_runs
 from raycache.protocol import HELD, READ_IT, STORED
-from raycache.provider import load_provider
 
 __all__ = ["LocalityRun", "NodeUnits", "read_node_task"]
 
@@ -79,9 +78,9 @@ class NodeUnits:
 
 @ray.remote(max_retries=0)
 def read_node_task(
-    provider_blob: bytes,
+    provider_box: list,
     provider_key: str,
-    indices: np.ndarray,
+    indices_box: list,
     threads: int,
     chunk_size: int | None,
     chunk_bytes: int,
@@ -91,12 +90,13 @@ def read_node_task(
 
     Parameters
     ----------
-    provider_blob : bytes
-        The pickled provider.
+    provider_box : list
+        ``[ray.put(provider_blob)]``: the pickled provider's ref, in a list so that the
+        task can let go of it (``raycache.preload.task.load_boxed_provider``).
     provider_key : str
         Identifies the preload run (see ``raycache.provider.load_provider``).
-    indices : numpy.ndarray
-        The node's indices to read.
+    indices_box : list
+        ``[ray.put(indices)]``: the node's indices to read, boxed like the provider.
     threads : int
         Reads in flight at once.
     chunk_size : int or None
@@ -111,8 +111,8 @@ def read_node_task(
     Chunk or dict
         For each unit its chunk, then its summary (see ``read_units``).
     """
-    provider = load_provider(provider_key, provider_blob)
-    units = NodeUnits(indices, chunk_size, chunk_bytes)
+    provider = load_boxed_provider(provider_key, provider_box)
+    units = NodeUnits(unbox(indices_box), chunk_size, chunk_bytes)
     yield from read_units(
         provider, units.claim, threads, reuse_columns=True, item_timeout=item_timeout
     )
@@ -215,7 +215,9 @@ class LocalityRun:
                 num_cpus=float(run["cpus_per_task"]),
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
             )
-            args = (blob, self.key, todo, self.threads_per_task, run["chunk_size"])
+            # Refs inside lists, which the task empties: a bare ref argument (or a large
+            # array, which Ray stores for the call) stays stored if this actor dies.
+            args = ([blob], self.key, [ray.put(todo)], self.threads_per_task, run["chunk_size"])
             slots[task.remote(*args, int(run["chunk_bytes"]), run.get("item_timeout_s"))] = node
         return slots
 

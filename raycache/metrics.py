@@ -60,7 +60,8 @@ class Metrics:
 class ReadMetrics:
     """One process's ``DataCache`` metrics: mean hit, miss and insert times, inserts.
 
-    Until ``open`` is called it records nothing, at the cost of one call per read.
+    The count and total time of each kind of call are kept from the start (``summary``,
+    for ``stats()``); the scalars are written only once ``open`` is called.
 
     Parameters
     ----------
@@ -75,6 +76,7 @@ class ReadMetrics:
         self._interval = interval
         self._writer: Metrics | None = None
         self._samples: dict[str, list[float]] = {"hit": [], "miss": [], "insert": []}
+        self._totals: dict[str, list[float]] = {what: [0, 0.0] for what in self._NAMES}
         self._inserts = 0
         self._insert_bytes = 0
 
@@ -92,13 +94,33 @@ class ReadMetrics:
         start : float
             Its ``time.perf_counter()`` at the start.
         """
+        elapsed = time.perf_counter() - start
+        total = self._totals[what]
+        total[0] += 1
+        total[1] += elapsed
         if self._writer is None:
             return
         samples = self._samples[what]
-        samples.append(time.perf_counter() - start)
+        samples.append(elapsed)
         if len(samples) >= self._interval():
             self._writer.scalar(f"DataCache/{self._NAMES[what]}", sum(samples) / len(samples))
             samples.clear()
+
+    def summary(self) -> dict[str, float | None]:
+        """Return the mean seconds of each kind of call so far, under the scalars' names.
+
+        Returns
+        -------
+        dict
+            ``hit_s``, ``miss_s`` and ``cache_insert_s``: the mean duration of this
+            process's reads that were hits, reads with a miss, and inserts (None before
+            the first of its kind), as ``DataCache/hit_s`` and the others average them.
+        """
+        return {
+            name: (total[1] / total[0] if total[0] else None)
+            for what, name in self._NAMES.items()
+            for total in (self._totals[what],)
+        }
 
     def inserted(self, data: Any) -> None:
         """Count one inserted item; log the count and bytes every ``interval`` inserts."""

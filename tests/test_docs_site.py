@@ -149,6 +149,7 @@ def test_every_scalar_the_code_writes_is_documented():
     for name, entries in rows.items():
         for unit, writer, when, in_stats in entries:
             assert unit and writer and when and in_stats, f"{name}: an empty column"
+            assert "stats()" in in_stats, f"{name}: no stats() figure named for it"
     png = DOCS / "_static" / "metrics.png"
     assert png.stat().st_size > 10_000, "the metrics picture is missing or empty"
     assert "_static/metrics.png" in _read(DOCS / "metrics.md")

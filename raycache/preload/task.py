@@ -183,6 +183,38 @@ def read_units(
     release_heap()
 
 
+def unbox(box: list) -> Any:
+    """Get the object whose ref ``box`` holds, and let go of the ref at once.
+
+    Parameters
+    ----------
+    box : list
+        A one-item list holding an ObjectRef; emptied here, so that the task borrows the
+        ref only while it reads it (see the module docstring).
+
+    Returns
+    -------
+    Any
+        The object.
+
+    Raises
+    ------
+    ValueError
+        If ``box`` is not a one-item list of an ObjectRef.
+    """
+    if not (isinstance(box, list) and len(box) == 1 and isinstance(box[0], ray.ObjectRef)):
+        size = len(box) if isinstance(box, list) else "-"
+        raise ValueError(
+            f"expected a one-item list holding an ObjectRef, got {type(box).__name__} "
+            f"(length {size}); pass [ray.put(value)]"
+        )
+    ref = box.pop()
+    try:
+        return ray.get(ref, timeout=BLOB_GET_TIMEOUT_S)
+    finally:
+        del ref  # the borrow ends here, not when the task ends
+
+
 def load_boxed_provider(provider_key: str, provider_box: list) -> Any:
     """Load the provider whose pickle ``provider_box`` holds, and let go of the ref at once.
 
@@ -191,8 +223,7 @@ def load_boxed_provider(provider_key: str, provider_box: list) -> Any:
     provider_key : str
         Identifies the preload run (see ``raycache.provider.load_provider``).
     provider_box : list
-        A one-item list holding the ObjectRef of the pickled provider; emptied here, so
-        that the task borrows the ref only while it reads it (see the module docstring).
+        ``[ray.put(provider_blob)]`` (see ``unbox``).
 
     Returns
     -------
@@ -204,18 +235,7 @@ def load_boxed_provider(provider_key: str, provider_box: list) -> Any:
     ValueError
         If ``provider_box`` is not a one-item list of an ObjectRef.
     """
-    if not (isinstance(provider_box, list) and len(provider_box) == 1):
-        raise ValueError(
-            f"provider_box must be a one-item list holding the provider's ObjectRef, "
-            f"got {type(provider_box).__name__} of length {len(provider_box)}; "
-            "pass [ray.put(provider_blob)]"
-        )
-    blob_ref = provider_box.pop()
-    try:
-        provider_blob = ray.get(blob_ref, timeout=BLOB_GET_TIMEOUT_S)
-    finally:
-        del blob_ref  # the borrow ends here, not when the task ends
-    return load_provider(provider_key, provider_blob)
+    return load_provider(provider_key, unbox(provider_box))
 
 
 @ray.remote(max_retries=0)
