@@ -28,6 +28,7 @@ import numpy as np
 import ray
 
 from raycache.preload.failures import FailureLog
+from raycache.preload.profile import RunProfile
 from raycache.preload.progress import Progress
 from raycache.preload.task import read_units_task
 from raycache.preload.units import MIN_UNIT_ITEMS, UnitScheduler
@@ -128,6 +129,7 @@ class PreloadRun:
         self._add_chunk = add_chunk
         self._on_progress = on_progress
         self.progress = Progress()
+        self.profile = RunProfile()
         self.failures = FailureLog(self.progress.errors)  # logs a few, then one summary
         self.done_event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycache-preload", daemon=True)
@@ -217,8 +219,9 @@ class PreloadRun:
         dict
             ``Progress.status``'s keys (``state``, ``items``, ``loaded``, ``bytes``,
             ``items_per_s``, ``eta_s``, ``errors``, ``error_count``, ``seconds``) and
-            ``tasks``, ``threads_per_task``, ``units`` (handed out so far) and
-            ``reserved`` (live trainer leases; 0 once the run has ended).
+            ``tasks``, ``threads_per_task``, ``units`` (handed out so far),
+            ``reserved`` (live trainer leases; 0 once the run has ended) and
+            ``profile`` (where the time went, ``RunProfile.report``).
         """
         running = self.progress.finished is None
         status = self.progress.status(self.scheduler.items_left())
@@ -227,6 +230,7 @@ class PreloadRun:
             threads_per_task=self.threads_per_task,
             units=self.scheduler.units,
             reserved=self.scheduler.policy.leases.live_count() if running else 0,
+            profile=self.profile.report(),
         )
         return status
 
@@ -308,6 +312,7 @@ class PreloadRun:
             chunk_ref = next(slot)
         except StopIteration:
             return False
+        began = time.monotonic()
         try:
             summary = ray.get(next(slot))
         except Exception as exc:  # the task died (worker crash, out of memory, cancelled)
@@ -317,6 +322,8 @@ class PreloadRun:
         if not self._finish(chunk_ref, summary):
             self.stop()  # the budget is full, or a read failed: hand out no more units
         self.scheduler.registered(summary["unit"])
+        stored = len(summary["indices"])
+        self.profile.unit(summary.get("times"), stored, time.monotonic() - began)
         return True
 
     def _lost_unit(self, todo: np.ndarray, detail: str) -> None:

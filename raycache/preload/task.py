@@ -10,7 +10,9 @@ in flight (an I/O-bound provider needs many).
 
 A task claims its next unit and queues its reads while the current unit drains (about
 two reads per thread left to start), so its threads go straight on while the finished
-unit is packed and sent, and the claimed indices stay free for trainers until then.
+unit is packed and sent, and the claimed indices stay free for trainers until then. When
+the units queued behind are draining too by the time a chunk is packed (sending it into
+fresh store pages can outlast a unit's reads), one more is claimed before the send.
 
 The pickled provider reaches a task as an ObjectRef inside a one-item list, which the
 task empties as soon as it has the bytes (``load_boxed_provider``). The raylet pins a
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +40,7 @@ import ray
 
 from raycache.chunk import Chunk, flatten_checked
 from raycache.chunk_builder import ChunkBuilder, ColumnSpares, release_heap
+from raycache.preload.profile import UnitTimes
 from raycache.preload.readers import ReaderThreads, UnitReads
 from raycache.provider import load_provider, read_raw
 
@@ -89,19 +93,51 @@ def _build_chunk(unit: UnitReads, start: float) -> tuple[Chunk, dict]:
 
 
 class _UnitQueue:
-    """Turns what ``claim`` hands out into units queued on the reader threads."""
+    """Turns what ``claim`` hands out into units queued on the reader threads.
 
-    def __init__(self, readers: ReaderThreads, spares: ColumnSpares | None):
+    ``ahead`` holds the units queued behind the one the slot finishes next. One more is
+    claimed only when the last of them drains (``top_up``), so a slot holds the indices
+    of a unit no earlier than its threads are about to need them.
+    """
+
+    def __init__(
+        self,
+        readers: ReaderThreads,
+        spares: ColumnSpares | None,
+        claim: Callable[[tuple | None], tuple | None],
+        times: UnitTimes,
+    ):
         self._readers = readers
         self._spares = spares
+        self._claim = claim
+        self._times = times
+        self.ahead: deque[UnitReads] = deque()
+        self._exhausted = False
 
-    def queue(self, claimed: tuple | None) -> UnitReads | None:
+    def claim_next(self, done: tuple | None) -> None:
+        """Claim a unit and queue its reads; nothing once ``claim`` said none is left."""
+        if self._exhausted:
+            return
+        began = time.monotonic()
+        claimed = self._claim(done)
+        self._times.add("claim_s", began)
         if claimed is None:
-            return None
+            self._exhausted = True
+            return
         key, indices = claimed
         indices = np.asarray(indices, dtype=np.int64)
         builder = ChunkBuilder(len(indices), self._spares)
-        return self._readers.queue(UnitReads(key, indices.tolist(), builder))
+        self.ahead.append(self._readers.queue(UnitReads(key, indices.tolist(), builder)))
+
+    def top_up(self, current: UnitReads, done: tuple | None) -> None:
+        """Claim one more unit if the last one queued (or ``current``) is draining."""
+        last = self.ahead[-1] if self.ahead else current
+        if last.draining.is_set():
+            self.claim_next(done)
+
+    def take(self) -> UnitReads | None:
+        """Return the next unit to finish, if any."""
+        return self.ahead.popleft() if self.ahead else None
 
 
 def _stream_units(
@@ -109,29 +145,42 @@ def _stream_units(
     claim: Callable[[tuple | None], tuple | None],
     spares: ColumnSpares | None,
     item_timeout: float | None,
+    times: UnitTimes,
 ) -> Iterator[Chunk | dict]:
     """Claim units, queue their reads and yield each finished chunk and its summary."""
-    units = _UnitQueue(readers, spares)
-    current = units.queue(claim(None))
+    units = _UnitQueue(readers, spares, claim, times)
+    units.claim_next(None)
+    current = units.take()
     done = None  # (rows, nbytes, seconds) of the last unit finished
-    began = time.monotonic()
+    began = now = time.monotonic()
     while current is not None:
         # The next unit is claimed when the current one drains: late enough that the
         # indices it takes stay free for trainers until then, early enough that the
         # claim's round trip ends before the threads run out of reads.
         readers.wait(current.draining, item_timeout)
-        upcoming = units.queue(claim(done))
+        now = times.add("wait_s", now)
+        units.top_up(current, done)
+        now = time.monotonic()
         readers.wait(current.done, item_timeout)
+        now = times.add("wait_s", now)
         chunk, summary = _build_chunk(current, began)
-        began = time.monotonic()  # the next unit's reads run from here on
+        began = now = times.add("build_s", now)  # the next unit's reads run from here on
         done = (len(summary["indices"]), summary["nbytes"], summary["seconds"])
+        # Sending the chunk can outlast the reads queued behind it (a copy into fresh
+        # store pages): if they drain meanwhile, the threads would idle until the claim
+        # after the send came back. Claim the unit after them now instead.
+        units.top_up(current, done)
+        now = time.monotonic()
         yield chunk  # Ray has copied the chunk into the object store when this returns
         del chunk
         # A read given up on may still write its row later: its columns are not reused.
         if spares is not None and not current.timed_out:
             spares.give(current.builder.buffers)
+        now = times.add("put_s", now)
+        summary["times"] = times.take()
         yield summary
-        current = upcoming
+        now = time.monotonic()  # the actor's reading of the summary is not the slot's
+        current = units.take()
 
 
 def read_units(
@@ -140,6 +189,7 @@ def read_units(
     threads: int,
     reuse_columns: bool = False,
     item_timeout: float | None = None,
+    began: float | None = None,
 ) -> Iterator[Chunk | dict]:
     """Read the units ``claim`` hands out, yielding a chunk and its summary for each.
 
@@ -161,13 +211,16 @@ def read_units(
         for the next value, as Ray does with what a generator task yields.
     item_timeout : float, optional
         Seconds a read may take before the unit goes on without it; None: no limit.
+    began : float, optional
+        ``time.time()`` when the slot's task started; sent with the first unit's times.
 
     Yields
     ------
     Chunk or dict
         For each unit, its chunk, then its summary ``{"unit", "indices", "nbytes",
-        "errors", "seconds"}`` (``unit``: its key), which the directory actor reads
-        without the chunk.
+        "errors", "seconds", "times"}`` (``unit``: its key; ``times``: where the slot's
+        time went since the last summary, ``raycache.preload.profile.UnitTimes``),
+        which the directory actor reads without the chunk.
     """
     spares = ColumnSpares() if reuse_columns else None
 
@@ -175,7 +228,8 @@ def read_units(
         return _read_into(provider, unit.indices[pos], pos, unit.builder)
 
     with ReaderThreads(read, threads) as readers:
-        yield from _stream_units(readers, claim, spares, item_timeout)
+        times = UnitTimes(began=began)
+        yield from _stream_units(readers, claim, spares, item_timeout, times)
     # Reader threads allocated the items in their own malloc arenas, whose freed pages
     # glibc keeps resident: give them back, and the spare columns, once the slot is done.
     if spares is not None:
@@ -267,6 +321,7 @@ def read_units_task(
     Chunk or dict
         See ``read_units``. The directory actor owns what is yielded.
     """
+    began = time.time()  # the run's profile: how long the task took to start
     provider = load_boxed_provider(provider_key, provider_box)
 
     def claim(done: tuple | None) -> tuple | None:
@@ -274,4 +329,6 @@ def read_units_task(
         return ray.get(directory.preload_claim.remote(provider_key, done), timeout=CLAIM_TIMEOUT_S)
 
     # Ray copies each yielded chunk into the object store before the generator resumes.
-    yield from read_units(provider, claim, threads, reuse_columns=True, item_timeout=item_timeout)
+    yield from read_units(
+        provider, claim, threads, reuse_columns=True, item_timeout=item_timeout, began=began
+    )
