@@ -27,6 +27,7 @@ import numpy as np
 import ray
 
 from raycache.chunk import Chunk, flatten_checked, flatten_item
+from raycache.client.batch_put import put_batch
 from raycache.client.fork_reads import ForkReads
 from raycache.client.forking import ForkSide, forget, register
 from raycache.client.link import LOST, cache_spec, link_to_directory
@@ -286,6 +287,14 @@ class CacheClient:
         leaves: list = []
         template = flatten_checked(item, leaves)  # a bad item fails here
         self._buffer_item(idx, item, (template, leaves))
+
+    def put_many(self, indices: list[int], items: list) -> None:
+        """Buffer items as ``put`` does each, one copy per field (``batch_put``)."""
+        if self._link.forked:
+            for idx, item in zip(indices, items):
+                self._fork.send_from_child(idx, item)
+            return
+        put_batch(self._buffer, self._map.loc, indices, items, self._link.dead or self.closed)
 
     def _buffer_item(self, idx: int, item: Any, flat: tuple | None = None) -> None:
         """Buffer a validated item (parent side); also what forked children send.
