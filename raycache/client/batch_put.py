@@ -18,7 +18,7 @@ cached or buffered keeps its first value (within a batch too).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,7 +132,12 @@ def flatten_batch(
 
 
 def put_batch(
-    buffer: Any, loc: np.ndarray, indices: Sequence[int], items: Sequence[Any], skip: bool
+    buffer: Any,
+    loc: np.ndarray,
+    indices: Sequence[int],
+    items: Sequence[Any],
+    skip: bool,
+    send: Callable[[int, Any], None] | None = None,
 ) -> None:
     """Validate items and buffer those not cached yet (``CacheClient.put_many``).
 
@@ -148,6 +153,9 @@ def put_batch(
         The items, in the same order.
     skip : bool
         Validate only (the client is closed or its actor is gone).
+    send : Callable[[int, Any], None], optional
+        In a forked child: hands each item to the parent as it is (the parent
+        validates and buffers it), instead of buffering here.
 
     Raises
     ------
@@ -155,6 +163,10 @@ def put_batch(
         For the first item holding a value raycache does not cache, naming its index
         and field path; the items before it are buffered.
     """
+    if send is not None:
+        for idx, item in zip(indices, items):
+            send(idx, item)
+        return
     flats, uniform, error = flatten_batch(indices, items)
     if not skip and flats:
         idx = np.asarray(indices[: len(flats)], dtype=np.int64)

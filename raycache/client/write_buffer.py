@@ -132,12 +132,11 @@ class WriteBuffer:
         The line to the directory actor.
     local_map : LocalMap
         The map, which each insert's reply brings up to date.
-    chunk_size : int or None
-        The cache's ``chunk_size`` setting.
-    chunk_bytes : int
-        The cache's ``chunk_bytes`` setting.
-    flush_interval_s : float
-        Longest an item waits before it is sent, unless filling alone.
+    settings : Any
+        The cache's settings (its ``chunk_size`` and ``chunk_bytes``).
+    config : CacheConfig
+        This process's settings: ``flush_interval_s``, the longest an item waits
+        before it is sent, unless filling alone.
     counts : Callable[[], tuple[int, int]]
         Returns the hits and misses to report with a heartbeat.
     alone : Callable[[], bool]
@@ -148,17 +147,14 @@ class WriteBuffer:
         self,
         link: ActorLink,
         local_map: LocalMap,
-        chunk_size: int | None,
-        chunk_bytes: int,
-        flush_interval_s: float,
+        settings: Any,
+        config: Any,
         counts: Callable[[], tuple[int, int]],
         alone: Callable[[], bool],
     ):
-        self._link = link
-        self._map = local_map
-        self._chunk_size = chunk_size
-        self._chunk_bytes = chunk_bytes
-        self._interval = flush_interval_s
+        self._link, self._map = link, local_map
+        self._chunk_size, self._chunk_bytes = settings.chunk_size, settings.chunk_bytes
+        self._interval = config.flush_interval_s
         self._counts, self._alone = counts, alone
         self.spares = ColumnSpares()
         self.last_put = -WRITE_IDLE_S  # when an item was last buffered
