@@ -229,6 +229,51 @@ class ChunkBuilder:
         self._others[pos] = others
         return nbytes
 
+    def add_rows(self, pos: int, items: list, flats: list) -> int:
+        """Copy validated items of one layout into rows ``pos, pos + 1, ...``.
+
+        The items share the first one's template, leaf types, and array dtypes and
+        shapes (see ``client.batch_put.flatten_batch``): each array field is copied
+        with one ``np.stack`` into its column. Items that do not fit the chunk's
+        layout are added one by one, as ``add`` does.
+
+        Parameters
+        ----------
+        pos : int
+            The first item's row; each row is added at most once.
+        items : list
+            The items.
+        flats : list
+            Each item's ``(template, leaves)``.
+
+        Returns
+        -------
+        int
+            Their size (see ``chunk.leaves_nbytes``).
+        """
+        template, first = flats[0]
+        if self._slots is None:
+            with self._lock:
+                if self._slots is None:
+                    self._plan(template, first)
+        fits = template == self._template and self._matching_arrays(template, first) is not None
+        if not fits:
+            pairs = enumerate(zip(items, flats))
+            return sum(self.add(pos + k, item, flat) for k, (item, flat) in pairs)
+        count = len(flats)
+        kept = []  # positions of the leaves kept per row
+        for j, slot in enumerate(self._slots):
+            if slot is None:
+                kept.append(j)
+                continue
+            rows = [flat[1][j] for flat in flats]
+            if slot[2]:
+                rows = [row.detach().numpy() for row in rows]
+            np.stack(rows, out=slot[3][pos : pos + count])
+        for k, (_, leaves) in enumerate(flats):
+            self._others[pos + k] = [leaves[j] for j in kept]
+        return leaves_nbytes(first) * count
+
     def _matching_arrays(self, template: Any, leaves: list) -> list | None:
         """Return each leaf's array (None for other leaves), or None if it does not fit.
 

@@ -114,9 +114,7 @@ class CachedDataset(torch.utils.data.Dataset):
         # a preload task holds is waited for (reading spares meanwhile), then read here
         # if its unit failed.
         misses = list(zip(missing, wanted.tolist(), held.tolist()))
-        for p, idx, waits in misses:
-            if not waits:
-                items[p] = self._read_and_insert(idx)
+        self._read_batch(items, [(p, idx) for p, idx, waits in misses if not waits])
         for p, idx, waits in misses:
             if waits:
                 item = self._misses.await_preloaded(idx, self._read_spare)
@@ -158,7 +156,30 @@ class CachedDataset(torch.utils.data.Dataset):
             self._read_cpu_s <= SPARE_READ_CPU_SHARE * self._read_wall_s
         )
 
+    def _read_batch(self, items: list, wanted: list[tuple[int, int]]) -> None:
+        """Read ``(position, index)`` misses into ``items``; insert them as one batch.
+
+        One insert per batch copies each field once (``DataCache.insert_many``). A read
+        that fails raises once the items read before it are inserted.
+        """
+        done: list[int] = []
+        try:
+            for p, idx in wanted:
+                items[p] = self._read(idx)
+                done.append(p)
+        except BaseException:
+            read = wanted[: len(done)]
+            self.cache.insert_many([idx for _, idx in read], [items[p] for p in done])
+            raise
+        self.cache.insert_many([idx for _, idx in wanted], [items[p] for p, _ in wanted])
+
     def _read_and_insert(self, idx: int) -> Any:
+        item = self._read(idx)
+        self.cache.insert_into_cache(idx, item)
+        return item
+
+    def _read(self, idx: int) -> Any:
+        """Read item ``idx`` from the provider (a miss reserved for this process)."""
         self._reads += 1
         timed = self._reads <= READ_SAMPLE or self._reads % READ_SAMPLE == 0
         if timed:
@@ -171,7 +192,6 @@ class CachedDataset(torch.utils.data.Dataset):
         if timed:
             self._read_cpu_s += time.thread_time() - cpu
             self._read_wall_s += time.perf_counter() - wall
-        self.cache.insert_into_cache(idx, item)
         return item
 
     @staticmethod

@@ -27,6 +27,7 @@ import numpy as np
 import ray
 
 from raycache.chunk import Chunk, flatten_checked, flatten_item
+from raycache.client.batch_put import put_batch
 from raycache.client.fork_reads import ForkReads
 from raycache.client.forking import ForkSide, forget, register
 from raycache.client.link import LOST, cache_spec, link_to_directory
@@ -115,13 +116,7 @@ class CacheClient:
         self._map = LocalMap(self._link, length, self._fork.pins, self._counter_deltas)
         self._map.sync(force=True)
         self._buffer = WriteBuffer(
-            self._link,
-            self._map,
-            self.settings.chunk_size,
-            self.settings.chunk_bytes,
-            config.flush_interval_s,
-            counts=self._counter_deltas,
-            alone=self._filling_alone,
+            self._link, self._map, self.settings, config, self._counter_deltas, self._filling_alone
         )
         asks = ForkReads(self, self._fork.drain)  # a forked child's misses, asked of its parent
         self.waits = PreloadWaits(self._link, self._map, self._buffer, asks)
@@ -286,6 +281,11 @@ class CacheClient:
         leaves: list = []
         template = flatten_checked(item, leaves)  # a bad item fails here
         self._buffer_item(idx, item, (template, leaves))
+
+    def put_many(self, indices: list[int], items: list) -> None:
+        """Buffer items as ``put`` does each, one copy per field (``batch_put``)."""
+        send = self._fork.send_from_child if self._link.forked else None  # to the parent
+        put_batch(self._buffer, self._map.loc, indices, items, self._link.dead or self.closed, send)
 
     def _buffer_item(self, idx: int, item: Any, flat: tuple | None = None) -> None:
         """Buffer a validated item (parent side); also what forked children send.

@@ -95,6 +95,24 @@ class Segment:
         self.nbytes += nbytes
         return nbytes
 
+    def room(self, item_bytes: int) -> int:
+        """Return how many more items of ``item_bytes`` it takes (at least 1 unless full)."""
+        rows = self.builder.capacity - len(self.rows)
+        # As ``add``: items are taken while fewer than ``max_bytes`` are held.
+        by_bytes = -(-(self.max_bytes - self.nbytes) // max(1, item_bytes))
+        return max(0, min(rows, by_bytes))
+
+    def add_many(self, indices: list, items: list, flats: list) -> int:
+        """Copy validated items of one layout into the next rows; return their bytes.
+
+        ``flats`` as for ``ChunkBuilder.add_rows``; at most ``room`` items.
+        """
+        row = len(self.rows)
+        nbytes = self.builder.add_rows(row, items, flats)
+        self.rows.update(zip(indices, range(row, row + len(indices))))
+        self.nbytes += nbytes
+        return nbytes
+
     def item(self, idx: int) -> Any:
         """Return a private copy of the item buffered for ``idx``."""
         return copy_item(self.builder.row(self.rows[idx]))
@@ -114,12 +132,11 @@ class WriteBuffer:
         The line to the directory actor.
     local_map : LocalMap
         The map, which each insert's reply brings up to date.
-    chunk_size : int or None
-        The cache's ``chunk_size`` setting.
-    chunk_bytes : int
-        The cache's ``chunk_bytes`` setting.
-    flush_interval_s : float
-        Longest an item waits before it is sent, unless filling alone.
+    settings : Any
+        The cache's settings (its ``chunk_size`` and ``chunk_bytes``).
+    config : CacheConfig
+        This process's settings: ``flush_interval_s``, the longest an item waits
+        before it is sent, unless filling alone.
     counts : Callable[[], tuple[int, int]]
         Returns the hits and misses to report with a heartbeat.
     alone : Callable[[], bool]
@@ -130,17 +147,14 @@ class WriteBuffer:
         self,
         link: ActorLink,
         local_map: LocalMap,
-        chunk_size: int | None,
-        chunk_bytes: int,
-        flush_interval_s: float,
+        settings: Any,
+        config: Any,
         counts: Callable[[], tuple[int, int]],
         alone: Callable[[], bool],
     ):
-        self._link = link
-        self._map = local_map
-        self._chunk_size = chunk_size
-        self._chunk_bytes = chunk_bytes
-        self._interval = flush_interval_s
+        self._link, self._map = link, local_map
+        self._chunk_size, self._chunk_bytes = settings.chunk_size, settings.chunk_bytes
+        self._interval = config.flush_interval_s
         self._counts, self._alone = counts, alone
         self.spares = ColumnSpares()
         self.last_put = -WRITE_IDLE_S  # when an item was last buffered
@@ -200,6 +214,46 @@ class WriteBuffer:
             # (filling alone, 8 MiB buffered is not a reason to send).
             crossed = self._pending_bytes >= FLUSH_BYTES > self._pending_bytes - nbytes
             if crossed or segment.full():
+                self._cond.notify_all()
+
+    def add_many(self, indices: list, items: list, flats: list, uniform: bool) -> None:
+        """Copy validated items into the next batches' chunks, one copy per field.
+
+        As ``add`` for each item (an index buffered already, or earlier in the batch,
+        keeps its first value). ``uniform``: the items share one layout (see
+        ``client.batch_put.flatten_batch``); else they are added one by one.
+        """
+        if not uniform:
+            for idx, item, flat in zip(indices, items, flats):
+                self.add(idx, item, flat)
+            return
+        self.last_put = time.monotonic()
+        item_bytes = leaves_nbytes(flats[0][1])
+        with self._cond:
+            first: dict[int, int] = {}  # index -> its first position in the batch
+            for k, i in enumerate(indices):
+                if i not in self._pending:
+                    first.setdefault(i, k)
+            keep = list(first.values())
+            if not keep:
+                return
+            wake = not self._pending
+            if wake:
+                self._first_pending = time.monotonic()
+            while keep:
+                if not self._segments or self._segments[-1].full():
+                    rows = chunk_rows(self._chunk_size, self._chunk_bytes, item_bytes)
+                    self._segments.append(Segment(rows, self._chunk_bytes, self.spares))
+                segment = self._segments[-1]
+                room = segment.room(item_bytes)
+                part, keep = keep[:room], keep[room:]
+                taken = [indices[k] for k in part]
+                nbytes = segment.add_many(taken, [items[k] for k in part], [flats[k] for k in part])
+                self._pending.update(dict.fromkeys(taken, segment))
+                self._pending_bytes += nbytes
+                crossed = self._pending_bytes >= FLUSH_BYTES > self._pending_bytes - nbytes
+                wake = wake or crossed or segment.full()
+            if wake:
                 self._cond.notify_all()
 
     def flush(self, timeout: float) -> bool:
