@@ -231,8 +231,10 @@ def fill(args: argparse.Namespace, kind: str, provider: Provider) -> list[Row]:
         "no cache": lambda: _first_epoch_nocache(provider),
     }
     samples, _ = _first_epoch_samples(runs, args.first_rounds)
-    # The target is a time ratio <= 1.15, i.e. a speed ratio >= 1/1.15.
-    target = 1 / 1.15 if kind != "memory" else None
+    # Targets as time ratios: <= 1.1x the epoch without a cache for a provider with a
+    # cost of its own, <= 2x for one that costs nothing (then the cache's own copies are
+    # all there is to measure); as speed ratios, >= 1/1.1 and >= 0.5.
+    target = 1 / 1.1 if kind != "memory" else 0.5
     checks = {"raycache fill on miss": {"no cache": target}}
     notes = {"raycache fill on miss": "includes the final flush"}
     return compare(scenario, samples, "s", checks, notes)

@@ -285,7 +285,7 @@ def read_partial(client: Any, idx: np.ndarray, loc: np.ndarray, copy: bool, wait
     """Read a batch that is not all cached and mapped: the items, None for each miss.
 
     Rows of chunks that cannot be mapped count as misses; a miss is looked up once
-    more (``CacheClient.get``): it may be buffered in this process, or just arrived.
+    more (``CacheClient.get``): it may be buffered in this process, or just mapped.
 
     Parameters
     ----------
@@ -318,6 +318,8 @@ def read_partial(client: Any, idx: np.ndarray, loc: np.ndarray, copy: bool, wait
     cid_list = cid_of.tolist()
     for p in np.flatnonzero(hit).tolist():
         out[p] = chunks[cid_list[p]].row(row_of[p], copy)
+    # ``locate`` asked about the misses once for the batch: without ``wait`` a miss is
+    # only looked up here (mapped since, or buffered by this process), not asked again.
     for p in np.flatnonzero(~hit).tolist():
-        out[p] = client.get(int(idx[p]), copy, wait)
+        out[p] = client.get(int(idx[p]), copy, wait, refresh=False)
     return out

@@ -18,7 +18,7 @@ import torch.utils.data
 
 from raycache.data_cache import DataCache
 from raycache.gathered import GatheredBatch, collate
-from raycache.provider import read_raw
+from raycache.provider import read_raw, read_raw_many
 
 __all__ = ["CachedDataset"]
 
@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 # preload's tasks (docs/design.md, "Spare reads": spare reads sped up a first epoch of
 # sleeping reads and slowed one of computing reads).
 SPARE_READ_CPU_SHARE = 0.5
-# ``time.thread_time`` is a system call (~3-7 us here), a tenth of a cheap read's cost:
-# the CPU share of reads is sampled, the first reads and then one in READ_SAMPLE.
+# ``time.thread_time`` is a system call: ~0.3 us alone, but 30-100 us on average (and
+# up to 13 ms, the thread preempted) in a trainer that fills the cache on a busy node,
+# as much as a batch of cheap reads. The CPU share of reads is therefore sampled: the
+# first READ_SAMPLE reads or batches, then one in READ_SAMPLE.
 READ_SAMPLE = 16
 
 
@@ -59,7 +61,8 @@ class CachedDataset(torch.utils.data.Dataset):
         self.provider = provider
         self._read_cpu_s = 0.0  # CPU and wall seconds of this process's provider reads
         self._read_wall_s = 0.0
-        self._reads = 0  # provider reads, of which the first and every READ_SAMPLE-th are timed
+        self._reads = 0  # provider reads one by one, and batches of reads: the first
+        self._batches = 0  # and then every READ_SAMPLE-th of each are timed
         self._spare_failed = False  # a spare read failed: read no more
         self.cache = DataCache(config, provider)
         self._misses = self.cache.miss_reads
@@ -159,19 +162,31 @@ class CachedDataset(torch.utils.data.Dataset):
     def _read_batch(self, items: list, wanted: list[tuple[int, int]]) -> None:
         """Read ``(position, index)`` misses into ``items``; insert them as one batch.
 
-        One insert per batch copies each field once (``DataCache.insert_many``). A read
-        that fails raises once the items read before it are inserted.
+        One insert per batch copies each field once (``DataCache.insert_many``), and
+        the batch's reads are timed together (see ``_spares_wanted``). A read that
+        fails raises once the items read before it are inserted; the failed index
+        goes back to the preload.
         """
-        done: list[int] = []
+        if not wanted:
+            return
+        indices = [idx for _, idx in wanted]
+        read: list = []
+        self._batches += 1
+        timed = self._batches <= READ_SAMPLE or self._batches % READ_SAMPLE == 0
+        if timed:
+            wall, cpu = time.perf_counter(), time.thread_time()
         try:
-            for p, idx in wanted:
-                items[p] = self._read(idx)
-                done.append(p)
+            read_raw_many(self.provider, indices, read)
         except BaseException:
-            read = wanted[: len(done)]
-            self.cache.insert_many([idx for _, idx in read], [items[p] for p in done])
+            self._misses.release_reserved(indices[len(read)])
             raise
-        self.cache.insert_many([idx for _, idx in wanted], [items[p] for p, _ in wanted])
+        finally:
+            if timed:
+                self._read_cpu_s += time.thread_time() - cpu
+                self._read_wall_s += time.perf_counter() - wall
+            for (p, _), item in zip(wanted, read):
+                items[p] = item
+            self.cache.insert_many(indices[: len(read)], read)
 
     def _read_and_insert(self, idx: int) -> Any:
         item = self._read(idx)

@@ -13,9 +13,11 @@ reads from the provider; a provider unpickled inside a preload task gets inert c
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray.cloudpickle as cloudpickle
@@ -29,6 +31,7 @@ __all__ = [
     "pickle_provider",
     "provider_length",
     "read_raw",
+    "read_raw_many",
     "unpickling_for_task",
 ]
 
@@ -122,6 +125,38 @@ def read_raw(provider: Any, idx: int) -> Any:
             if hasattr(provider, "resolve_data"):
                 return provider.resolve_data(idx)
             return provider[idx]
+        except Exception as exc:  # the provider's own error, with the index it failed on
+            note_provider_index(exc, idx)
+            raise
+
+
+def read_raw_many(provider: Any, indices: Sequence[int], out: list) -> None:
+    """Read items as ``read_raw`` does each, appending them to ``out`` as they are read.
+
+    One bypass and one method lookup for the whole run: a provider whose items cost
+    nothing (in memory, memory-mapped) is read at a few microseconds per item, which
+    a per-item context manager would add to.
+
+    Parameters
+    ----------
+    provider : Any
+        A Hyrax DataProvider (``resolve_data``) or a map-style dataset (``[]``).
+    indices : Sequence[int]
+        The indices, in the order to read them.
+    out : list
+        Receives each item; when a read raises, it holds the items read before it
+        (so ``indices[len(out)]`` is the one that failed).
+    """
+    if hasattr(provider, "resolve_data"):
+        read = provider.resolve_data
+    else:
+        read = functools.partial(operator.getitem, provider)  # provider[idx]
+    append = out.append
+    with _bypass():
+        idx = None
+        try:
+            for idx in indices:
+                append(read(idx))
         except Exception as exc:  # the provider's own error, with the index it failed on
             note_provider_index(exc, idx)
             raise

@@ -172,3 +172,40 @@ def test_a_batch_laid_out_otherwise_than_its_chunk_is_added_item_by_item(ray_add
             assert_same(item, make(i))
     finally:
         ds.cache.close()
+
+
+class HyraxStyleProvider:
+    """A Hyrax DataProvider (``resolve_data``) whose read of one index raises."""
+
+    def __init__(self, n, bad):
+        self.n, self.bad = n, bad
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        raise AssertionError("raycache reads a Hyrax DataProvider with resolve_data")
+
+    def resolve_data(self, i):
+        if i == self.bad:
+            raise OSError(f"cannot open the file of object {i}")
+        return plain_item(i)
+
+
+def test_a_failed_read_in_a_batch_names_its_index_and_keeps_the_items_before(
+    ray_address, cache_name
+):
+    config = {"raycache": {"name": cache_name, "chunk_size": 16}}
+    ds = CachedDataset(HyraxStyleProvider(40, bad=7), config)
+    try:
+        with pytest.raises(OSError, match="object 7") as caught:
+            ds.__getitems__([3, 5, 7, 9])
+        assert "raised by the provider reading index 7" in caught.value.__notes__
+        back = read_back(ds, [3, 5, 7, 9])
+        assert [item is None for item in back] == [False, False, True, True]
+        assert_same(back[0], plain_item(3))
+        assert_same(back[1], plain_item(5))
+        # The batch without the bad index is read and served whole.
+        assert [int(item["label"]) for item in ds.__getitems__([9, 11, 3])] == [9, 11, 3]
+    finally:
+        ds.cache.close()

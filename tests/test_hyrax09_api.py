@@ -306,3 +306,38 @@ def test_forked_workers_read_each_item_once(ray_address, tmp_path, persistent):
         del loader
         provider.cache.disable()
         raycache.drop_cache(name)
+
+
+def test_forked_worker_asks_its_parent_once_per_miss(ray_address, tmp_path, monkeypatch):
+    """A miss in a forked worker is one question to the parent (the Hyrax cache's own).
+
+    The worker reads what was mapped at its fork locally; the raycache client's own
+    question to the parent (``ForkReads.take``) is not asked on top of it.
+    """
+    from raycache.client.fork_reads import ForkReads
+
+    asked = tmp_path / "asked.log"
+    take = ForkReads.take
+
+    def logged_take(self, idx, wait):
+        with open(asked, "a") as f:
+            f.write(f"{idx}\n")
+        return take(self, idx, wait)
+
+    monkeypatch.setattr(ForkReads, "take", logged_take)  # inherited by the forked workers
+    log = tmp_path / "reads.log"
+    provider = HyraxLike(LoggedDataset(32, uuid.uuid4().hex, log))
+    loader = torch.utils.data.DataLoader(
+        provider, batch_size=8, num_workers=2, multiprocessing_context="fork"
+    )
+    name = provider.cache.shared_caches["data"].name
+    try:
+        for _ in range(2):
+            images = torch.cat(list(loader))
+            assert images[:, 0, 0].tolist() == [float(i) for i in range(32)]
+        assert sorted(int(line) for line in log.read_text().split()) == list(range(32))
+        assert not asked.exists(), asked.read_text()
+    finally:
+        del loader
+        provider.cache.disable()
+        raycache.drop_cache(name)

@@ -180,13 +180,16 @@ class CacheClient:
         copy: bool = True,
         wait: bool = True,
         meanwhile: Callable[[], bool] | None = None,
+        refresh: bool = True,
     ) -> Any:
         """Return the cached item ``idx`` or None (idx already validated).
 
         With ``wait``, a miss on an index a preload task is reading waits for its unit
         (see ``PreloadWaits.await_unit``, and ``meanwhile`` there); without, it returns
         None at once, and while this process fills the cache alone it does not wait for
-        the actor's answer either.
+        the actor's answer either. ``refresh=False`` (with ``wait=False``): the caller
+        has just brought the map up to date (``locate``), so a miss is not asked about
+        again.
         """
         item = self._read_mapped(idx, copy)
         if item is not None:
@@ -197,7 +200,17 @@ class CacheClient:
                 return item
         if self._link.forked:  # no Ray call here: the parent answers
             return self.waits.fork_reads.take(idx, wait)
+        if not (refresh or wait):
+            return None
         return self._read_mapped(idx, copy) if self._refresh(idx, wait, meanwhile) else None
+
+    def get_mapped(self, idx: int, copy: bool = True) -> Any:
+        """Return item ``idx`` if this process has it mapped now, else None; asks nobody.
+
+        In a forked worker these are the chunks mapped before the fork (a miss is then
+        for the caller to ask its parent about, once).
+        """
+        return self._read_mapped(idx, copy)
 
     def _read_mapped(self, idx: int, copy: bool) -> Any:
         loc = int(self._map.loc[idx])

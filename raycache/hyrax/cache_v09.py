@@ -209,7 +209,11 @@ class DataCache:
                     return cached, True
         base = self._base_of(friendly_name)
         if self._forked_worker():
-            cached = base.try_fetch(real_idx)  # what was mapped when this worker forked
+            # What was mapped when this worker forked, else one question to the parent
+            # (``base.try_fetch`` would ask it a first time itself).
+            idx, client = base.check_index(real_idx), base.attach()
+            copy = not base.config.zero_copy
+            cached = None if client is None else client.get_mapped(idx, copy)
             if cached is None:
                 cached = fork_channel.ask_parent(self._token, "fetch", friendly_name, real_idx)
             return cached, False
