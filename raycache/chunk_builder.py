@@ -101,8 +101,27 @@ class ColumnSpares:
                 if len(buffer) >= rows:
                     del free[k]
                     return buffer[:rows], buffer
-        buffer = np.empty((rows, *shape), dtype=dtype)
+        buffer = self.new_buffer(key[0], key[1], rows)
         return buffer, buffer
+
+    def new_buffer(self, dtype: np.dtype, shape: tuple, rows: int) -> np.ndarray:
+        """Return a new, uninitialised ``(rows, *shape)`` buffer (heap memory here).
+
+        Parameters
+        ----------
+        dtype : np.dtype
+            Its dtype.
+        shape : tuple
+            The shape of one row.
+        rows : int
+            Rows.
+
+        Returns
+        -------
+        np.ndarray
+            The buffer.
+        """
+        return np.empty((rows, *shape), dtype=dtype)
 
     def give(self, buffers: list[np.ndarray]) -> None:
         """Take back buffers whose chunk has been sent; keep the largest few.

@@ -305,7 +305,10 @@ class DataCache(AttachedCache):
             (``[{"index", "error"}]``), and ``client`` (this process's hits, misses,
             buffered items, and the mean seconds of its reads and inserts, ``hit_s``,
             ``miss_s`` and ``cache_insert_s``, None before the first; the tensorboardX
-            scalars of the same names average them per 1,000 calls). With
+            scalars of the same names average them per 1,000 calls; ``insert_path``:
+            ``"shared memory"`` where the cache's actor reads this process's inserts
+            from its memory, ``"call arguments"`` where they travel as Ray call
+            arguments, see ``docs/memory.md``). With
             ``use_cache`` off: ``length``, zero counts.
         """
         if not self._use_cache or self._inert:

@@ -42,6 +42,7 @@ from raycache.protocol import (
     Settings,
     SyncReply,
 )
+from raycache.staged_columns import StagingUnavailable, open_staged
 
 __all__ = ["SNAPSHOT_AFTER", "CacheDirectory", "directory_actor"]
 
@@ -188,6 +189,45 @@ class CacheDirectory(ClusterSide, PreloadSide):
         if client_id is None:
             return result
         return result._replace(sync=self.sync(client_id, since))
+
+    def insert_staged(
+        self,
+        chunks: list[Chunk],
+        pid: int,
+        node_id: str,
+        client_id: str | None = None,
+        since: int = -1,
+    ) -> InsertResult | None:
+        """As ``insert``, for chunks whose arrays lie in process ``pid``'s shared memory.
+
+        Parameters
+        ----------
+        chunks : list of Chunk
+            Chunks with ``StagedArray`` references (``raycache.staged_columns``).
+        pid : int
+            The sending process.
+        node_id : str
+            Its Ray node: the memory is read only on this actor's own node.
+        client_id : str, optional
+            As for ``insert``.
+        since : int
+            As for ``insert``.
+
+        Returns
+        -------
+        InsertResult or None
+            As ``insert``; None if the memory cannot be read here (then nothing was
+            stored, and the client sends the chunks themselves).
+        """
+        if node_id != ray.get_runtime_context().get_node_id():
+            return None
+        try:
+            opened = open_staged(chunks, pid)
+        except StagingUnavailable as exc:
+            name = self.spec["name"]
+            logger.info("raycache %s: staged insert from pid %d not read: %s", name, pid, exc)
+            return None
+        return self.insert(opened, client_id, since)
 
     def add_preloaded(self, chunk_ref: Any, summary: dict) -> bool:
         """Register a chunk returned by a preload task; False once the budget is full."""

@@ -187,11 +187,10 @@ class CacheClient:
         With ``wait``, a miss on an index a preload task is reading waits for its unit
         (see ``PreloadWaits.await_unit``, and ``meanwhile`` there); without, it returns
         None at once, and while this process fills the cache alone it does not wait for
-        the actor's answer either. ``refresh=False`` (with ``wait=False``): the caller
-        has just brought the map up to date (``locate``), so a miss is not asked about
-        again.
+        the actor's answer either. Without ``refresh`` or ``wait`` it asks nothing (the
+        caller's ``locate`` has just asked).
         """
-        item = self._read_mapped(idx, copy)
+        item = self.get_mapped(idx, copy)
         if item is not None:
             return item
         if self._buffer.holds(idx):
@@ -202,17 +201,10 @@ class CacheClient:
             return self.waits.fork_reads.take(idx, wait)
         if not (refresh or wait):
             return None
-        return self._read_mapped(idx, copy) if self._refresh(idx, wait, meanwhile) else None
+        return self.get_mapped(idx, copy) if self._refresh(idx, wait, meanwhile) else None
 
     def get_mapped(self, idx: int, copy: bool = True) -> Any:
-        """Return item ``idx`` if this process has it mapped now, else None; asks nobody.
-
-        In a forked worker these are the chunks mapped before the fork (a miss is then
-        for the caller to ask its parent about, once).
-        """
-        return self._read_mapped(idx, copy)
-
-    def _read_mapped(self, idx: int, copy: bool) -> Any:
+        """Return item ``idx`` if mapped here now (in a forked worker: at the fork), or None."""
         loc = int(self._map.loc[idx])
         if loc < 0:
             return None
@@ -223,10 +215,7 @@ class CacheClient:
         return view.row(loc & ROW_MASK, copy)
 
     def locate(self, indices: np.ndarray, wait: bool = True) -> np.ndarray:
-        """Return the location of each index (``MISSING`` where missing), syncing once.
-
-        ``wait`` as for ``get``.
-        """
+        """Return each index's location (``MISSING`` if missing), asking once (``wait``: get's)."""
         loc = self._map.loc[indices]
         if self._link.forked and (loc < 0).any():  # one question to the parent per batch
             self.waits.fork_reads.prefetch(indices[loc < 0], wait)
@@ -301,10 +290,9 @@ class CacheClient:
         put_batch(self._buffer, self._map.loc, indices, items, self._link.dead or self.closed, send)
 
     def _buffer_item(self, idx: int, item: Any, flat: tuple | None = None) -> None:
-        """Buffer a validated item (parent side); also what forked children send.
+        """Buffer a validated item (parent side; also what forked children send).
 
-        ``flat``: the item's ``(template, leaves)`` (see ``chunk.flatten_checked``),
-        where the caller has them (the relay of forked workers' inserts does not).
+        ``flat``: its ``(template, leaves)`` (``chunk.flatten_checked``), if known.
         """
         if self._link.dead or self.closed or self._map.loc[idx] >= 0:
             return  # cached already; the first value wins, as in the actor
@@ -336,7 +324,8 @@ class CacheClient:
         if out is LOST:  # the link logged it once; the error says why
             raise self._link.unavailable()
         out["client"] = {"hits": self.hits, "misses": self.misses, "pending": len(self._buffer)}
-        out["client"].update(read_bytes=self._map.reads.read, crossed_bytes=self._map.reads.crossed)
+        reads, path = self._map.reads, self._buffer.inserts.path
+        out["client"].update(read_bytes=reads.read, crossed_bytes=reads.crossed, insert_path=path)
         return out
 
     def close(self) -> None:
@@ -365,8 +354,7 @@ class CacheClient:
     def prepare_fork(self) -> None:
         """Send buffered items, catch up and map every chunk, for children forked next.
 
-        Skipped when this thread is inside a sync already (a fork from within raycache's
-        own calls, such as Ray starting a process), so the hook can never deadlock.
+        Skipped within a sync in this thread (raycache's own calls may fork): no deadlock.
         """
         if not self._map.lock.acquire(blocking=False):
             return

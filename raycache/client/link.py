@@ -121,7 +121,7 @@ class ActorLink:
     def call(self, method: str, *args: Any) -> Any:
         """Call actor method ``method`` and return its reply, or ``LOST``."""
         reply = self.get(self.submit(method, *args))
-        if method == "insert" and reply is not LOST:
+        if method in ("insert", "insert_staged") and reply is not LOST and reply is not None:
             self.budget.note(reply.rejected, args[0])
         return reply
 

@@ -2,8 +2,10 @@
 
 Inserts are sent in batches: one actor call and one object per batch instead of per
 item, ~20x faster per item (``docs/design.md``). An inserted item is copied once, into
-the columns of the chunk it will be sent in (``ChunkBuilder``); the column buffers are
-reused once the actor has the chunk, and freed once this process stops inserting.
+the columns of the chunk it will be sent in (``ChunkBuilder``); on the actor's node
+those columns are shared memory the actor reads them from (``client.staging``). The
+column buffers are reused once the actor has the chunk, and freed once this process
+stops inserting.
 
 The thread does one job at a time (``_next_job``): send the buffered batch when it is
 due, free the kept column buffers once inserts have stopped for ``WRITE_IDLE_S``, or
@@ -30,6 +32,7 @@ from raycache.chunk import Chunk, chunk_rows, leaves_nbytes
 from raycache.chunk_builder import ChunkBuilder, ColumnSpares
 from raycache.client.link import LOST, ActorLink
 from raycache.client.local_map import LocalMap
+from raycache.client.staging import InsertSender
 from raycache.values import copy_item
 
 __all__ = [
@@ -135,8 +138,7 @@ class WriteBuffer:
     settings : Any
         The cache's settings (its ``chunk_size`` and ``chunk_bytes``).
     config : CacheConfig
-        This process's settings: ``flush_interval_s``, the longest an item waits
-        before it is sent, unless filling alone.
+        Its ``flush_interval_s``: the longest an item waits, unless filling alone.
     counts : Callable[[], tuple[int, int]]
         Returns the hits and misses to report with a heartbeat.
     alone : Callable[[], bool]
@@ -156,7 +158,7 @@ class WriteBuffer:
         self._chunk_size, self._chunk_bytes = settings.chunk_size, settings.chunk_bytes
         self._interval = config.flush_interval_s
         self._counts, self._alone = counts, alone
-        self.spares = ColumnSpares()
+        self.inserts = InsertSender(link)  # the actor's call, its buffers (``client.staging``)
         self.last_put = -WRITE_IDLE_S  # when an item was last buffered
         self.closed = False
         self._cond = threading.Condition()
@@ -174,6 +176,8 @@ class WriteBuffer:
     def __len__(self) -> int:
         """Return the number of items waiting to be sent."""
         return len(self._pending)
+
+    spares = property(lambda self: self.inserts.spares, doc="Column buffers kept for inserts.")
 
     def holds(self, idx: int) -> bool:
         """Return True if ``idx`` is buffered here or being sent."""
@@ -293,7 +297,7 @@ class WriteBuffer:
         self._pending = {}
         self._segments = []
         self._outgoing = {}
-        self.spares = ColumnSpares()
+        self.inserts.after_fork_in_child()
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -348,7 +352,7 @@ class WriteBuffer:
     def _send(self, chunks: list[Chunk]) -> None:
         """Send a batch of chunks to the actor and apply its reply to the map."""
         start = time.monotonic()
-        reply = self._link.call("insert", chunks, self._link.client_id, self._map.version)
+        reply = self.inserts.send(chunks, self._map.version)
         if reply is LOST:
             lost = sum(len(chunk) for chunk in chunks)
             logger.warning("raycache %s: %d inserted items were not cached", self._link.name, lost)

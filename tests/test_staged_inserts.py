@@ -1,0 +1,128 @@
+"""Inserts handed to the directory actor through the trainer's shared memory.
+
+Real Ray, on one node: the actor reads a trainer's buffers by ``/proc/<pid>/fd``; a
+reference that names another file, or a trainer on another node, is refused and the
+chunks travel as call arguments, with the same result.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import ray
+from conftest import run_python
+from test_batch import ItemsProvider, plain_item
+from test_values import assert_same
+
+from raycache import CachedDataset
+from raycache.chunk import Chunk
+from raycache.client.staging import StagedSpares, staged_chunks
+from raycache.columns import NumberColumn, StackedColumn
+from raycache.staged_columns import StagedArray, StagingUnavailable, open_staged
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="Linux only")
+
+
+@ray.remote(num_cpus=0)
+def _read_staged(chunks, pid):
+    """In a Ray worker (another process, same node): the staged columns' values."""
+    try:
+        opened = open_staged(chunks, pid)
+    except StagingUnavailable as exc:
+        return f"refused: {exc}"
+    data = opened[0].columns[0].data
+    return data.copy(), bool(data.flags.writeable)
+
+
+def _staged_chunk(spares, rows=5, shape=(3, 4)):
+    column, _ = spares.take(np.dtype(np.float32), shape, rows)
+    column[...] = np.arange(column.size, dtype=np.float32).reshape(column.shape)
+    numbers = NumberColumn(np.arange(rows, dtype=np.int64))
+    chunk = Chunk(np.arange(rows, dtype=np.int64), None, [StackedColumn(column, False), numbers])
+    return chunk, column
+
+
+def test_another_process_reads_the_staged_buffer_without_a_copy(ray_address):
+    spares = StagedSpares()
+    chunk, column = _staged_chunk(spares)
+    staged = staged_chunks([chunk], spares)
+    assert isinstance(staged[0].columns[0].data, StagedArray)
+    assert staged[0].columns[1] is chunk.columns[1]  # small columns travel as they are
+    values, writeable = ray.get(_read_staged.remote(staged, os.getpid()), timeout=60)
+    np.testing.assert_array_equal(values, column)
+    assert not writeable  # the actor maps the trainer's memory read-only
+
+
+def test_a_reference_to_another_file_is_refused(ray_address):
+    spares = StagedSpares()
+    chunk, _ = _staged_chunk(spares)
+    staged = staged_chunks([chunk], spares)
+    ref = staged[0].columns[0].data
+    # The descriptor of a buffer freed and its number reused, or another pid namespace.
+    wrong = ref._replace(inode=ref.inode + 1)
+    staged[0].columns[0] = StackedColumn(wrong, False)
+    reply = ray.get(_read_staged.remote(staged, os.getpid()), timeout=60)
+    assert reply.startswith("refused:") and "no longer the buffer named" in reply
+    past_the_end = ref._replace(offset=ref.offset + 4096)
+    staged[0].columns[0] = StackedColumn(past_the_end, False)
+    assert "does not fit" in ray.get(_read_staged.remote(staged, os.getpid()), timeout=60)
+
+
+def test_heap_columns_are_not_staged():
+    spares = StagedSpares()
+    chunk = Chunk(np.arange(2), None, [StackedColumn(np.ones((2, 3)), False)])
+    assert staged_chunks([chunk], spares) is None
+
+
+def test_a_freed_buffer_closes_its_file():
+    spares = StagedSpares()
+    column, buffer = spares.take(np.dtype(np.uint8), (16,), 4)
+    fd = next(iter(spares._files.values()))[0]
+    assert os.path.exists(f"/proc/self/fd/{fd}")
+    del column, buffer
+    assert spares._files == {}
+    assert (
+        not os.path.exists(f"/proc/self/fd/{fd}")
+        or os.readlink(f"/proc/self/fd/{fd}").find("raycache-inserts") < 0
+    )
+
+
+def _filled(name, n=200, node_id=None):
+    ds = CachedDataset(ItemsProvider(n, plain_item), {"raycache": {"name": name}})
+    if node_id is not None:  # as a trainer on another node would be seen by the actor
+        ds.cache.attach()._buffer.inserts._node_id = node_id
+    for start in range(0, n, 32):
+        ds.__getitems__(list(range(start, min(n, start + 32))))
+    assert ds.cache.flush(timeout=60)
+    return ds
+
+
+@pytest.mark.parametrize(
+    "node_id, path", [(None, "shared memory"), ("elsewhere", "call arguments")]
+)
+def test_fill_on_miss_is_read_back_whichever_way_it_was_sent(
+    ray_address, cache_name, node_id, path
+):
+    ds = _filled(cache_name, node_id=node_id)
+    try:
+        stats = ds.cache.stats()
+        assert stats["items"] == 200 and stats["inserted_items"] == 200
+        assert stats["client"]["insert_path"] == path
+        code = f"""
+import numpy as np, raycache
+from test_batch import ItemsProvider, plain_item
+from test_values import assert_same
+config = {{"raycache": {{"name": {cache_name!r}}}}}
+cache = raycache.DataCache(config, ItemsProvider(200, plain_item))
+for i in (0, 57, 131, 199):
+    assert_same(cache.try_fetch(i), plain_item(i))
+print("read", cache.stats()["client"]["misses"])
+cache.close()
+"""
+        assert run_python(code, ray_address).split() == ["read", "0"]
+        for i in (3, 88, 150):
+            assert_same(ds.cache.try_fetch(i), plain_item(i))
+    finally:
+        ds.cache.close()
