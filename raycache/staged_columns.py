@@ -31,7 +31,7 @@ import numpy as np
 from raycache.chunk import Chunk
 from raycache.columns import StackedColumn
 
-__all__ = ["StagedArray", "StagingUnavailable", "open_staged", "staging_supported"]
+__all__ = ["StagedArray", "StagingUnavailable", "describe", "open_staged", "staging_supported"]
 
 
 class StagingUnavailable(Exception):
@@ -53,8 +53,8 @@ class StagedArray(NamedTuple):
         namespace may see another process under the same pid).
     offset : int
         Byte offset of the array in the file.
-    dtype : str
-        The array's dtype (``numpy.dtype.str``).
+    dtype : numpy.dtype
+        The array's dtype (the object: a structured dtype's fields survive).
     shape : tuple
         The array's shape.
     """
@@ -63,7 +63,7 @@ class StagedArray(NamedTuple):
     device: int
     inode: int
     offset: int
-    dtype: str
+    dtype: np.dtype
     shape: tuple
 
     @property
@@ -93,7 +93,10 @@ def _map_file(pid: int, fd: int, file_id: tuple[int, int]) -> mmap.mmap:
         info = os.fstat(own)
         if (info.st_dev, info.st_ino) != file_id:
             raise StagingUnavailable(f"fd {fd} of process {pid} is no longer the buffer named")
-        return mmap.mmap(own, info.st_size, prot=mmap.PROT_READ)
+        try:
+            return mmap.mmap(own, info.st_size, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as exc:
+            raise StagingUnavailable(f"cannot map fd {fd} of process {pid}: {exc}") from exc
     finally:
         os.close(own)
 

@@ -30,6 +30,7 @@ NOT_USER_FACING = {
     "PreloadError": "the CLI prints it as its one-line message",
     "BenchmarksNotFound": "raycache bench prints it as its one-line message",
     "NodeRayError": "becomes the 'using a private Ray' warning, documented instead",
+    "StagingUnavailable": "the actor's answer to a staged insert it cannot read; never raised",
 }
 
 

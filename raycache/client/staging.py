@@ -26,7 +26,7 @@ from raycache.chunk import Chunk
 from raycache.chunk_builder import ColumnSpares
 from raycache.staged_columns import StagedArray, describe, staging_supported
 
-__all__ = ["InsertSender", "StagedSpares", "staged_chunks"]
+__all__ = ["InsertSender", "StagedSpares", "staged_chunks", "this_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,19 @@ class StagedSpares(ColumnSpares):
         at = array.__array_interface__["data"][0]
         for start, (fd, (device, inode), size) in list(self._files.items()):
             if start <= at and at + array.nbytes <= start + size:
-                return StagedArray(fd, device, inode, at - start, array.dtype.str, array.shape)
+                return StagedArray(fd, device, inode, at - start, array.dtype, array.shape)
         return None
+
+
+def this_node() -> str:
+    """Return this process's Ray node id (what the actor compares with its own).
+
+    Returns
+    -------
+    str
+        The node id.
+    """
+    return ray.get_runtime_context().get_node_id()
 
 
 def _close(files: dict, start: int, fd: int) -> None:
@@ -149,7 +160,7 @@ class InsertSender:
         self._link = link
         self._staging = staging_supported()
         self.spares: ColumnSpares = StagedSpares() if self._staging else ColumnSpares()
-        self._node_id = ray.get_runtime_context().get_node_id()
+        self._node_id = this_node()
 
     @property
     def path(self) -> str:
