@@ -47,6 +47,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from benchmarks.busy import busy
@@ -171,7 +172,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-preallocate-store",
         action="store_true",
-        help="leave the object store's pages to be faulted in by their first writes",
+        help="do not write the object store once before the scenarios: their first writes "
+        "fault its pages in",
     )
     p.add_argument(
         "--out",
@@ -183,6 +185,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="print the table only")
     add_alone_arguments(p)
     return p.parse_args(argv)
+
+
+def write_store_once(store_mb: int) -> float:
+    """Write (nearly) every page of the object store once, untimed; return the seconds.
+
+    A page of the store costs most the first time it is written: ~2.5-6 ms per MB here,
+    against ~0.3 ms once it is resident. The store's allocator puts each round's chunks
+    wherever it likes, so without this some rounds of a first-epoch scenario pay that and
+    some do not. Ray's own ``preallocate_plasma_memory`` does the same inside the raylet
+    before it registers, and Ray gives the raylet 30 s to register: on a VM whose host
+    backs each new page lazily, 4 GiB took longer and Ray's start failed.
+
+    Parameters
+    ----------
+    store_mb : int
+        The store's size in MiB (9/10 of it is written, so nothing spills).
+
+    Returns
+    -------
+    float
+        Seconds it took.
+    """
+    start = time.perf_counter()
+    block = np.zeros(256 * MIB, dtype=np.uint8)  # zero pages: reading it faults nothing in
+    refs = [ray.put(block) for _ in range(store_mb * 9 // 10 // 256)]
+    del refs  # freed; the store keeps the pages resident and reuses them
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,26 +234,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     export_source_tree()
     start = time.perf_counter()
-    # A page of the object store costs most the first time it is written: ~2.5-6 ms per
-    # MB here, against ~0.3 ms once it is resident. The store's allocator puts each round's
-    # chunks wherever it likes, so without this some rounds of a first-epoch scenario pay
-    # that and some do not. Preallocating moves the cost to Ray's start (reported).
     ray.init(
         address="local",
         num_cpus=args.num_cpus,
         object_store_memory=args.object_store_mb * MIB,
         include_dashboard=False,
         logging_level=logging.WARNING,
-        _system_config={"preallocate_plasma_memory": not args.no_preallocate_store},
     )
     ray_up_s = time.perf_counter() - start
     try:
+        if not args.no_preallocate_store:
+            info_store = write_store_once(args.object_store_mb)
+            log("store written once in %.1f s", info_store)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
         log("ray up after %.1f s", ray_up_s)
         rows, info = run_scenarios(args)
         info["ray_up_s"] = ray_up_s
+        info["store_written_s"] = None if args.no_preallocate_store else info_store
     finally:
         ray.shutdown()
     info["wall_s"] = time.perf_counter() - start

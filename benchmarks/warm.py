@@ -110,10 +110,12 @@ def _add_small_chunks(
 
 def _checks(samples: dict[str, list[float]], big: bool) -> dict[str, dict[str, float | None]]:
     """Return the targets: variant -> baseline -> the ratio asked for (None: reported only)."""
+    # Issue 23's quiet targets: 1.5x the dict and 0.7x the limit for 48 KiB items, 2.5x
+    # and 0.5x for 1 KiB items.
     checks: dict[str, dict[str, float | None]] = {
         "raycache, collate_fn=ds.collate": {
-            "dict cache, default_collate": 1.4 if big else 1.8,
-            "numpy gather (limit)": 0.5 if big else None,
+            "dict cache, default_collate": 1.5 if big else 2.5,
+            "numpy gather (limit)": 0.7 if big else 0.5,
             "Ray Data iter_torch_batches": 5.0 if big else None,
         },
         "raycache, default_collate": {"dict cache, default_collate": 1.0 if big else 0.85},
