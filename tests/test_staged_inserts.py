@@ -8,6 +8,7 @@ chunks travel as call arguments, with the same result.
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from conftest import run_python
 from test_batch import ItemsProvider, plain_item
 from test_values import assert_same
 
+import raycache
 from raycache import CachedDataset
 from raycache.chunk import Chunk
 from raycache.client import staging
@@ -139,3 +141,36 @@ def test_a_structured_dtype_keeps_its_fields(ray_address):
     )
     assert values.dtype == dtype
     np.testing.assert_array_equal(values, column)
+
+
+def test_buffers_of_a_lost_insert_are_never_reused(ray_address, cache_name):
+    """A staged insert whose call times out may still be read by the actor: not reused."""
+    config = {"raycache": {"name": cache_name, "timeout_s": 2.0}}
+    ds = CachedDataset(ItemsProvider(64, plain_item), config)
+    client = ds.cache.attach()
+    pid = ray.get(client.actor.__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
+    os.kill(pid, signal.SIGSTOP)  # the actor takes longer than timeout_s to answer
+    try:
+        ds.__getitems__(list(range(32)))
+        ds.cache.flush(timeout=10)
+        assert client.dead  # the call timed out: the cache is lost for this process
+        assert client.inspect().spare_buffers == []
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # The actor, awake, stores what it can still read: the items as they were inserted.
+    code = f"""
+import raycache
+from test_batch import ItemsProvider, plain_item
+from test_values import assert_same
+config = {{"raycache": {{"name": {cache_name!r}}}}}
+cache = raycache.DataCache(config, ItemsProvider(64, plain_item))
+cache.attach().sync(force=True)
+found = [i for i in range(64) if cache.try_fetch(i, wait=False) is not None]
+for i in found:
+    assert_same(cache.try_fetch(i), plain_item(i))
+print(set(found) <= set(range(32)))
+cache.close()
+"""
+    assert run_python(code, ray_address).split() == ["True"]
+    ds.cache.close()
+    raycache.drop_cache(cache_name)

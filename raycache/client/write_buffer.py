@@ -349,29 +349,31 @@ class WriteBuffer:
         if not self._link.dead:
             self._link.submit("touch", self._link.client_id, *self._counts())
 
-    def _send(self, chunks: list[Chunk]) -> None:
-        """Send a batch of chunks to the actor and apply its reply to the map."""
+    def _send(self, chunks: list[Chunk]) -> bool:
+        """Send a batch of chunks to the actor and apply its reply; False if it was lost."""
         start = time.monotonic()
         reply = self.inserts.send(chunks, self._map.version)
         if reply is LOST:
             lost = sum(len(chunk) for chunk in chunks)
             logger.warning("raycache %s: %d inserted items were not cached", self._link.name, lost)
-            return
+            return False
         # The reply holds the map's changes since the version sent, these items' places
         # among them: applying it here spares the trainer's next miss a sync of its own
         # (a round trip to an actor that is busy storing).
         with self._map.lock:
             self._map.apply(reply.sync, start, news=reply.news_from_elsewhere())
+        return True
 
     def _send_batch(self, batch: list[Segment]) -> None:
-        if not self._link.dead:
-            self._send([segment.chunk() for segment in batch])
+        sent = not self._link.dead and self._send([segment.chunk() for segment in batch])
         with self._cond:
             self._sending = False
             self._outgoing = {}
-            # Sent (or lost): their buffers can take new items. Nothing else may keep
-            # the segments, or releasing the spares would not free their columns.
-            self.spares.give([b for segment in batch for b in segment.builder.buffers])
+            # Sent: their buffers can take new items. Nothing else may keep the segments,
+            # or releasing the spares would not free their columns. Lost (a call timed
+            # out): an actor still working may yet read them, so they are never reused.
+            if sent:
+                self.spares.give([b for segment in batch for b in segment.builder.buffers])
             if not self._pending:
                 self._flush_requested = False
             self._cond.notify_all()
