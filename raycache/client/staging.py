@@ -43,25 +43,10 @@ class StagedSpares(ColumnSpares):
     def __init__(self, keep: int = 2):
         super().__init__(keep)
         # Buffer start address -> (fd, (device, inode), bytes), for each buffer alive.
-        self._files: dict[int, tuple[int, int, int]] = {}
+        self._files: dict[int, tuple[int, tuple[int, int], int]] = {}
 
     def new_buffer(self, dtype: np.dtype, shape: tuple, rows: int) -> np.ndarray:
-        """Return a new ``(rows, *shape)`` buffer in a shared memory file of its own.
-
-        Parameters
-        ----------
-        dtype : np.dtype
-            Its dtype.
-        shape : tuple
-            The shape of one row.
-        rows : int
-            Rows.
-
-        Returns
-        -------
-        np.ndarray
-            The buffer; its file is closed when it is freed.
-        """
+        """As ``ColumnSpares.new_buffer``, in a shared memory file of its own, closed when freed."""
         count = rows * int(np.prod(shape, dtype=np.int64))
         size = max(1, count * np.dtype(dtype).itemsize)
         fd = os.memfd_create("raycache-inserts", os.MFD_CLOEXEC)

@@ -214,7 +214,9 @@ class DataCache:
             idx, client = base.check_index(real_idx), base.attach()
             copy = not base.config.zero_copy
             cached = None if client is None else client.get_mapped(idx, copy)
-            if cached is None:
+            if cached is not None:
+                client.count(hits=1)  # the parent's stats() counts it (a miss: the parent)
+            else:
                 cached = fork_channel.ask_parent(self._token, "fetch", friendly_name, real_idx)
             return cached, False
         fill = self._fills.get(friendly_name)
