@@ -243,16 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ray_up_s = time.perf_counter() - start
     try:
-        if not args.no_preallocate_store:
-            info_store = write_store_once(args.object_store_mb)
-            log("store written once in %.1f s", info_store)
+        store_s = None if args.no_preallocate_store else write_store_once(args.object_store_mb)
+        if store_s is not None:
+            log("store written once in %.1f s", store_s)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
         log("ray up after %.1f s", ray_up_s)
         rows, info = run_scenarios(args)
         info["ray_up_s"] = ray_up_s
-        info["store_written_s"] = None if args.no_preallocate_store else info_store
+        info["store_written_s"] = store_s
     finally:
         ray.shutdown()
     info["wall_s"] = time.perf_counter() - start

@@ -33,7 +33,9 @@ __all__ = [
     "RaggedColumn",
     "StackedColumn",
     "copy_leaves",
+    "join_pieces",
     "make_column",
+    "split_pieces",
 ]
 
 
@@ -94,19 +96,19 @@ def join_pieces(pieces: Sequence[np.ndarray], dtype: np.dtype, shape: tuple) -> 
     return whole.view(dtype).reshape(shape)
 
 
-def _rebuild_stacked(pieces: list, dtype: np.dtype, shape: tuple, tensor: bool) -> StackedColumn:
-    return StackedColumn(join_pieces(pieces, dtype, shape), tensor)
+def _reduce_in_pieces(column: Any, array: np.ndarray, rest: tuple, protocol: int) -> Any:
+    """``column.__reduce_ex__``: ``array`` in pieces under protocol 5, else the default.
+
+    ``column`` is rebuilt as ``type(column)(array, *rest)``.
+    """
+    pieces = split_pieces(array) if protocol >= 5 else None
+    if pieces is None:
+        return object.__reduce_ex__(column, protocol)
+    return _rebuild, (type(column), pieces, array.dtype, array.shape, *rest)
 
 
-def _rebuild_ragged(
-    pieces: list,
-    dtype: np.dtype,
-    shape: tuple,
-    offsets: np.ndarray,
-    shapes: np.ndarray,
-    tensor: bool,
-) -> RaggedColumn:
-    return RaggedColumn(join_pieces(pieces, dtype, shape), offsets, shapes, tensor)
+def _rebuild(cls: type, pieces: list, dtype: np.dtype, shape: tuple, *rest: Any) -> Any:
+    return cls(join_pieces(pieces, dtype, shape), *rest)
 
 
 class StackedColumn:
@@ -131,10 +133,7 @@ class StackedColumn:
 
     def __reduce_ex__(self, protocol: int) -> Any:
         """Pickle a large column in pieces under protocol 5 (see the module docstring)."""
-        pieces = split_pieces(self.data) if protocol >= 5 else None
-        if pieces is None:
-            return super().__reduce_ex__(protocol)
-        return _rebuild_stacked, (pieces, self.data.dtype, self.data.shape, self.tensor)
+        return _reduce_in_pieces(self, self.data, (self.tensor,), protocol)
 
     @property
     def nbytes(self) -> int:
@@ -179,18 +178,8 @@ class RaggedColumn:
 
     def __reduce_ex__(self, protocol: int) -> Any:
         """Pickle a large column in pieces under protocol 5 (see the module docstring)."""
-        pieces = split_pieces(self.flat) if protocol >= 5 else None
-        if pieces is None:
-            return super().__reduce_ex__(protocol)
-        flat = self.flat
-        return _rebuild_ragged, (
-            pieces,
-            flat.dtype,
-            flat.shape,
-            self.offsets,
-            self.shapes,
-            self.tensor,
-        )
+        rest = (self.offsets, self.shapes, self.tensor)
+        return _reduce_in_pieces(self, self.flat, rest, protocol)
 
     @property
     def nbytes(self) -> int:

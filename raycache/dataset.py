@@ -18,7 +18,7 @@ import torch.utils.data
 
 from raycache.data_cache import DataCache
 from raycache.gathered import GatheredBatch, collate
-from raycache.provider import read_raw, read_raw_many
+from raycache.provider import read_raw_many
 
 __all__ = ["CachedDataset"]
 
@@ -33,7 +33,7 @@ SPARE_READ_CPU_SHARE = 0.5
 # ``time.thread_time`` is a system call: ~0.3 us alone, but 30-100 us on average (and
 # up to 13 ms, the thread preempted) in a trainer that fills the cache on a busy node,
 # as much as a batch of cheap reads. The CPU share of reads is therefore sampled: the
-# first READ_SAMPLE reads or batches, then one in READ_SAMPLE.
+# first READ_SAMPLE calls that read (an item, or a batch's misses), then one in READ_SAMPLE.
 READ_SAMPLE = 16
 
 
@@ -61,8 +61,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self.provider = provider
         self._read_cpu_s = 0.0  # CPU and wall seconds of this process's provider reads
         self._read_wall_s = 0.0
-        self._reads = 0  # provider reads one by one, and batches of reads: the first
-        self._batches = 0  # and then every READ_SAMPLE-th of each are timed
+        self._reads = 0  # calls reading the provider (an item or a batch's misses)
         self._spare_failed = False  # a spare read failed: read no more
         self.cache = DataCache(config, provider)
         self._misses = self.cache.miss_reads
@@ -171,43 +170,38 @@ class CachedDataset(torch.utils.data.Dataset):
             return
         indices = [idx for _, idx in wanted]
         read: list = []
-        self._batches += 1
-        timed = self._batches <= READ_SAMPLE or self._batches % READ_SAMPLE == 0
-        if timed:
-            wall, cpu = time.perf_counter(), time.thread_time()
         try:
-            read_raw_many(self.provider, indices, read)
-        except BaseException:
-            self._misses.release_reserved(indices[len(read)])
-            raise
+            self._read_many(indices, read)
         finally:
-            if timed:
-                self._read_cpu_s += time.thread_time() - cpu
-                self._read_wall_s += time.perf_counter() - wall
             for (p, _), item in zip(wanted, read):
                 items[p] = item
             self.cache.insert_many(indices[: len(read)], read)
 
     def _read_and_insert(self, idx: int) -> Any:
-        item = self._read(idx)
-        self.cache.insert_into_cache(idx, item)
-        return item
+        read: list = []
+        self._read_many([idx], read)
+        self.cache.insert_into_cache(idx, read[0])
+        return read[0]
 
-    def _read(self, idx: int) -> Any:
-        """Read item ``idx`` from the provider (a miss reserved for this process)."""
+    def _read_many(self, indices: list[int], out: list) -> None:
+        """Read misses reserved for this process into ``out``; a failed one goes back.
+
+        The first READ_SAMPLE calls, then one in READ_SAMPLE, are timed for
+        ``_spares_wanted``; the index whose read raised is released to the preload.
+        """
         self._reads += 1
         timed = self._reads <= READ_SAMPLE or self._reads % READ_SAMPLE == 0
         if timed:
             wall, cpu = time.perf_counter(), time.thread_time()
         try:
-            item = read_raw(self.provider, idx)
+            read_raw_many(self.provider, indices, out)
         except BaseException:
-            self._misses.release_reserved(idx)  # reserved for this process: the preload reads it
+            self._misses.release_reserved(indices[len(out)])
             raise
-        if timed:
-            self._read_cpu_s += time.thread_time() - cpu
-            self._read_wall_s += time.perf_counter() - wall
-        return item
+        finally:
+            if timed:
+                self._read_cpu_s += time.thread_time() - cpu
+                self._read_wall_s += time.perf_counter() - wall
 
     @staticmethod
     def collate(batch: Sequence[Any]) -> Any:

@@ -120,14 +120,9 @@ def read_raw(provider: Any, idx: int) -> Any:
     Any
         The item as the provider returns it.
     """
-    with _bypass():
-        try:
-            if hasattr(provider, "resolve_data"):
-                return provider.resolve_data(idx)
-            return provider[idx]
-        except Exception as exc:  # the provider's own error, with the index it failed on
-            note_provider_index(exc, idx)
-            raise
+    out: list = []
+    read_raw_many(provider, (idx,), out)
+    return out[0]
 
 
 def read_raw_many(provider: Any, indices: Sequence[int], out: list) -> None:

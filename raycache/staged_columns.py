@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from raycache.chunk import Chunk
 from raycache.columns import StackedColumn
 
-__all__ = ["StagedArray", "StagingUnavailable", "describe", "open_staged", "staging_supported"]
+__all__ = ["StagedArray", "StagingUnavailable", "open_staged", "staging_supported"]
 
 
 class StagingUnavailable(Exception):
@@ -145,29 +145,3 @@ def _view(memory: mmap.mmap, staged: StagedArray) -> np.ndarray:
         raise StagingUnavailable(f"staged array {staged} does not fit its buffer")
     flat = np.frombuffer(memory, dtype=dtype, count=count, offset=staged.offset)
     return flat.reshape(staged.shape)
-
-
-def describe(chunk: Chunk, locate: Any) -> Chunk | None:
-    """Return ``chunk`` with each array ``locate`` finds as a ``StagedArray``.
-
-    Parameters
-    ----------
-    chunk : Chunk
-        A chunk of inserts.
-    locate : Callable[[np.ndarray], StagedArray | None]
-        Where an array lies in shared memory, or None.
-
-    Returns
-    -------
-    Chunk or None
-        A chunk to send (it shares every other column with ``chunk``), or None when no
-        column is staged.
-    """
-    columns, staged = [], False
-    for column in chunk.columns:
-        if isinstance(column, StackedColumn):
-            where = locate(column.data)
-            if where is not None:
-                column, staged = StackedColumn(where, column.tensor), True
-        columns.append(column)
-    return Chunk(chunk.indices, chunk.template, columns) if staged else None

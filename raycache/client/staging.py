@@ -24,7 +24,8 @@ import ray
 
 from raycache.chunk import Chunk
 from raycache.chunk_builder import ColumnSpares
-from raycache.staged_columns import StagedArray, describe, staging_supported
+from raycache.columns import StackedColumn
+from raycache.staged_columns import StagedArray, staging_supported
 
 __all__ = ["InsertSender", "StagedSpares", "staged_chunks", "this_node"]
 
@@ -104,6 +105,21 @@ def _close(files: dict, start: int, fd: int) -> None:
     os.close(fd)
 
 
+def _described(chunk: Chunk, spares: StagedSpares) -> Chunk | None:
+    """Return ``chunk`` with each array in ``spares``' buffers as a ``StagedArray``.
+
+    The chunk shares every other column with ``chunk``; None when no column is staged.
+    """
+    columns, staged = [], False
+    for column in chunk.columns:
+        if isinstance(column, StackedColumn):
+            where = spares.locate(column.data)
+            if where is not None:
+                column, staged = StackedColumn(where, column.tensor), True
+        columns.append(column)
+    return Chunk(chunk.indices, chunk.template, columns) if staged else None
+
+
 def staged_chunks(chunks: list[Chunk], spares: StagedSpares) -> list[Chunk] | None:
     """Return ``chunks`` with their buffered columns as references, or None if none is.
 
@@ -120,7 +136,7 @@ def staged_chunks(chunks: list[Chunk], spares: StagedSpares) -> list[Chunk] | No
         What to send to the actor's ``insert_staged``; None when no column lies in a
         shared buffer (send ``chunks`` themselves).
     """
-    described = [describe(chunk, spares.locate) for chunk in chunks]
+    described = [_described(chunk, spares) for chunk in chunks]
     if all(d is None for d in described):
         return None
     return [chunk if d is None else d for chunk, d in zip(chunks, described)]
@@ -143,14 +159,13 @@ class InsertSender:
 
     def __init__(self, link: Any):
         self._link = link
-        self._staging = staging_supported()
-        self.spares: ColumnSpares = StagedSpares() if self._staging else ColumnSpares()
+        self.spares: ColumnSpares = StagedSpares() if staging_supported() else ColumnSpares()
         self._node_id = this_node()
 
     @property
     def path(self) -> str:
         """How inserts reach the actor: ``"shared memory"`` or ``"call arguments"``."""
-        return "shared memory" if self._staging else "call arguments"
+        return "shared memory" if isinstance(self.spares, StagedSpares) else "call arguments"
 
     def send(self, chunks: list[Chunk], version: int) -> Any:
         """Send ``chunks`` (``insert``, or ``insert_staged`` by reference); the reply.
@@ -173,18 +188,17 @@ class InsertSender:
             The actor's ``InsertResult``, or ``LOST``.
         """
         client_id = self._link.client_id
-        staged = staged_chunks(chunks, self.spares) if self._staging else None
+        spares = self.spares
+        staged = staged_chunks(chunks, spares) if isinstance(spares, StagedSpares) else None
         if staged is not None:
             args = (staged, os.getpid(), self._node_id, client_id, version)
             reply = self._link.call("insert_staged", *args)
             if reply is not None:
                 return reply
-            self._staging = False
             self.spares = ColumnSpares()
             logger.info("raycache %s: inserts are sent as call arguments", self._link.name)
         return self._link.call("insert", chunks, client_id, version)
 
     def after_fork_in_child(self) -> None:
         """Keep no buffer of the parent's (a forked child sends nothing itself)."""
-        self._staging = False
         self.spares = ColumnSpares()

@@ -204,20 +204,8 @@ class WriteBuffer:
                 # The thread sleeps until the next heartbeat while nothing waits: wake
                 # it to send within flush_interval_s.
                 self._cond.notify_all()
-            if not self._segments or self._segments[-1].full():
-                # A segment is sent as one chunk: no stored object holds more than a
-                # chunk's worth of items. Its columns are touched only as they fill.
-                size = leaves_nbytes(flat[1])
-                rows = chunk_rows(self._chunk_size, self._chunk_bytes, size)
-                self._segments.append(Segment(rows, self._chunk_bytes, self.spares))
-            segment = self._segments[-1]
-            nbytes = segment.add(idx, item, flat)
-            self._pending_bytes += nbytes
-            self._pending[idx] = segment
-            # Wake the thread when a limit is crossed, not at every item after it
-            # (filling alone, 8 MiB buffered is not a reason to send).
-            crossed = self._pending_bytes >= FLUSH_BYTES > self._pending_bytes - nbytes
-            if crossed or segment.full():
+            segment = self._open_segment(leaves_nbytes(flat[1]))
+            if self._added([idx], segment, segment.add(idx, item, flat)):
                 self._cond.notify_all()
 
     def add_many(self, indices: list, items: list, flats: list, uniform: bool) -> None:
@@ -245,20 +233,32 @@ class WriteBuffer:
             if wake:
                 self._first_pending = time.monotonic()
             while keep:
-                if not self._segments or self._segments[-1].full():
-                    rows = chunk_rows(self._chunk_size, self._chunk_bytes, item_bytes)
-                    self._segments.append(Segment(rows, self._chunk_bytes, self.spares))
-                segment = self._segments[-1]
+                segment = self._open_segment(item_bytes)
                 room = segment.room(item_bytes)
                 part, keep = keep[:room], keep[room:]
                 taken = [indices[k] for k in part]
                 nbytes = segment.add_many(taken, [items[k] for k in part], [flats[k] for k in part])
-                self._pending.update(dict.fromkeys(taken, segment))
-                self._pending_bytes += nbytes
-                crossed = self._pending_bytes >= FLUSH_BYTES > self._pending_bytes - nbytes
-                wake = wake or crossed or segment.full()
+                wake = self._added(taken, segment, nbytes) or wake
             if wake:
                 self._cond.notify_all()
+
+    def _open_segment(self, item_bytes: int) -> Segment:
+        """Return the segment for the next items; one is sent as one chunk (``_cond`` held)."""
+        if not self._segments or self._segments[-1].full():
+            rows = chunk_rows(self._chunk_size, self._chunk_bytes, item_bytes)
+            self._segments.append(Segment(rows, self._chunk_bytes, self.spares))
+        return self._segments[-1]
+
+    def _added(self, taken: list, segment: Segment, nbytes: int) -> bool:
+        """Record items copied into ``segment``; True if the thread is to be woken.
+
+        When a limit is crossed (not at every item after it: filling alone, 8 MiB
+        buffered is no reason to send) or the segment is full.
+        """
+        self._pending.update(dict.fromkeys(taken, segment))
+        self._pending_bytes += nbytes
+        crossed = self._pending_bytes >= FLUSH_BYTES > self._pending_bytes - nbytes
+        return crossed or segment.full()
 
     def flush(self, timeout: float) -> bool:
         """Send buffered items now; True when the buffer is empty within ``timeout``."""
