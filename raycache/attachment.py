@@ -29,6 +29,7 @@ from raycache.miss_reads import MissReads
 from raycache.naming import default_name, fingerprint
 from raycache.provider import bypass_active, provider_length, unpickling_for_task
 from raycache.runtime import gcs_address, in_forked_child
+from raycache.span_table import SpanTable
 
 __all__ = ["AttachedCache"]
 
@@ -63,6 +64,7 @@ class AttachedCache:
         self._warned_fork = False
         self._metrics = ReadMetrics(lambda: self.logging_interval)
         self._miss_reads = MissReads(self)
+        self._spans = SpanTable()  # where mapped chunks' rows lie, kept between batches
 
     # ------------------------------------------------------------------ identity
     @property

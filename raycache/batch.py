@@ -25,6 +25,7 @@ from raycache.gathered import GatheredBatch, collate
 from raycache.protocol import chunk_ids
 from raycache.protocol import rows as location_rows
 from raycache.span_copy import copy_rows, row_span
+from raycache.span_table import SpanTable, new_serial
 
 __all__ = ["GatheredBatch", "collate", "gather", "read_partial"]
 
@@ -60,13 +61,14 @@ def _column_kind(column: Any) -> tuple:
 
 
 def _layout(chunk: Chunk) -> tuple:
-    """Return ``(layout_id, template, kinds, sources, spans)`` for a chunk, computed once.
+    """Return ``(layout_id, template, kinds, sources, spans, serial)`` for a chunk, once.
 
     ``kinds`` has one entry per column; chunks with the same ``layout_id`` have the same
     template and kinds and can be gathered from together. ``sources`` holds the numpy
     array to index for each array column and the column itself for the others;
-    ``spans`` where each array column's rows lie, for ``copy_rows`` (None where they
-    cannot be copied as bytes, and for the other columns). A
+    ``spans`` where each array or number column's rows lie, for ``copy_rows`` and
+    ``SpanTable`` (None where they cannot be copied as bytes, and for the other
+    columns); ``serial`` tells this chunk object from any other (``new_serial``). A
     mapped chunk is immutable (its arrays are read-only views of shared memory), so the
     answer never goes stale.
     """
@@ -75,10 +77,10 @@ def _layout(chunk: Chunk) -> tuple:
         kinds = tuple(_column_kind(c) for c in chunk.columns)
         sources = tuple(c if kind[0] == "list" else c.data for c, kind in zip(chunk.columns, kinds))
         spans = tuple(
-            row_span(src) if kind[0] in _COPY_KINDS else None for src, kind in zip(sources, kinds)
+            row_span(src) if kind[0] != "list" else None for src, kind in zip(sources, kinds)
         )
         layout_id = _LAYOUT_IDS.setdefault((chunk.template, kinds), len(_LAYOUT_IDS))
-        layout = (layout_id, chunk.template, kinds, sources, spans)
+        layout = (layout_id, chunk.template, kinds, sources, spans, new_serial())
         setattr(chunk, _LAYOUT_ATTR, layout)
     return layout
 
@@ -173,33 +175,47 @@ def _row_bytes(source: np.ndarray) -> int:
 
 
 def _take_uniform(
-    kinds: tuple, sources_of: dict, cids: np.ndarray, rows: np.ndarray, spans_of: dict | None = None
+    kinds: tuple,
+    sources_of: dict,
+    cids: np.ndarray,
+    rows: np.ndarray,
+    spans_of: dict | None = None,
+    spanned: list | None = None,
 ) -> list:
     """Gather a batch whose chunks all have the same column kinds.
 
     ``sources_of`` maps each chunk id to its per-column sources and ``spans_of`` to
-    their row spans (see ``_layout``). An array column whose rows every chunk holds as
-    plain bytes is copied with one ``copy_rows`` call over all the chunks, when the
-    column's batch is big enough (``COPY_ROWS_MIN_BYTES``). Otherwise,
-    one chunk: one fancy index per column. Several: rows are copied one by one (one
-    copy, a Python step per row), except that small rows of chunks that each hold many
-    rows of the batch are gathered per chunk (no Python step per row, but a second copy).
+    their row spans (see ``_layout``); ``spanned`` holds, per column, the one-thread
+    copy of ``SpanTable.columns`` (or None). An array column whose rows every chunk
+    holds as plain bytes is copied with one ``copy_rows`` call over all the chunks, when
+    the column's batch is big enough (``COPY_ROWS_MIN_BYTES``) and that measured faster
+    than the one-thread copy. The one-thread copy: one chunk, one fancy index per
+    column; several, the ``SpanTable``'s one fancy index where the table covers the
+    column, else rows copied one by one (a Python step per row), or, for small rows of
+    chunks that each hold many rows of the batch, per chunk (no Python step per row,
+    but a second copy).
     """
     if len(sources_of) == 1:
         sources = next(iter(sources_of.values()))
         spans = (None,) * len(kinds) if spans_of is None else next(iter(spans_of.values()))
         return [_take_single(k, src, rows, sp) for k, src, sp in zip(kinds, sources, spans)]
-    per_row = list(map(sources_of.__getitem__, cids.tolist()))
-    row_list = rows.tolist()
-    groups = _groups(cids) if len(rows) >= GROUP_MIN_ROWS * len(sources_of) else None
-    positions = None
+    per_row = row_list = groups = positions = None
     out = []
     for j, kind in enumerate(kinds):
-        sources = list(map(itemgetter(j), per_row))
-        if groups is not None and kind[0] != "list" and _row_bytes(sources[0]) <= GROUP_MAX_BYTES:
-            one_thread = partial(_column_grouped, kind, j, groups, sources_of, cids, rows)
+        if spanned is not None and spanned[j] is not None:
+            one_thread = partial(_spanned, kind, spanned[j])
         else:
-            one_thread = partial(_column_rows, kind, sources, row_list)
+            if per_row is None:
+                per_row = list(map(sources_of.__getitem__, cids.tolist()))
+                row_list = rows.tolist()
+                if len(rows) >= GROUP_MIN_ROWS * len(sources_of):
+                    groups = _groups(cids)
+            sources = list(map(itemgetter(j), per_row))
+            small = kind[0] != "list" and _row_bytes(sources[0]) <= GROUP_MAX_BYTES
+            if groups is not None and small:
+                one_thread = partial(_column_grouped, kind, j, groups, sources_of, cids, rows)
+            else:
+                one_thread = partial(_column_rows, kind, sources, row_list)
         if (
             spans_of is not None
             and _copies_rows(kind, len(rows))
@@ -216,6 +232,11 @@ def _take_uniform(
         else:
             out.append(one_thread())
     return out
+
+
+def _spanned(kind: tuple, take: Any) -> tuple:
+    """Gather one column with ``SpanTable``'s copy (``take``)."""
+    return (kind[0], take())
 
 
 def _column_span(
@@ -245,7 +266,7 @@ def _take_mixed(chunks: dict, layouts: dict, cids: np.ndarray, rows: np.ndarray)
     return out
 
 
-def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
+def gather(chunks: dict[int, Chunk], loc: np.ndarray, table: SpanTable | None = None) -> list:
     """Build the items at ``loc`` (``raycache.protocol`` locations) from mapped chunks.
 
     Parameters
@@ -254,6 +275,10 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
         The mapped chunk of every chunk id in ``loc``.
     loc : np.ndarray
         Locations, all valid.
+    table : SpanTable, optional
+        The row addresses of the cache's chunks, kept by the caller from batch to
+        batch: a column of a batch over several chunks is then one copy (else a Python
+        step per row).
 
     Returns
     -------
@@ -275,7 +300,10 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray) -> list:
         spans_of = None
         if any(_copies_rows(kind, len(loc)) for kind in first[2]):
             spans_of = dict(zip(layouts, map(itemgetter(4), layouts.values())))
-        columns = _take_uniform(first[2], sources_of, cids, rows, spans_of)
+        spanned = None
+        if table is not None and len(layouts) > 1:
+            spanned = table.columns(layouts, cids, rows)
+        columns = _take_uniform(first[2], sources_of, cids, rows, spans_of, spanned)
     else:
         columns = _take_mixed(chunks, layouts, cids, rows)
     return GatheredBatch.of(template, columns, len(loc))

@@ -238,7 +238,7 @@ class DataCache(AttachedCache):
             if chunks is not None:
                 client.count(hits=len(idx))
                 self._metrics.timed("hit", start)
-                return gather(chunks, loc)
+                return gather(chunks, loc, self._spans)
         out = read_partial(client, idx, loc, copy, wait)
         hits = sum(item is not None for item in out)
         client.count(hits, len(out) - hits)

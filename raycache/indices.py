@@ -72,7 +72,7 @@ def index_array(indices: Sequence[int], length: int) -> np.ndarray:
     idx = np.asarray(indices)
     if idx.ndim != 1 or idx.dtype.kind not in "iu":
         return np.array([check_index(i, length) for i in indices], dtype=np.int64)
-    bad = (idx < 0) | (idx >= length)
-    if bad.any():
+    if len(idx) and (idx.min() < 0 or idx.max() >= length):
+        bad = (idx < 0) | (idx >= length)
         raise IndexError(f"cache index {int(idx[bad][0])} is out of range [0, {length})")
     return idx.astype(np.int64, copy=False)
