@@ -20,8 +20,9 @@ Guarantees:
   entry of a chunk since dropped, or of another cache's chunk with the same id, is
   never read from.
 - A row out of its chunk's range raises ``IndexError``; nothing outside is read.
-- State is replaced whole, never changed in place, so threads sharing a table at most
-  rebuild it twice.
+- State is replaced whole, never changed in place: a thread reads one state throughout a
+  batch, and threads sharing a table (rebuilding it for each other's chunks) still copy
+  exactly, at worst more slowly.
 """
 
 from __future__ import annotations

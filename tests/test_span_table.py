@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,27 @@ def test_a_row_out_of_its_chunk_is_refused_and_nothing_is_read():
     loc[1] = pack_locations(1, 8)  # chunk 1 has rows 0..7
     with pytest.raises(IndexError, match="row 8 is out of range of its chunk"):
         gather(chunks, loc, SpanTable())
+
+
+def test_threads_sharing_a_table_over_different_chunks_read_exactly():
+    table = SpanTable()
+    sets = [chunks_of(120, 9), chunks_of(120, 13, scale=5)]  # same ids, other chunks
+    errors = []
+
+    def reader(k):
+        chunks, where = sets[k % 2]
+        rng = np.random.default_rng(k)
+        try:
+            for _ in range(30):
+                idx = rng.permutation(120)[:32]
+                assert_batch(gather(chunks, locations(where, idx), table), idx, 1 + 4 * (k % 2))
+        except Exception as exc:  # reported below, with the thread's number
+            errors.append((k, repr(exc)))
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
