@@ -87,6 +87,11 @@ def test_torchrun_ddp_two_ranks_share_one_cache(ray_address, tmp_path):
         _check_ranks(ranks, ITEMS, 2, EPOCHS)
         for result in ranks:
             assert result["stats"]["clients"] == 2  # both ranks attached to the one cache
+        # The ranks may finish reading before the preload has ended (it skips what the
+        # ranks stored, but its tasks still have to run): wait for it, with a timeout.
+        watcher = CachedDataset(SyntheticCutouts(ITEMS), {"raycache": {"name": name}})
+        assert watcher.cache.wait_for_preload(timeout=120)
+        watcher.cache.close()
         stats = cache_stats(name)
         assert stats["preload"]["state"] == "done"
         # Each item was stored once: by the one preload, or by the rank that needed it
