@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from raycache.chunk import Chunk, chunk_rows
 from raycache.locality import LocalityPlan
 from raycache.preload.progress import Progress
+from raycache.preload.slot_results import next_unit, task_error
 from raycache.preload.task import load_boxed_provider, read_units, unbox
 from raycache.preload.units import PROBE_ITEMS, index_runs
 from raycache.protocol import HELD, READ_IT, STORED
@@ -243,17 +244,16 @@ class LocalityRun:
     def _take(self, slot: Any, node: str) -> bool:
         """Register the next chunk node ``node``'s task yielded; False once it has ended."""
         try:
-            chunk_ref = next(slot)
-        except StopIteration:
-            return False
-        try:
-            summary = ray.get(next(slot))
-        except Exception as exc:  # the task died: what it had left is not preloaded
+            unit = next_unit(slot)
+        except Exception as exc:  # the task failed: what it had left is not preloaded
             todo = self._todo[node][self._back[node] :]
-            detail = f"the preload task on node {node} ended early: {type(exc).__name__}"
+            detail = f"the preload task on node {node} failed: {task_error(exc)}"
             logger.error("raycache locality preload: %s (%d items left)", detail, len(todo))
             self.progress.errors += [{"index": int(i), "error": detail} for i in todo]
             return False
+        if unit is None:
+            return False
+        chunk_ref, summary, _ = unit
         return self._register(chunk_ref, summary, node)
 
     def _register(self, chunk_ref: Any, summary: dict, node: str) -> bool:

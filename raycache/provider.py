@@ -204,6 +204,12 @@ def load_provider(key: str, blob: bytes) -> Any:
     -------
     Any
         The provider.
+
+    Raises
+    ------
+    ProviderNotPicklableError
+        If the provider cannot be unpickled in this process, typically because its
+        class is in a module that Ray's worker processes cannot import.
     """
     with _loaded_lock:
         if key not in _loaded:
@@ -211,6 +217,23 @@ def load_provider(key: str, blob: bytes) -> Any:
             try:
                 _loaded.clear()  # one preload run's provider per worker process at a time
                 _loaded[key] = cloudpickle.loads(blob)
+            except Exception as exc:
+                raise ProviderNotPicklableError(_unpickle_advice(exc)) from exc
             finally:
                 _loading.active = False
         return _loaded[key]
+
+
+def _unpickle_advice(exc: BaseException) -> str:
+    """Say why a provider did not unpickle in a Ray worker, and what to do about it."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    what = f"{type(exc).__name__}: {first}"
+    if isinstance(exc, ImportError):
+        return (
+            f"the provider could not be unpickled in a Ray worker ({what}): Ray's worker "
+            "processes must be able to import the provider's module. Install its package "
+            "where Ray runs, start Ray with it on PYTHONPATH or in a runtime_env "
+            "(working_dir or py_modules), call ray.cloudpickle.register_pickle_by_value("
+            "module) before building the cache, or define the class in the training script"
+        )
+    return f"the provider could not be unpickled in a Ray worker ({what})"

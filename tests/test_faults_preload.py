@@ -11,7 +11,9 @@ import gc
 import logging
 import os
 import signal
+import sys
 import time
+import types
 
 import fault_helpers
 import pytest
@@ -94,6 +96,50 @@ def test_a_preload_that_stores_nothing_is_not_reported_as_success(ray_address, c
     assert 1 <= len(examples) <= 3, err[-3000:]
     ds.cache.close()
     raycache.drop_cache(cache_name)
+
+
+# A provider class whose module the driver imports and Ray's workers cannot: a package
+# installed only where the script runs, or a directory added to ``sys.path`` by hand.
+HIDDEN_MODULE = "raycache_tests_driver_only"
+HIDDEN_SOURCE = """
+import numpy as np
+
+class DriverOnlyProvider:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, idx):
+        return {"image": np.full(16, idx, np.float32), "label": idx}
+"""
+
+
+def test_a_provider_ray_workers_cannot_import_fails_the_preload_and_says_why(
+    ray_address, cache_name
+):
+    module = types.ModuleType(HIDDEN_MODULE)
+    exec(HIDDEN_SOURCE, module.__dict__)
+    sys.modules[HIDDEN_MODULE] = module  # pickled by reference, as an installed module is
+    try:
+        provider = module.DriverOnlyProvider(96)
+        ds = CachedDataset(provider, cfg(cache_name))
+        expected = f"ModuleNotFoundError: No module named '{HIDDEN_MODULE}'.*import the provider"
+        with pytest.raises(PreloadFailedError, match=f"every preload task failed.*{expected}"):
+            ds.cache.wait_for_preload(timeout=120)
+        stats = ds.cache.stats()
+        assert stats["preload"]["state"] == "failed" and stats["items"] == 0
+        assert [e["index"] for e in stats["preload_errors"]] == [None]
+        assert "96 items never read" in stats["preload_errors"][0]["error"]
+        # Training still works: this process reads the provider and fills the cache.
+        assert assert_epoch_matches(ds, provider) == 96
+        assert ds.cache.flush(timeout=30)
+        assert ds.cache.stats()["items"] == 96
+        ds.cache.close()
+        raycache.drop_cache(cache_name)
+    finally:
+        del sys.modules[HIDDEN_MODULE]
 
 
 def test_a_provider_hanging_at_one_index_times_out_and_the_rest_is_preloaded(

@@ -145,11 +145,14 @@ class PreloadWaits:
         errors = run.get("errors") or [{"index": None, "error": run.get("state", "")}]
         first = errors[0]
         lines = str(first["error"]).strip().splitlines()
-        what = (
-            f"{failed} of {stats['length']} items could not be read, {run.get('items', 0)} "
-            f"stored (first: index {first['index']}: {lines[0] if lines else ''}); "
-            "stats()['preload_errors'] lists every one"
-        )
+        if first["index"] is None and len(errors) == 1:  # the run's own failure, not a read's
+            what = lines[0] if lines else run.get("state", "")
+        else:
+            what = (
+                f"{failed} of {stats['length']} items could not be read, {run.get('items', 0)} "
+                f"stored (first: index {first['index']}: {lines[0] if lines else ''}); "
+                "stats()['preload_errors'] lists every one"
+            )
         if run.get("state") == "failed" or not run.get("items"):
             raise PreloadFailedError(f"the preload of cache {self._link.name!r} failed: {what}")
         if self._outcome_told:

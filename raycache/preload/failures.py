@@ -64,10 +64,11 @@ class FailureLog:
         stored : int
             Items the run stored.
         """
-        count = len(self.errors)
-        if not count:
+        failed = [e for e in self.errors if e["index"] is not None]
+        count = len(failed)
+        if not count:  # none, or only the run's own failure, which the run logs itself
             return
-        first = self.errors[0]
+        first = failed[0]
         logger.error(
             "raycache preload ended: %d of %d items could not be read, %d stored "
             "(first: index %s: %s); stats()['preload_errors'] lists every one",

@@ -30,6 +30,7 @@ import ray
 from raycache.preload.failures import FailureLog
 from raycache.preload.profile import RunProfile
 from raycache.preload.progress import Progress
+from raycache.preload.slot_results import next_unit, task_error
 from raycache.preload.task import read_units_task
 from raycache.preload.units import MIN_UNIT_ITEMS, UnitScheduler
 
@@ -131,6 +132,7 @@ class PreloadRun:
         self.progress = Progress()
         self.profile = RunProfile()
         self.failures = FailureLog(self.progress.errors)  # logs a few, then one summary
+        self.task_errors: list[str] = []  # why each failed task failed, in order
         self.done_event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycache-preload", daemon=True)
         self._thread.start()
@@ -239,6 +241,10 @@ class PreloadRun:
         try:
             self._drive()
             progress.state = "done" if not progress.errors else "done_with_errors"
+        except _SlotsFailed as exc:
+            logger.error("raycache preload failed: %s", exc)
+            progress.errors.append({"index": None, "error": str(exc)})
+            progress.state = "failed"
         except Exception:  # the actor must learn of it; never leave waiters hanging
             logger.exception("raycache preload failed")
             progress.errors.append({"index": None, "error": traceback.format_exc(limit=3)})
@@ -260,10 +266,13 @@ class PreloadRun:
     def _drive(self) -> None:
         slots = self._start_slots(self.tasks)
         while True:
-            self._wait_for_slots(slots)
+            failed_before, started = len(self.task_errors), len(slots)
+            self._wait_for_slots(slots)  # empties ``slots``
             # Units handed out but never reported: their slot's task died.
+            why = self.task_errors[-1] if self.task_errors else "it ended early"
             for todo in self.scheduler.take_lost():
-                self._lost_unit(todo, "the preload task reading it ended early")
+                self._lost_unit(todo, f"the preload task reading it failed: {why}")
+            _check_round(self.task_errors[failed_before:], started, self.scheduler, self.length)
             if not self._await_reserved():
                 break
             # Items reserved by a trainer that did not store them: one slot reads them.
@@ -309,16 +318,15 @@ class PreloadRun:
     def _take(self, slot: Any) -> bool:
         """Register the next unit a slot yielded; False once the slot has ended."""
         try:
-            chunk_ref = next(slot)
-        except StopIteration:
-            return False
-        began = time.monotonic()
-        try:
-            summary = ray.get(next(slot))
-        except Exception as exc:  # the task died (worker crash, out of memory, cancelled)
-            detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            unit = next_unit(slot)
+        except Exception as exc:  # the task raised or died (crash, out of memory, cancelled)
+            detail = task_error(exc)
             logger.error("raycache preload task failed: %s", detail)
+            self.task_errors.append(detail)
             return False  # its units are reported when the run ends
+        if unit is None:
+            return False
+        chunk_ref, summary, began = unit
         if not self._finish(chunk_ref, summary):
             self.stop()  # the budget is full, or a read failed: hand out no more units
         self.scheduler.registered(summary["unit"])
@@ -327,13 +335,8 @@ class PreloadRun:
         return True
 
     def _lost_unit(self, todo: np.ndarray, detail: str) -> None:
-        logger.error(
-            "raycache preload could not read indices %d..%d (%d items): %s",
-            todo[0],
-            todo[-1],
-            len(todo),
-            detail,
-        )
+        what = "raycache preload could not read indices %d..%d (%d items): %s"
+        logger.error(what, todo[0], todo[-1], len(todo), detail)
         self.scheduler.note_failed(todo.tolist())
         self.failures.failed([(int(i), detail) for i in todo])
 
@@ -355,3 +358,20 @@ class PreloadRun:
         if self._on_progress is not None:
             self._on_progress(count, summary["seconds"])
         return room and go_on
+
+
+def _check_round(failures: list[str], started: int, scheduler: UnitScheduler, length: int) -> None:
+    """Raise ``_SlotsFailed`` if every slot of a round failed with items never handed out.
+
+    No task can read them then (a provider that does not unpickle in Ray's workers,
+    typically): starting more would fail the same way.
+    """
+    unread = length - scheduler.frontier
+    if len(failures) == started and unread > 0 and not scheduler.stopped.is_set():
+        raise _SlotsFailed(
+            f"every preload task failed ({started}), {unread} items never read: {failures[0]}"
+        )
+
+
+class _SlotsFailed(Exception):
+    """Every task of a round failed before the range was read: the run cannot go on."""
