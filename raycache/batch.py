@@ -296,14 +296,17 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray, table: SpanTable | None = 
         # Items of different structures: no shared columns to gather from.
         return [chunks[c].row(r) for c, r in zip(cids.tolist(), rows.tolist())]
     if uniform:
-        sources_of = dict(zip(layouts, map(itemgetter(3), layouts.values())))
-        spans_of = None
-        if any(_copies_rows(kind, len(loc)) for kind in first[2]):
-            spans_of = dict(zip(layouts, map(itemgetter(4), layouts.values())))
+        kinds = first[2]
+        big = any(_copies_rows(kind, len(loc)) for kind in kinds)
         spanned = None
         if table is not None and len(layouts) > 1:
             spanned = table.columns(layouts, cids, rows)
-        columns = _take_uniform(first[2], sources_of, cids, rows, spans_of, spanned)
+        if spanned is not None and not big and None not in spanned:
+            # The common warm batch: every column one fancy index, nothing to choose.
+            return GatheredBatch.of(template, list(map(_spanned, kinds, spanned)), len(loc))
+        sources_of = dict(zip(layouts, map(itemgetter(3), layouts.values())))
+        spans_of = dict(zip(layouts, map(itemgetter(4), layouts.values()))) if big else None
+        columns = _take_uniform(kinds, sources_of, cids, rows, spans_of, spanned)
     else:
         columns = _take_mixed(chunks, layouts, cids, rows)
     return GatheredBatch.of(template, columns, len(loc))

@@ -69,10 +69,13 @@ def index_array(indices: Sequence[int], length: int) -> np.ndarray:
     IndexError
         If an index is out of range (the first such is named).
     """
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+    given = np.asarray(indices)
+    if given.ndim != 1 or given.dtype.kind not in "iu":
         return np.array([check_index(i, length) for i in indices], dtype=np.int64)
-    if len(idx) and (idx.min() < 0 or idx.max() >= length):
-        bad = (idx < 0) | (idx >= length)
-        raise IndexError(f"cache index {int(idx[bad][0])} is out of range [0, {length})")
-    return idx.astype(np.int64, copy=False)
+    idx = given.astype(np.int64, copy=False)
+    # One reduction checks both ends: a negative index read as unsigned is above length
+    # (as is an unsigned index too big for int64).
+    if len(idx) and idx.view(np.uint64).max() >= length:
+        bad = (given < 0) | (given >= length)
+        raise IndexError(f"cache index {int(given[bad][0])} is out of range [0, {length})")
+    return idx

@@ -32,6 +32,7 @@ import itertools
 import math
 from collections.abc import Callable
 from functools import partial
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -56,15 +57,17 @@ class _State(NamedTuple):
     layout_id: int
     serial_of: dict  # chunk id -> the serial of the chunk described
     count: np.ndarray  # per chunk id: its rows (0: not described)
-    start: np.ndarray  # (columns, chunk ids): words from the column's span base to row 0
-    stride: np.ndarray  # (columns, chunk ids): words from one row to the next
+    # Per column with a span, by chunk id: words from the column's span base to row 0,
+    # and from one row to the next (one 1-D array each: a 1-D take is the fast one).
+    start: tuple
+    stride: tuple
     # Per column, its span: a read-only ``(positions, *shape)`` array of the column's
     # dtype, a row starting at every word; None where rows are not plain bytes.
     columns: tuple
     spans_of: dict  # chunk id -> its layout's spans
 
 
-_EMPTY = _State(-1, {}, np.zeros(0, np.int64), np.zeros((0, 0), np.int64), None, (), {})
+_EMPTY = _State(-1, {}, np.zeros(0, np.int64), (), (), (), {})
 
 
 class SpanTable:
@@ -101,8 +104,8 @@ class SpanTable:
         state = self._state
         serial_of = state.serial_of
         layout_id = next(iter(layouts.values()))[_LAYOUT_ID]
-        if layout_id != state.layout_id or any(
-            serial_of.get(cid) != lay[_SERIAL] for cid, lay in layouts.items()
+        if layout_id != state.layout_id or list(map(serial_of.get, layouts)) != list(
+            map(itemgetter(_SERIAL), layouts.values())
         ):
             state = self._state = _described(state, layout_id, layouts)
         if all(c is None for c in state.columns):
@@ -113,9 +116,9 @@ class SpanTable:
             raise IndexError(
                 f"row {int(rows[p])} is out of range of its chunk ({int(count[p])} rows)"
             )
-        starts = state.start[:, cids] + rows * state.stride[:, cids]
         return [
-            None if c is None else partial(_take, c, starts[j]) for j, c in enumerate(state.columns)
+            None if c is None else partial(_take, c, start[cids] + rows * stride[cids])
+            for c, start, stride in zip(state.columns, state.start, state.stride)
         ]
 
 
@@ -151,7 +154,9 @@ def _described(state: _State, layout_id: int, layouts: dict[int, tuple]) -> _Sta
         if column is not None and all(c is None for c in columns):
             count[cids] = [s[2] for s in spans]  # every column of a chunk has its rows
         columns.append(column)
-    return _State(layout_id, serial_of, count, start, stride, tuple(columns), spans_of)
+    return _State(
+        layout_id, serial_of, count, tuple(start), tuple(stride), tuple(columns), spans_of
+    )
 
 
 def _column(
