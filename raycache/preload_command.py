@@ -283,7 +283,7 @@ def _fill(cache: Any, args: argparse.Namespace) -> int:
     reporter = _Reporter(name, length, args.progress)
     try:
         while True:
-            done = cache.wait_for_preload(timeout=POLL_S)
+            done = _wait_or_drop(cache, POLL_S)
             stats = cache.stats()
             errors = stats.get("preload_errors") or []
             reporter.update(stats["items"], stats["bytes"], len(errors))
@@ -314,6 +314,28 @@ def _fill(cache: Any, args: argparse.Namespace) -> int:
         f"cache {name!r}: {length} items, {stats['bytes']} bytes cached in {seconds:.1f} s; {kept}"
     )
     return 0
+
+
+def _wait_or_drop(cache: Any, timeout: float) -> bool:
+    """Wait for the preload; if it failed outright, drop the cache when it holds nothing.
+
+    A preload that stored nothing (every task or every read failed) would otherwise leave
+    an empty cache kept until ``raycache drop``, and the node Ray with it.
+    """
+    from raycache.errors import PreloadFailedError
+
+    try:
+        return cache.wait_for_preload(timeout=timeout)
+    except PreloadFailedError as exc:
+        stats = cache.stats()
+        dropped = ""
+        if stats["items"] == 0 and stats.get("clients", 0) <= 1:  # no other process uses it
+            from raycache.admin import drop_cache
+
+            cache.close()
+            drop_cache(cache.name, cache.config.namespace)  # the Ray this process uses
+            dropped = "; the empty cache was dropped"
+        raise PreloadError(f"{exc}{dropped}") from exc
 
 
 def _error_line(name: str, errors: list[dict], stopped: bool) -> str:

@@ -222,6 +222,28 @@ def test_provider_error_is_reported_with_its_index(
         run(["-m", "raycache", "drop", cache_name], workdir, ray_address)
 
 
+def test_a_provider_ray_workers_cannot_import_exits_1_and_drops_the_empty_cache(
+    ray_address, workdir, cache_name
+):
+    # The provider file is shipped by value, but the class it imports is pickled by
+    # reference, from a directory only this command's process has on its path.
+    hidden = workdir / "driver_only"
+    hidden.mkdir()
+    (hidden / "driver_only_squares.py").write_text(PROVIDER_MODULE)
+    (workdir / "make_hidden.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(hidden)!r})\nfrom driver_only_squares import make\n"
+    )
+    cfg = write_config(workdir, cache_name, provider="make_hidden.py:make")
+    proc = run(["-m", "raycache", "preload", str(cfg)], workdir, ray_address)
+    assert proc.returncode == 1, proc.stderr
+    line = one_line(proc.stderr)
+    assert "every preload task failed" in line, line
+    assert "ModuleNotFoundError: No module named 'driver_only_squares'" in line, line
+    assert line.endswith("the empty cache was dropped"), line
+    listing = run(["-m", "raycache", "list", "--json"], workdir, ray_address)
+    assert listing.returncode == 0 and cache_name not in listing.stdout, listing.stdout
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
