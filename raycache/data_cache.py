@@ -280,7 +280,9 @@ class DataCache(AttachedCache):
         Raises
         ------
         PreloadFailedError
-            If the preload ended and stored nothing: every read failed.
+            If the preload stored nothing (every read failed), or could not run: every
+            preload task failed, say because Ray's workers cannot import the provider's
+            module. The message gives the first error and what to do.
         """
         if not self.using_cache():
             return True

@@ -112,8 +112,9 @@ class PreloadWaits:
             If the cache is lost for this process, or this is a forked child (which
             cannot ask); the message says which.
         PreloadFailedError
-            If the preload ended having stored nothing (every read failed, or the run
-            itself failed). One that stored some items logs it once (INFO) instead.
+            If the preload ended having stored nothing (every read failed), or failed
+            (every preload task failed, or the run itself did). One that stored some
+            items and ended otherwise logs it once (INFO) instead.
         """
         if not self._link.usable():  # lost, or a forked child, which makes no Ray call
             raise self._link.unavailable()
