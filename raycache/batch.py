@@ -239,6 +239,33 @@ def _spanned(kind: tuple, take: Any) -> tuple:
     return (kind[0], take())
 
 
+def _chosen_spanned(
+    kind: tuple, j: int, take: Any, layouts: dict, cids: np.ndarray, rows: np.ndarray
+) -> tuple:
+    """Gather column ``j`` with ``SpanTable``'s copy or, if big and it pays, the pool's.
+
+    The table covers the column, so every chunk's rows of it are plain bytes; the pool
+    copy's sources are looked up only when the pool is chosen (a few in a thousand
+    batches on a busy node).
+    """
+    if not _copies_rows(kind, len(rows)):
+        return _spanned(kind, take)
+    return chosen_copy(
+        _copy_bytes(kind, len(rows)),
+        partial(_pooled_column, kind, j, layouts, cids, rows),
+        partial(_spanned, kind, take),
+    )
+
+
+def _pooled_column(
+    kind: tuple, j: int, layouts: dict, cids: np.ndarray, rows: np.ndarray
+) -> tuple:
+    """Gather column ``j`` of chunks with ``layouts`` with one ``copy_rows`` call."""
+    keys, which = _positions(layouts, cids)
+    sources = [layouts[c][3][j] for c in keys]
+    return _column_span(kind, sources, [layouts[c][4][j] for c in keys], which, rows)
+
+
 def _column_span(
     kind: tuple, sources: list, spans: list, which: np.ndarray, rows: np.ndarray
 ) -> tuple:
@@ -301,9 +328,17 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray, table: SpanTable | None = 
         spanned = None
         if table is not None and len(layouts) > 1:
             spanned = table.columns(layouts, cids, rows)
-        if spanned is not None and not big and None not in spanned:
-            # The common warm batch: every column one fancy index, nothing to choose.
-            return GatheredBatch.of(template, list(map(_spanned, kinds, spanned)), len(loc))
+        if spanned is not None and None not in spanned:
+            # The common warm batch: every column one fancy index; a big column's copy
+            # may run on torch's pool instead, and only then are its sources looked up.
+            if big:
+                columns = [
+                    _chosen_spanned(kind, j, take, layouts, cids, rows)
+                    for j, (kind, take) in enumerate(zip(kinds, spanned))
+                ]
+            else:
+                columns = list(map(_spanned, kinds, spanned))
+            return GatheredBatch.of(template, columns, len(loc))
         sources_of = dict(zip(layouts, map(itemgetter(3), layouts.values())))
         spans_of = dict(zip(layouts, map(itemgetter(4), layouts.values()))) if big else None
         columns = _take_uniform(kinds, sources_of, cids, rows, spans_of, spanned)
