@@ -257,9 +257,7 @@ def _chosen_spanned(
     )
 
 
-def _pooled_column(
-    kind: tuple, j: int, layouts: dict, cids: np.ndarray, rows: np.ndarray
-) -> tuple:
+def _pooled_column(kind: tuple, j: int, layouts: dict, cids: np.ndarray, rows: np.ndarray) -> tuple:
     """Gather column ``j`` of chunks with ``layouts`` with one ``copy_rows`` call."""
     keys, which = _positions(layouts, cids)
     sources = [layouts[c][3][j] for c in keys]
