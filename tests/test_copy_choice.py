@@ -62,6 +62,32 @@ def test_a_pool_that_is_slower_is_left_and_tried_less_and_less_often():
     assert chooser.snapshot()["in_use"] == "one_thread"
 
 
+def test_a_pool_that_lost_while_others_hold_the_cpus_is_tried_only_every_max_recheck():
+    # Each burst of the pool costs several one-thread copies on a busy node: after
+    # learning, it is tried once per ``max_recheck`` copies, not at doubling intervals.
+    chooser = CopyChooser(probes=3, recheck=8, max_recheck=200, threads=lambda: 2, others=busy)
+    ways = run(chooser, pool_s=0.005, one_s=0.001, copies=1000)
+    starts = [k for k in range(8, len(ways)) if ways[k] and not ways[k - 1]]
+    assert len(starts) == 4, starts  # at ~207, ~411, ~615, ~819: one per max_recheck
+    assert all(g >= 200 for g in (b - a for a, b in zip(starts, starts[1:])))
+    unknown = CopyChooser(
+        probes=3, recheck=8, max_recheck=200, threads=lambda: 2, others=lambda: None
+    )
+    starts = [k for k, w in enumerate(run(unknown, 0.005, 0.001, 1000)[8:], 8) if w]
+    assert len(starts) > 4 * 4  # load unknown: doubling intervals (8, 16, ...), as before
+
+
+def test_a_node_seen_quiet_has_its_pool_tried_again_without_waiting_for_max_recheck():
+    load = {"others": busy()}
+    chooser = CopyChooser(
+        probes=3, recheck=8, max_recheck=10_000, threads=lambda: 2, others=lambda: load["others"]
+    )
+    assert run(chooser, pool_s=0.005, one_s=0.001, copies=100)[10:].count(True) == 0
+    load["others"] = 0.0  # the other processes have gone
+    quiet = run(chooser, pool_s=0.0005, one_s=0.001, copies=30)
+    assert quiet[:2] == [True, True] and chooser.snapshot()["in_use"] == "pool"
+
+
 def test_a_pool_that_is_faster_is_kept():
     chooser = CopyChooser(probes=3, recheck=8, max_recheck=64, threads=lambda: 2, others=busy)
     ways = run(chooser, pool_s=0.001, one_s=0.002, copies=200)
