@@ -255,22 +255,18 @@ class CopyChooser:
             pool = self.rate[True] < margin * self.rate[False]
         else:  # kept while it is faster at all (no flapping at the margin)
             pool = self.pool and self.rate[True] < self.rate[False]
-        self._held_off = False
-        if not pool and self._others_busy():
-            # The pool lost with others on the CPUs it would use: each burst of it
-            # costs several one-thread copies there, so it is tried again only after
-            # ``max_recheck`` copies, or sooner once those CPUs are seen idle.
-            self._held_off = True
-            self._interval = self.max_recheck
-            if pool != self.pool:
-                self.pool = pool
-                self._since_check = 0
-        elif pool != self.pool:
+        if pool != self.pool:
             self.pool = pool
             self._interval = self.recheck
             self._since_check = 0
         elif burst_of is not None and burst_of != pool:
             self._interval = min(self._interval * 2, self.max_recheck)
+        # The pool lost with others on the CPUs it would use: each burst of it costs
+        # several one-thread copies there, so it is tried again only after
+        # ``max_recheck`` copies, or sooner once those CPUs are seen idle.
+        self._held_off = not pool and self._others_busy()
+        if self._held_off:
+            self._interval = self.max_recheck
 
     def _idle(self) -> bool:
         """Return True if other processes leave the pool's threads idle CPUs."""
