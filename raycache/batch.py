@@ -27,7 +27,15 @@ from raycache.protocol import rows as location_rows
 from raycache.span_copy import copy_rows, row_span
 from raycache.span_table import SpanTable, new_serial
 
-__all__ = ["GatheredBatch", "collate", "gather", "read_partial"]
+__all__ = [
+    "GatheredBatch",
+    "collate",
+    "copies_rows",
+    "copy_bytes",
+    "gather",
+    "layouts_of",
+    "read_partial",
+]
 
 # How a batch spread over several chunks is gathered (measured, 2-core EPYC): copying
 # row by row costs a Python step (~0.4 us) per row; gathering per chunk costs ~10 us per
@@ -85,8 +93,19 @@ def _layout(chunk: Chunk) -> tuple:
     return layout
 
 
-def _layouts(chunks: Iterable[Chunk]) -> list:
-    """Return each chunk's layout; the common case (all known) is one C-level pass."""
+def layouts_of(chunks: Iterable[Chunk]) -> list:
+    """Return each chunk's layout (see ``_layout``), worked out once per mapped chunk.
+
+    Parameters
+    ----------
+    chunks : Iterable[Chunk]
+        Mapped chunks.
+
+    Returns
+    -------
+    list
+        Their layouts, in order; the common case (all known) is one C-level pass.
+    """
     chunks = list(chunks)
     try:
         return list(map(_known_layout, chunks))
@@ -99,28 +118,53 @@ def _row_values(sources: Sequence[Any], rows: Sequence[int]) -> list:
     return [src.row(r, True) for src, r in zip(sources, rows)]
 
 
-def _copy_bytes(kind: tuple, count: int) -> int:
-    """Return the bytes of ``count`` rows of a column of ``kind``."""
+def copy_bytes(kind: tuple, count: int) -> int:
+    """Return the bytes of ``count`` rows of a column of ``kind``.
+
+    Parameters
+    ----------
+    kind : tuple
+        The column's kind (``_column_kind``): ``(kind, dtype, row shape)``.
+    count : int
+        Rows.
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
     return count * kind[1].itemsize * math.prod(kind[2])
 
 
-def _copies_rows(kind: tuple, count: int) -> bool:
+def copies_rows(kind: tuple, count: int) -> bool:
     """Return True if ``count`` rows of a column of ``kind`` may be copied by ``copy_rows``.
 
     Whether they are, or are copied on this thread alone, is ``chosen_copy``'s call:
     on one thread ``copy_rows`` is slower than the row-by-row copy.
+
+    Parameters
+    ----------
+    kind : tuple
+        The column's kind (``_column_kind``).
+    count : int
+        Rows.
+
+    Returns
+    -------
+    bool
+        True for an array or tensor column of ``COPY_ROWS_MIN_BYTES`` or more.
     """
-    return kind[0] in _COPY_KINDS and _copy_bytes(kind, count) >= COPY_ROWS_MIN_BYTES
+    return kind[0] in _COPY_KINDS and copy_bytes(kind, count) >= COPY_ROWS_MIN_BYTES
 
 
 def _take_single(kind: tuple, source: Any, rows: np.ndarray, span: Any = None) -> tuple:
     """Gather one column when every row comes from the same chunk."""
     if kind[0] == "list":
         return ("list", [source.row(r, True) for r in rows.tolist()])
-    if span is not None and _copies_rows(kind, len(rows)):
+    if span is not None and copies_rows(kind, len(rows)):
         which = np.zeros(len(rows), dtype=np.intp)
         pool = partial(_column_span, kind, [source], [span], which, rows)
-        return chosen_copy(_copy_bytes(kind, len(rows)), pool, partial(_fancy, kind, source, rows))
+        return chosen_copy(copy_bytes(kind, len(rows)), pool, partial(_fancy, kind, source, rows))
     return _fancy(kind, source, rows)
 
 
@@ -218,7 +262,7 @@ def _take_uniform(
                 one_thread = partial(_column_rows, kind, sources, row_list)
         if (
             spans_of is not None
-            and _copies_rows(kind, len(rows))
+            and copies_rows(kind, len(rows))
             and all(spans[j] is not None for spans in spans_of.values())
         ):
             if positions is None:
@@ -227,7 +271,7 @@ def _take_uniform(
             span_sources = [sources_of[c][j] for c in keys]
             pool = partial(_column_span, kind, span_sources, [spans_of[c][j] for c in keys])
             out.append(
-                chosen_copy(_copy_bytes(kind, len(rows)), partial(pool, which, rows), one_thread)
+                chosen_copy(copy_bytes(kind, len(rows)), partial(pool, which, rows), one_thread)
             )
         else:
             out.append(one_thread())
@@ -248,10 +292,10 @@ def _chosen_spanned(
     copy's sources are looked up only when the pool is chosen (a few in a thousand
     batches on a busy node).
     """
-    if not _copies_rows(kind, len(rows)):
+    if not copies_rows(kind, len(rows)):
         return _spanned(kind, take)
     return chosen_copy(
-        _copy_bytes(kind, len(rows)),
+        copy_bytes(kind, len(rows)),
         partial(_pooled_column, kind, j, layouts, cids, rows),
         partial(_spanned, kind, take),
     )
@@ -313,7 +357,7 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray, table: SpanTable | None = 
     """
     cids = chunk_ids(loc)
     rows = location_rows(loc)
-    layouts = dict(zip(chunks, _layouts(chunks.values())))
+    layouts = dict(zip(chunks, layouts_of(chunks.values())))
     first = next(iter(layouts.values()))
     template = first[1]
     uniform = len(set(map(itemgetter(0), layouts.values()))) == 1
@@ -322,7 +366,7 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray, table: SpanTable | None = 
         return [chunks[c].row(r) for c, r in zip(cids.tolist(), rows.tolist())]
     if uniform:
         kinds = first[2]
-        big = any(_copies_rows(kind, len(loc)) for kind in kinds)
+        big = any(copies_rows(kind, len(loc)) for kind in kinds)
         spanned = None
         if table is not None and len(layouts) > 1:
             spanned = table.columns(layouts, cids, rows)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["SpanTable", "new_serial"]
+__all__ = ["SpanState", "SpanTable", "describe", "new_serial"]
 
 # A table that has described this many chunks starts again from the batch's chunks (the
 # entries of chunks dropped since are never used, only kept).
@@ -53,7 +53,9 @@ def new_serial() -> int:
     return next(_serials)
 
 
-class _State(NamedTuple):
+class SpanState(NamedTuple):
+    """Where the rows of some chunks lie, per column (``SpanTable``'s state, ``describe``)."""
+
     layout_id: int
     serial_of: dict  # chunk id -> the serial of the chunk described
     count: np.ndarray  # per chunk id: its rows (0: not described)
@@ -67,7 +69,7 @@ class _State(NamedTuple):
     spans_of: dict  # chunk id -> its layout's spans
 
 
-_EMPTY = _State(-1, {}, np.zeros(0, np.int64), (), (), (), {})
+_EMPTY = SpanState(-1, {}, np.zeros(0, np.int64), (), (), (), {})
 
 
 class SpanTable:
@@ -131,7 +133,25 @@ def _take(span: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return span[starts]
 
 
-def _described(state: _State, layout_id: int, layouts: dict[int, tuple]) -> _State:
+def describe(layouts: dict[int, tuple]) -> SpanState:
+    """Return where the rows of the chunks of ``layouts`` lie (one layout id).
+
+    Parameters
+    ----------
+    layouts : dict[int, tuple]
+        Chunk ids and their layouts (``raycache.batch.layouts_of``), all of one layout id.
+
+    Returns
+    -------
+    SpanState
+        Per column its span (None where rows are not plain bytes) and, by chunk id, the
+        words to row 0 and from row to row; per chunk id its rows (0: not among them).
+    """
+    layout_id = next(iter(layouts.values()))[_LAYOUT_ID]
+    return _described(_EMPTY, layout_id, layouts)
+
+
+def _described(state: SpanState, layout_id: int, layouts: dict[int, tuple]) -> SpanState:
     """Return ``state`` with the chunks of ``layouts`` described (a new state)."""
     same = layout_id == state.layout_id and len(state.serial_of) + len(layouts) <= MAX_DESCRIBED
     serial_of = dict(state.serial_of) if same else {}
@@ -154,7 +174,7 @@ def _described(state: _State, layout_id: int, layouts: dict[int, tuple]) -> _Sta
         if column is not None and all(c is None for c in columns):
             count[cids] = [s[2] for s in spans]  # every column of a chunk has its rows
         columns.append(column)
-    return _State(
+    return SpanState(
         layout_id, serial_of, count, tuple(start), tuple(stride), tuple(columns), spans_of
     )
 

@@ -33,8 +33,10 @@ from raycache.client.forking import ForkSide, forget, register
 from raycache.client.link import LOST, cache_spec, link_to_directory
 from raycache.client.local_map import STALE_S, LocalMap
 from raycache.client.preload_waits import PreloadWaits
+from raycache.client.warm_index import WarmReads
 from raycache.client.write_buffer import WriteBuffer
 from raycache.config import CacheConfig
+from raycache.gathered import GatheredBatch
 from raycache.protocol import ROW_BITS, ROW_MASK
 from raycache.runtime import ensure_ray
 
@@ -62,6 +64,8 @@ class ClientState(NamedTuple):
         A preload was running at the last reply.
     dead : bool
         The cache is lost for this process.
+    warm_index : bool
+        Batches are read through a ``WarmIndex`` of the map as it is now.
     """
 
     locations: np.ndarray
@@ -71,6 +75,7 @@ class ClientState(NamedTuple):
     pin_children: int
     preloading: bool
     dead: bool
+    warm_index: bool
 
 
 class CacheClient:
@@ -115,6 +120,7 @@ class CacheClient:
         self._fork = ForkSide(name, self._buffer_item, self.count)
         self._map = LocalMap(self._link, length, self._fork.pins, self._counter_deltas)
         self._map.sync(force=True)
+        self._warm = WarmReads()
         self._buffer = WriteBuffer(
             self._link, self._map, self.settings, config, self._counter_deltas, self._filling_alone
         )
@@ -171,6 +177,7 @@ class CacheClient:
             pin_children=self._fork.pins.children,
             preloading=self._map.preloading,
             dead=self._link.dead,
+            warm_index=self._warm.serves(self._map),
         )
 
     # ------------------------------------------------------------------ reads
@@ -222,6 +229,14 @@ class CacheClient:
         elif (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
             loc = self._map.loc[indices]
         return loc
+
+    def warm_batch(self, indices: np.ndarray) -> GatheredBatch | None:
+        """Return the batch at ``indices`` (validated) without locating it, or None.
+
+        Served while the map holds still (a warm epoch, ``raycache.client.warm_index``),
+        only when every index is cached; None: read the batch the usual way.
+        """
+        return self._warm.batch(self._map, indices)
 
     def mapped(self, cids: Any) -> dict[int, Chunk] | None:
         """Return the mapped chunk of each chunk id, or None if one cannot be mapped."""

@@ -8,7 +8,10 @@ the map is behind (``force_sync``).
 
 Guarantees: replies are applied in version order (an older reply that arrives late is
 dropped), so the map only moves forward; a retired chunk is handed to the fork pins
-before this process drops it, so forked children can go on reading it.
+before this process drops it, so forked children can go on reading it; every change to
+the locations or the mapped chunks adds one to ``changes`` after it is made, so what a
+reader worked out from them (``raycache.client.warm_index``) is known to be current
+while ``changes`` is what it was.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class LocalMap:
     ):
         self.loc = np.full(length, MISSING, dtype=np.int64)
         self.version = 0
+        self.changes = 0  # changes made to ``loc`` or ``views`` in this process
         self.refs: dict[int, Any] = {}  # chunk id -> ObjectRef
         self.views: dict[int, Chunk] = {}  # chunk id -> mapped chunk
         self.inflight: Inflight = {}  # preload units being read, as last heard
@@ -92,6 +96,7 @@ class LocalMap:
                 self._chunk_lost(cid)
             return None
         self.views[cid] = view
+        self.changes += 1
         return view
 
     def _chunk_lost(self, cid: int) -> None:
@@ -103,6 +108,7 @@ class LocalMap:
         with self.lock:
             self.refs.pop(cid, None)
             self.views.pop(cid, None)
+            self.changes += 1
             asked = time.monotonic()
             reply = self._link.call("chunk_lost", cid, self._link.client_id, self.version)
             if reply is not LOST:
@@ -218,6 +224,8 @@ class LocalMap:
                     for cid in event.cids:
                         ref = self.refs.pop(cid, None)
                         self._pins.retire(cid, ref, self.views.pop(cid, None))
+        if isinstance(reply, Snapshot) or reply.events:
+            self.changes += 1
         self.version = reply.version
         self.note_units(reply.inflight)
 

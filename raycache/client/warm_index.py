@@ -1,0 +1,229 @@
+"""Per item index, where each field's row lies: a warm batch as one take per field.
+
+A warm batch of small items costs more in per-batch Python than in copies: looking up
+its locations, the chunks they name, those chunks' layouts and the span table's entries
+(``raycache.batch.gather``) takes ~40 us for a batch of 64 1 KiB items whose copy takes
+~10. While this process's map does not change (a warm epoch), every batch works out the
+same answers for the same indices, so ``WarmIndex`` works them out once, for every
+cached index: per column, the word in the column's span (``raycache.span_table``) where
+the index's row starts. A batch is then one fancy index of that table and one of the
+span per column.
+
+Guarantees:
+
+- An index is used only while the map is as it was built from (``LocalMap.changes``):
+  any change to the locations or the mapped chunks sends batches the usual way until the
+  map has held still again for long enough to pay for a new one (``WarmReads``).
+- It holds the chunks it points into, so their memory stays mapped while a batch copies
+  from them, even if another thread drops them from the map meanwhile; a stale index is
+  dropped at the next batch, so it keeps no chunk the map has dropped for longer.
+- An index not cached, in a chunk not mapped, or in a chunk of another layout than the
+  most common one has no entry: a batch holding one is read the usual way. Every entry is
+  a row inside its chunk (checked when the index is built).
+- It is built only when its tables are at most ``MAX_ENTRIES`` words, so a process never
+  holds more than ~32 MiB of them (4 bytes a word unless the span needs 8).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from functools import partial
+
+import numpy as np
+
+from raycache.batch import copies_rows, copy_bytes, layouts_of
+from raycache.client.local_map import LocalMap
+from raycache.copy_choice import chosen_copy
+from raycache.gathered import GatheredBatch
+from raycache.protocol import ROW_BITS, ROW_MASK
+from raycache.span_copy import copy_rows, row_span
+from raycache.span_table import describe
+
+__all__ = ["MAX_ENTRIES", "MIN_STEADY", "STEADY_BUILDS", "WarmIndex", "WarmReads"]
+
+# Most words an index holds (items x columns).
+MAX_ENTRIES = 1 << 23
+# Batches the map must hold still before an index is built, and how many times the last
+# build's time it must hold still for: a map that changes as often as it may then spends
+# at most a tenth of its time building indices.
+MIN_STEADY = 8
+STEADY_BUILDS = 10
+
+
+class WarmIndex:
+    """Every cached index's row, per column, as a word of the column's span.
+
+    Built by ``WarmIndex.build``; ``changes`` is the map's count it was built at.
+    """
+
+    def __init__(
+        self,
+        changes: int,
+        chunks: dict,
+        template: object,
+        kinds: tuple,
+        spans: tuple,
+        words: list[np.ndarray],
+    ):
+        self.changes = changes
+        self._chunks = chunks  # held: their memory stays mapped while the index is used
+        self._template = template
+        self._kinds = kinds
+        self._spans = spans
+        self._words = words
+        self._rest = list(zip(kinds[1:], spans[1:], words[1:]))
+
+    @classmethod
+    def build(cls, local_map: LocalMap) -> WarmIndex | None:
+        """Return the index of ``local_map`` as it is now, or None where none can serve.
+
+        Parameters
+        ----------
+        local_map : LocalMap
+            The process's map and mapped chunks.
+
+        Returns
+        -------
+        WarmIndex or None
+            None if no chunk is mapped, the chunks' fields are not all plain bytes (a
+            ragged or object field), the tables would exceed ``MAX_ENTRIES`` words, or the
+            map changed while the index was being built.
+        """
+        changes = local_map.changes
+        chunks = dict(local_map.views)
+        loc = local_map.loc
+        if not chunks:
+            return None
+        layouts = dict(zip(chunks, layouts_of(chunks.values())))
+        layout_id = Counter(lay[0] for lay in layouts.values()).most_common(1)[0][0]
+        layouts = {c: lay for c, lay in layouts.items() if lay[0] == layout_id}
+        template, kinds = next(iter(layouts.values()))[1:3]
+        if template is None or len(loc) * len(kinds) > MAX_ENTRIES:
+            return None
+        state = describe(layouts)
+        if not state.columns or any(span is None for span in state.columns):
+            return None
+        valid = loc >= 0
+        cids = np.where(valid, loc >> ROW_BITS, 0)
+        valid &= cids < len(state.count)
+        cids[~valid] = 0
+        rows = loc & ROW_MASK
+        valid &= rows < state.count[cids]  # 0 for chunks not described: no entry
+        words = []
+        for span, start, stride in zip(state.columns, state.start, state.stride):
+            word = np.where(valid, start[cids] + rows * stride[cids], -1)
+            words.append(word.astype(np.int32) if len(span) < 2**31 else word)
+        if local_map.changes != changes:
+            return None
+        return cls(changes, chunks, template, kinds, state.columns, words)
+
+    def batch(self, idx: np.ndarray) -> GatheredBatch | None:
+        """Return the items at ``idx`` (validated indices), or None if one has no entry.
+
+        Parameters
+        ----------
+        idx : numpy.ndarray
+            Indices, in range.
+
+        Returns
+        -------
+        GatheredBatch or None
+            One private array per field, as ``raycache.batch.gather`` returns.
+        """
+        first = self._words[0][idx]
+        if first.min() < 0:
+            return None
+        count = len(idx)
+        columns = [_column(self._kinds[0], self._spans[0], first, count)]
+        for kind, span, words in self._rest:
+            columns.append(_column(kind, span, words[idx], count))
+        return GatheredBatch.of(self._template, columns, count)
+
+
+def _column(kind: tuple, span: np.ndarray, starts: np.ndarray, count: int) -> tuple:
+    """Copy one column's rows; a big column over torch's pool where that pays."""
+    if not copies_rows(kind, count):
+        return (kind[0], span[starts])
+    return chosen_copy(
+        copy_bytes(kind, count),
+        partial(_pooled, kind, span, starts),
+        partial(_one, kind, span, starts),
+    )
+
+
+def _one(kind: tuple, span: np.ndarray, starts: np.ndarray) -> tuple:
+    return (kind[0], span[starts])
+
+
+def _pooled(kind: tuple, span: np.ndarray, starts: np.ndarray) -> tuple:
+    which = np.zeros(len(starts), dtype=np.intp)
+    return (kind[0], copy_rows([span], [row_span(span)], which, starts))
+
+
+class WarmReads:
+    """When to build a ``WarmIndex``, and the batches it serves, for one process."""
+
+    def __init__(self) -> None:
+        self._index: WarmIndex | None = None
+        self._seen = -1  # the map's changes count the steady batches were counted at
+        self._steady = 0  # batches since the map last changed
+        self._since = 0.0  # when this process saw that change
+        self._build_s = 0.0  # what the last build took
+        self._refused = -1  # changes count at which a build found no index possible
+
+    def serves(self, local_map: LocalMap) -> bool:
+        """Return True if the next batch is read through an index of ``local_map`` as it is.
+
+        Parameters
+        ----------
+        local_map : LocalMap
+            The process's map.
+
+        Returns
+        -------
+        bool
+            True while the index built last is current.
+        """
+        index = self._index
+        return index is not None and index.changes == local_map.changes
+
+    def batch(self, local_map: LocalMap, idx: np.ndarray) -> GatheredBatch | None:
+        """Return the items at ``idx`` from the index, or None: read them the usual way.
+
+        Parameters
+        ----------
+        local_map : LocalMap
+            The process's map.
+        idx : numpy.ndarray
+            Validated indices.
+
+        Returns
+        -------
+        GatheredBatch or None
+            The batch, if the map has held still long enough and holds every index.
+        """
+        changes = local_map.changes
+        index = self._index
+        if index is not None:
+            if index.changes == changes:
+                return index.batch(idx)
+            self._index = None  # stale: let the chunks it holds go
+        now = time.perf_counter()
+        if changes != self._seen:
+            self._seen, self._steady, self._since = changes, 0, now
+            return None
+        self._steady += 1
+        if (
+            changes == self._refused
+            or self._steady < MIN_STEADY
+            or now - self._since < STEADY_BUILDS * self._build_s
+        ):
+            return None
+        index = self._index = WarmIndex.build(local_map)
+        self._build_s = time.perf_counter() - now
+        self._steady, self._since = 0, time.perf_counter()
+        if index is None:
+            self._refused = changes
+            return None
+        return index.batch(idx)
