@@ -200,15 +200,12 @@ class DataCache(AttachedCache):
         indices : Sequence[int]
             Provider indices (Python or numpy integers, or an integer array).
         wait : bool
-            For a miss on an index that a preload task is reading right now, wait
-            for its unit (at most ~5 s) instead of returning None, so that the item
-            is not read twice. False does not wait for the preload: such a miss is
-            None at once (see ``CachedDataset.__getitems__``, which reads the other
-            misses first). While this process fills the cache alone (it inserts, and
-            nothing else changes the cache), False does not wait for the cache's
-            answer to a miss either, and reads with the map as of its last miss.
-            Otherwise, and always with True, a miss asks the cache what changed (at
-            most every 50 ms in a process) before it is returned as None.
+            For a miss on an index a preload task is reading now, wait for its unit
+            (at most ~5 s) instead of returning None, so the item is not read twice.
+            False: such a miss is None at once (``CachedDataset.__getitems__`` reads
+            the other misses first), and while this process fills the cache alone
+            (nothing else changes it) a miss does not wait for the cache's answer.
+            Otherwise a miss asks what changed (at most every 50 ms) before it is None.
 
         Returns
         -------
@@ -232,19 +229,16 @@ class DataCache(AttachedCache):
             return [None] * len(idx)
         start = time.perf_counter()
         copy = not self.config.zero_copy
-        if copy:  # a warm batch: one take per field, nothing looked up per chunk
-            batch = client.warm_batch(idx)
-            if batch is not None:
-                client.count(hits=len(idx))
-                self._metrics.timed("hit", start)
-                return batch
-        loc = client.locate(idx, wait)
-        if copy and loc.min() >= 0:  # all cached: no np.unique, one dict lookup per chunk
-            chunks = client.mapped(dict.fromkeys(chunk_ids(loc).tolist()))
-            if chunks is not None:
-                client.count(hits=len(idx))
-                self._metrics.timed("hit", start)
-                return gather(chunks, loc, self._spans)
+        batch = client.warm.batch(idx) if copy else None  # one take per field, if warm
+        if batch is None:
+            loc = client.locate(idx, wait)
+            if copy and loc.min() >= 0:  # all cached: no np.unique, one lookup per chunk
+                chunks = client.mapped(dict.fromkeys(chunk_ids(loc).tolist()))
+                batch = None if chunks is None else gather(chunks, loc, self._spans)
+        if batch is not None:
+            client.count(hits=len(idx))
+            self._metrics.timed("hit", start)
+            return batch
         out = read_partial(client, idx, loc, copy, wait)
         hits = sum(item is not None for item in out)
         client.count(hits, len(out) - hits)

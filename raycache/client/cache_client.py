@@ -36,7 +36,6 @@ from raycache.client.preload_waits import PreloadWaits
 from raycache.client.warm_index import WarmReads
 from raycache.client.write_buffer import WriteBuffer
 from raycache.config import CacheConfig
-from raycache.gathered import GatheredBatch
 from raycache.protocol import ROW_BITS, ROW_MASK
 from raycache.runtime import ensure_ray
 
@@ -98,6 +97,8 @@ class CacheClient:
         Reads answered from the cache and not, counted by ``count``.
     waits : PreloadWaits
         Waits on the preload, reservations and spare items.
+    warm : WarmReads
+        Warm batches read through a ``WarmIndex`` while the map holds still.
     """
 
     def __init__(self, config: CacheConfig, name: str, length: int, fingerprint: str):
@@ -120,7 +121,7 @@ class CacheClient:
         self._fork = ForkSide(name, self._buffer_item, self.count)
         self._map = LocalMap(self._link, length, self._fork.pins, self._counter_deltas)
         self._map.sync(force=True)
-        self._warm = WarmReads()
+        self.warm = WarmReads(self._map)  # warm batches: one take per field
         self._buffer = WriteBuffer(
             self._link, self._map, self.settings, config, self._counter_deltas, self._filling_alone
         )
@@ -177,7 +178,7 @@ class CacheClient:
             pin_children=self._fork.pins.children,
             preloading=self._map.preloading,
             dead=self._link.dead,
-            warm_index=self._warm.serves(self._map),
+            warm_index=self.warm.serves(),
         )
 
     # ------------------------------------------------------------------ reads
@@ -213,13 +214,9 @@ class CacheClient:
     def get_mapped(self, idx: int, copy: bool = True) -> Any:
         """Return item ``idx`` if mapped here now (in a forked worker: at the fork), or None."""
         loc = int(self._map.loc[idx])
-        if loc < 0:
-            return None
         # One item: the protocol's shift and mask inline (no helper call per read).
-        view = self._map.view(loc >> ROW_BITS)
-        if view is None:
-            return None
-        return view.row(loc & ROW_MASK, copy)
+        view = self._map.view(loc >> ROW_BITS) if loc >= 0 else None
+        return None if view is None else view.row(loc & ROW_MASK, copy)
 
     def locate(self, indices: np.ndarray, wait: bool = True) -> np.ndarray:
         """Return each index's location (``MISSING`` if missing), asking once (``wait``: get's)."""
@@ -229,14 +226,6 @@ class CacheClient:
         elif (loc < 0).any() and self._refresh(int(indices[np.argmin(loc)]), wait):
             loc = self._map.loc[indices]
         return loc
-
-    def warm_batch(self, indices: np.ndarray) -> GatheredBatch | None:
-        """Return the batch at ``indices`` (validated) without locating it, or None.
-
-        Served while the map holds still (a warm epoch, ``raycache.client.warm_index``),
-        only when every index is cached; None: read the batch the usual way.
-        """
-        return self._warm.batch(self._map, indices)
 
     def mapped(self, cids: Any) -> dict[int, Chunk] | None:
         """Return the mapped chunk of each chunk id, or None if one cannot be mapped."""

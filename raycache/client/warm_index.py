@@ -162,9 +162,16 @@ def _pooled(kind: tuple, span: np.ndarray, starts: np.ndarray) -> tuple:
 
 
 class WarmReads:
-    """When to build a ``WarmIndex``, and the batches it serves, for one process."""
+    """When to build a ``WarmIndex`` of ``local_map``, and the batches it serves.
 
-    def __init__(self) -> None:
+    Parameters
+    ----------
+    local_map : LocalMap
+        The process's map.
+    """
+
+    def __init__(self, local_map: LocalMap) -> None:
+        self._map = local_map
         self._index: WarmIndex | None = None
         self._seen = -1  # the map's changes count the steady batches were counted at
         self._steady = 0  # batches since the map last changed
@@ -172,29 +179,16 @@ class WarmReads:
         self._build_s = 0.0  # what the last build took
         self._refused = -1  # changes count at which a build found no index possible
 
-    def serves(self, local_map: LocalMap) -> bool:
-        """Return True if the next batch is read through an index of ``local_map`` as it is.
-
-        Parameters
-        ----------
-        local_map : LocalMap
-            The process's map.
-
-        Returns
-        -------
-        bool
-            True while the index built last is current.
-        """
+    def serves(self) -> bool:
+        """Return True while the next batch is read through an index of the map as it is."""
         index = self._index
-        return index is not None and index.changes == local_map.changes
+        return index is not None and index.changes == self._map.changes
 
-    def batch(self, local_map: LocalMap, idx: np.ndarray) -> GatheredBatch | None:
+    def batch(self, idx: np.ndarray) -> GatheredBatch | None:
         """Return the items at ``idx`` from the index, or None: read them the usual way.
 
         Parameters
         ----------
-        local_map : LocalMap
-            The process's map.
         idx : numpy.ndarray
             Validated indices.
 
@@ -203,6 +197,7 @@ class WarmReads:
         GatheredBatch or None
             The batch, if the map has held still long enough and holds every index.
         """
+        local_map = self._map
         changes = local_map.changes
         index = self._index
         if index is not None:

@@ -13,6 +13,11 @@ the claims in flight, and stays until the Ray cluster ends. A claim expires afte
 ``CLAIM_TTL_S``, so a claimer that died does not block the others for longer than that;
 a wait returns after its timeout whatever happened, and the waiter then reads the item
 itself: a claim saves reads, it never makes a reader fail.
+
+A claim ended a moment ago is remembered for ``ENDED_KEEP_S``: a process whose map was
+last brought up to date just before the claimer stored the item misses it, and would
+otherwise find no claim and read it again; told ``STORED``, it brings its map up to date
+and fetches the item instead.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from typing import Any
 
 import ray
 
-__all__ = ["CLAIM_TTL_S", "ClaimBoard", "board"]
+__all__ = ["CLAIM_TTL_S", "ENDED_KEEP_S", "HELD", "MINE", "STORED", "ClaimBoard", "board"]
 
 CLAIM_TTL_S = 60.0
+ENDED_KEEP_S = 10.0
+# What ``ClaimBoard.claim`` answers: the index is the caller's to read; another process
+# reads it now; another process stored it a moment ago.
+MINE, HELD, STORED = "mine", "held", "stored"
 # The version is in the name: the board is detached, so a board made by an older
 # raycache may still be running in the cluster, with other methods.
-BOARD_NAME = "raycache-hyrax-claims-v2"
+BOARD_NAME = "raycache-hyrax-claims-v3"
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
@@ -37,9 +46,10 @@ class ClaimBoard:
 
     def __init__(self) -> None:
         self._claims: dict[tuple[str, int], tuple[str, float, asyncio.Event]] = {}
+        self._ended: dict[tuple[str, int], float] = {}  # key -> when, oldest first
 
-    async def claim(self, cache: str, idx: int, owner: str) -> bool:
-        """Claim ``(cache, idx)`` for ``owner``; True if it is the owner's to read now.
+    async def claim(self, cache: str, idx: int, owner: str, stored_counts: bool = True) -> str:
+        """Claim ``(cache, idx)`` for ``owner`` unless another process reads or stored it.
 
         Parameters
         ----------
@@ -49,11 +59,15 @@ class ClaimBoard:
             The index.
         owner : str
             Who claims (a process or client id).
+        stored_counts : bool
+            Answer ``STORED`` for a claim ended within ``ENDED_KEEP_S``; False claims it
+            then (the caller looked, and the item is not in the cache).
 
         Returns
         -------
-        bool
-            True when no unexpired claim is held on it.
+        str
+            ``MINE`` when no unexpired claim is held on it (it is now the owner's),
+            ``HELD`` when one is, ``STORED`` when a claim on it ended a moment ago.
         """
         key = (cache, int(idx))
         held = self._claims.get(key)
@@ -61,23 +75,32 @@ class ClaimBoard:
         # Exclusive even for the same owner: a parent claims for each of its forked
         # workers under its own name, and two of them must not both read.
         if held is not None and held[1] > now:
-            return False
+            return HELD
+        if stored_counts and self._ended.get(key, -ENDED_KEEP_S) > now - ENDED_KEEP_S:
+            return STORED
         event = held[2] if held is not None else asyncio.Event()
         self._claims[key] = (owner, now + CLAIM_TTL_S, event)
-        return True
+        return MINE
 
     async def done(self, cache: str, idx: int) -> None:
         """End the claim on ``(cache, idx)``: it is stored (or will not be); wake waiters."""
-        held = self._claims.pop((cache, int(idx)), None)
-        if held is not None:
-            held[2].set()
+        await self.done_many(cache, [idx])
 
     async def done_many(self, cache: str, indices: list[int]) -> None:
         """End the claims on several indices of ``cache`` (see ``done``)."""
+        now = time.monotonic()
         for idx in indices:
-            held = self._claims.pop((cache, int(idx)), None)
+            key = (cache, int(idx))
+            held = self._claims.pop(key, None)
             if held is not None:
                 held[2].set()
+            self._ended.pop(key, None)
+            self._ended[key] = now
+        while self._ended:  # forget the oldest ends
+            oldest = next(iter(self._ended))
+            if self._ended[oldest] > now - ENDED_KEEP_S:
+                break
+            del self._ended[oldest]
 
     async def wait(self, cache: str, idx: int, timeout: float) -> bool:
         """Wait until the claim on ``(cache, idx)`` ends, at most ``timeout`` s.

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 
 from raycache.errors import ray_errors_as_plain
-from raycache.hyrax.claims import board
+from raycache.hyrax.claims import MINE, STORED, board
 
 __all__ = ["WAIT_S", "OnceFill"]
 
@@ -79,7 +79,14 @@ class OnceFill:
         name = self.shared.name
         with ray_errors_as_plain(f"claiming item {idx} of cache {name!r}"):
             claims = self._claims()
-            if ray.get(claims.claim.remote(name, idx, self._owner), timeout=WAIT_S):
+            answer = ray.get(claims.claim.remote(name, idx, self._owner), timeout=WAIT_S)
+            if answer == STORED:  # since this process's map last caught up: learn of it
+                client.sync(force=True)
+                item = self.shared.try_fetch(idx)
+                if item is not None:
+                    return item
+                answer = ray.get(claims.claim.remote(name, idx, self._owner, False), timeout=WAIT_S)
+            if answer == MINE:
                 with self._lock:
                     self._mine.add(int(idx))
                 return None
