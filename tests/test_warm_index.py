@@ -88,15 +88,14 @@ def test_warm_batches_are_read_through_the_index_and_are_exact(ray_address, cach
         assert not cache.attach().inspect().warm_index
         taken = steady_batches(cache, 120)
         assert MIN_STEADY <= taken < 1000
-        read_batches(cache, np.arange(120), 20, seed=1)
-        assert cache.attach().inspect().warm_index  # nothing changed: still current
+        read_batches(cache, np.arange(120), 20, seed=1)  # through it, unless the map moved
         got = cache.fetch_many(np.arange(120)[::-1])
         assert_items(got, np.arange(120)[::-1])
         got[0]["image"][:] = -1  # private copies: the cache is unchanged
         got = raycache.collate(cache.fetch_many([119, 0]))
         assert torch.equal(got["image"][:, 0, 0], torch.tensor([119.0, 0.0]))
         assert torch.equal(got["label"], torch.tensor([119, 0]))
-        assert cache.stats()["hits"] == 16 * taken + 12 * 20 + 120 + 2
+        assert cache.attach().hits == 16 * taken + 12 * 20 + 120 + 2  # this process's count
     finally:
         cache.close()
         raycache.drop_cache(cache_name)
@@ -158,6 +157,52 @@ def test_ragged_fields_are_read_the_usual_way(ray_address, cache_name):
     try:
         read_batches(cache, np.arange(48), 100, seed=6, make=ragged)
         assert not cache.attach().inspect().warm_index
+    finally:
+        cache.close()
+        raycache.drop_cache(cache_name)
+
+
+def named(i):
+    return {
+        "image": np.full(2, i, dtype=np.float32),
+        "object_id": f"obj-{i}",
+        "score": np.float32(i / 2),
+        "tag": None if i % 2 else b"even",
+    }
+
+
+def mixed(i):
+    return {
+        "image": np.full(2, i, dtype=np.float32),
+        "extra": np.full(2, i, [np.int64, np.int8][i % 2]),
+    }
+
+
+def test_fields_of_immutable_values_are_read_through_the_index(ray_address, cache_name):
+    cache = cache_of(cache_name, 64, make=named)
+    try:
+        assert steady_batches(cache, 64, make=named) < 1000
+        idx = np.random.default_rng(8).permutation(64)[:20]
+        batch = cache.fetch_many(idx)
+        assert_items(batch, idx, named)
+        for got, i in zip(batch, idx):
+            assert got["object_id"] == f"obj-{i}" and type(got["score"]) is np.float32
+            assert got["tag"] == (None if i % 2 else b"even")
+        collated = raycache.collate(cache.fetch_many(idx))
+        assert collated["object_id"] == [f"obj-{i}" for i in idx]
+    finally:
+        cache.close()
+        raycache.drop_cache(cache_name)
+
+
+def test_fields_of_arrays_that_differ_leave_no_index_and_stay_private(ray_address, cache_name):
+    cache = cache_of(cache_name, 48, make=mixed)
+    try:
+        read_batches(cache, np.arange(48), 100, seed=9, make=mixed)
+        assert not cache.attach().inspect().warm_index
+        got = cache.fetch_many([3, 4])
+        got[0]["extra"][:] = -1
+        assert_items(cache.fetch_many([3, 4]), [3, 4], mixed)
     finally:
         cache.close()
         raycache.drop_cache(cache_name)

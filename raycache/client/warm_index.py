@@ -20,6 +20,9 @@ Guarantees:
 - An index not cached, in a chunk not mapped, or in a chunk of another layout than the
   most common one has no entry: a batch holding one is read the usual way. Every entry is
   a row inside its chunk (checked when the index is built).
+- A field whose values are not plain bytes is served through the index only if every
+  value is immutable (``str``, Python or numpy numbers, ``bytes``, ``None``), handed out
+  as it is, as the usual way does; ragged arrays and the like leave no index.
 - It is built only when its tables are at most ``MAX_ENTRIES`` words, so a process never
   holds more than ~32 MiB of them (4 bytes a word unless the span needs 8).
 """
@@ -34,11 +37,13 @@ import numpy as np
 
 from raycache.batch import copies_rows, copy_bytes, layouts_of
 from raycache.client.local_map import LocalMap
+from raycache.columns import ObjectColumn
 from raycache.copy_choice import chosen_copy
 from raycache.gathered import GatheredBatch
 from raycache.protocol import ROW_BITS, ROW_MASK
 from raycache.span_copy import copy_rows, row_span
 from raycache.span_table import describe
+from raycache.values import IMMUTABLE_LEAVES
 
 __all__ = ["MAX_ENTRIES", "MIN_STEADY", "STEADY_BUILDS", "WarmIndex", "WarmReads"]
 
@@ -64,15 +69,14 @@ class WarmIndex:
         template: object,
         kinds: tuple,
         spans: tuple,
-        words: list[np.ndarray],
+        tables: list[np.ndarray],
+        check: int,
     ):
         self.changes = changes
         self._chunks = chunks  # held: their memory stays mapped while the index is used
         self._template = template
-        self._kinds = kinds
-        self._spans = spans
-        self._words = words
-        self._rest = list(zip(kinds[1:], spans[1:], words[1:]))
+        self._check = check  # a column with a span: a word of -1 there means no entry
+        self._columns = list(zip(kinds, spans, tables))
 
     @classmethod
     def build(cls, local_map: LocalMap) -> WarmIndex | None:
@@ -102,7 +106,8 @@ class WarmIndex:
         if template is None or len(loc) * len(kinds) > MAX_ENTRIES:
             return None
         state = describe(layouts)
-        if not state.columns or any(span is None for span in state.columns):
+        spanned = [j for j, span in enumerate(state.columns) if span is not None]
+        if not spanned:
             return None
         valid = loc >= 0
         cids = np.where(valid, loc >> ROW_BITS, 0)
@@ -110,13 +115,20 @@ class WarmIndex:
         cids[~valid] = 0
         rows = loc & ROW_MASK
         valid &= rows < state.count[cids]  # 0 for chunks not described: no entry
-        words = []
-        for span, start, stride in zip(state.columns, state.start, state.stride):
-            word = np.where(valid, start[cids] + rows * stride[cids], -1)
-            words.append(word.astype(np.int32) if len(span) < 2**31 else word)
+        tables: list = []
+        for j, kind in enumerate(kinds):
+            span = state.columns[j]
+            if span is not None:
+                word = np.where(valid, state.start[j][cids] + rows * state.stride[j][cids], -1)
+                tables.append(word.astype(np.int32) if len(span) < 2**31 else word)
+                continue
+            values = _values(j, chunks, valid, cids, rows) if kind[0] == "list" else None
+            if values is None:
+                return None
+            tables.append(values)
         if local_map.changes != changes:
             return None
-        return cls(changes, chunks, template, kinds, state.columns, words)
+        return cls(changes, chunks, template, kinds, state.columns, tables, spanned[0])
 
     def batch(self, idx: np.ndarray) -> GatheredBatch | None:
         """Return the items at ``idx`` (validated indices), or None if one has no entry.
@@ -131,13 +143,15 @@ class WarmIndex:
         GatheredBatch or None
             One private array per field, as ``raycache.batch.gather`` returns.
         """
-        first = self._words[0][idx]
-        if first.min() < 0:
+        if self._columns[self._check][2][idx].min() < 0:
             return None
         count = len(idx)
-        columns = [_column(self._kinds[0], self._spans[0], first, count)]
-        for kind, span, words in self._rest:
-            columns.append(_column(kind, span, words[idx], count))
+        columns = []
+        for kind, span, table in self._columns:
+            if span is None:  # immutable values, shared as they are
+                columns.append(("list", table[idx].tolist()))
+            else:
+                columns.append(_column(kind, span, table[idx], count))
         return GatheredBatch.of(self._template, columns, count)
 
 
@@ -150,6 +164,34 @@ def _column(kind: tuple, span: np.ndarray, starts: np.ndarray, count: int) -> tu
         partial(_pooled, kind, span, starts),
         partial(_one, kind, span, starts),
     )
+
+
+def _values(
+    j: int, chunks: dict, valid: np.ndarray, cids: np.ndarray, rows: np.ndarray
+) -> np.ndarray | None:
+    """Return, per index, its value in column ``j`` of its chunk (an object array).
+
+    None unless every such column is a list of immutable values (``str``, numbers,
+    ``None``...): those are handed out as they are, where arrays would need a copy.
+    """
+    out = np.empty(len(valid), dtype=object)
+    held = np.flatnonzero(valid)
+    order = np.argsort(cids[held], kind="stable")
+    ordered = cids[held][order]
+    cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    for group in np.split(order, cuts) if len(order) else []:
+        members = held[group]  # the indices held by one chunk
+        column = chunks[int(cids[members[0]])].columns[j]
+        if type(column) is not ObjectColumn or not all(map(_immutable, column.values)):
+            return None
+        values = np.empty(len(column.values), dtype=object)
+        values[:] = column.values
+        out[members] = values[rows[members]]
+    return out
+
+
+def _immutable(value: object) -> bool:
+    return isinstance(value, IMMUTABLE_LEAVES) and not isinstance(value, np.void)
 
 
 def _one(kind: tuple, span: np.ndarray, starts: np.ndarray) -> tuple:
