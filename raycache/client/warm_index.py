@@ -23,8 +23,9 @@ Guarantees:
 - A field whose values are not plain bytes is served through the index only if every
   value is immutable (``str``, Python or numpy numbers, ``bytes``, ``None``), handed out
   as it is, as the usual way does; ragged arrays and the like leave no index.
-- It is built only when its tables are at most ``MAX_ENTRIES`` words, so a process never
-  holds more than ~32 MiB of them (4 bytes a word unless the span needs 8).
+- It is built only when its tables hold at most ``MAX_ENTRIES`` entries (items x fields),
+  so a process never holds more than 32 MiB of them where every entry is a 4-byte word,
+  64 MiB where they are 8-byte words or references to values.
 """
 
 from __future__ import annotations
