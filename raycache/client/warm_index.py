@@ -48,9 +48,10 @@ from raycache.values import IMMUTABLE_LEAVES
 
 __all__ = ["MAX_ENTRIES", "MIN_STEADY", "STEADY_BUILDS", "WarmIndex", "WarmReads"]
 
-# Most words an index holds (items x columns).
+# Most entries an index holds (items x fields).
 MAX_ENTRIES = 1 << 23
-# Batches the map must hold still before an index is built, and how many times the last
+# Batches, all cached, the map must hold still for before an index is built (a filling
+# epoch's map may hold still too, between sync replies), and how many times the last
 # build's time it must hold still for: a map that changes as often as it may then spends
 # at most a tenth of its time building indices.
 MIN_STEADY = 8
@@ -217,7 +218,7 @@ class WarmReads:
         self._map = local_map
         self._index: WarmIndex | None = None
         self._seen = -1  # the map's changes count the steady batches were counted at
-        self._steady = 0  # batches since the map last changed
+        self._steady = 0  # batches all cached since the map last changed
         self._since = 0.0  # when this process saw that change
         self._build_s = 0.0  # what the last build took
         self._refused = -1  # changes count at which a build found no index possible
@@ -251,7 +252,8 @@ class WarmReads:
         if changes != self._seen:
             self._seen, self._steady, self._since = changes, 0, now
             return None
-        self._steady += 1
+        if local_map.loc[idx].min() >= 0:  # only batches it could serve lead to an index
+            self._steady += 1
         if (
             changes == self._refused
             or self._steady < MIN_STEADY
