@@ -59,7 +59,7 @@ STEADY_BUILDS = 10
 
 
 class WarmIndex:
-    """Every cached index's row, per column, as a word of the column's span.
+    """Every cached index's row, per field, as a word of the field's span (or its value).
 
     Built by ``WarmIndex.build``; ``changes`` is the map's count it was built at.
     """
@@ -92,9 +92,9 @@ class WarmIndex:
         Returns
         -------
         WarmIndex or None
-            None if no chunk is mapped, the chunks' fields are not all plain bytes (a
-            ragged or object field), the tables would exceed ``MAX_ENTRIES`` words, or the
-            map changed while the index was being built.
+            None if no chunk is mapped, a field is neither plain bytes nor immutable
+            values (ragged arrays, say), the tables would exceed ``MAX_ENTRIES`` entries,
+            or the map changed while the index was being built.
         """
         changes = local_map.changes
         chunks = dict(local_map.views)
