@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,17 @@ def assert_items(batch, idx, make=item, scale=1):
         assert list(got) == list(want)
         for key in want:
             assert np.array_equal(np.asarray(got[key]), np.asarray(want[key])), (i, key)
+
+
+@contextmanager
+def cached(name, n, make=item, indices=None):
+    """A cache of ``n`` items, those at ``indices`` inserted; dropped afterwards."""
+    cache = cache_of(name, n, make, indices)
+    try:
+        yield cache
+    finally:
+        cache.close()
+        raycache.drop_cache(name)
 
 
 def cache_of(name, n, make=item, indices=None, chunk_size=8):
@@ -153,13 +166,9 @@ def test_a_cache_dropped_and_filled_again_is_read_anew(ray_address, cache_name):
 
 
 def test_ragged_fields_are_read_the_usual_way(ray_address, cache_name):
-    cache = cache_of(cache_name, 48, make=ragged)
-    try:
+    with cached(cache_name, 48, make=ragged) as cache:
         read_batches(cache, np.arange(48), 100, seed=6, make=ragged)
         assert not cache.attach().inspect().warm_index
-    finally:
-        cache.close()
-        raycache.drop_cache(cache_name)
 
 
 def named(i):
@@ -179,8 +188,7 @@ def mixed(i):
 
 
 def test_fields_of_immutable_values_are_read_through_the_index(ray_address, cache_name):
-    cache = cache_of(cache_name, 64, make=named)
-    try:
+    with cached(cache_name, 64, make=named) as cache:
         assert steady_batches(cache, 64, make=named) < 1000
         idx = np.random.default_rng(8).permutation(64)[:20]
         batch = cache.fetch_many(idx)
@@ -190,33 +198,22 @@ def test_fields_of_immutable_values_are_read_through_the_index(ray_address, cach
             assert got["tag"] == (None if i % 2 else b"even")
         collated = raycache.collate(cache.fetch_many(idx))
         assert collated["object_id"] == [f"obj-{i}" for i in idx]
-    finally:
-        cache.close()
-        raycache.drop_cache(cache_name)
 
 
 def test_fields_of_arrays_that_differ_leave_no_index_and_stay_private(ray_address, cache_name):
-    cache = cache_of(cache_name, 48, make=mixed)
-    try:
+    with cached(cache_name, 48, make=mixed) as cache:
         read_batches(cache, np.arange(48), 100, seed=9, make=mixed)
         assert not cache.attach().inspect().warm_index
         got = cache.fetch_many([3, 4])
         got[0]["extra"][:] = -1
         assert_items(cache.fetch_many([3, 4]), [3, 4], mixed)
-    finally:
-        cache.close()
-        raycache.drop_cache(cache_name)
 
 
 def test_no_index_beyond_its_size_limit(ray_address, cache_name, monkeypatch):
     monkeypatch.setattr(raycache.client.warm_index, "MAX_ENTRIES", 64 * 4 - 1)  # 4 columns
-    cache = cache_of(cache_name, 64)
-    try:
+    with cached(cache_name, 64) as cache:
         read_batches(cache, np.arange(64), 100, seed=7)
         assert not cache.attach().inspect().warm_index
-    finally:
-        cache.close()
-        raycache.drop_cache(cache_name)
 
 
 def big(i):
