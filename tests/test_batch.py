@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, default_collate
 
 import raycache
 import raycache.batch
+import raycache.client.warm_index
 import raycache.copy_choice
 from raycache import CachedDataset, GatheredBatch
 from raycache.protocol import chunk_ids
@@ -90,7 +91,7 @@ def plain(ray_address):
 
 
 @pytest.fixture
-def grouping(monkeypatch):
+def grouping(monkeypatch, usual_path):
     # Gather per chunk as soon as each chunk holds 4 rows of the batch, so that the
     # small chunks of these tests take that path too (it normally needs 64).
     monkeypatch.setattr(raycache.batch, "GROUP_MIN_ROWS", 4)
@@ -400,7 +401,13 @@ def copy_counter(monkeypatch, torch_threads):
 
 
 @pytest.fixture
-def copying(monkeypatch, copy_calls):
+def usual_path(monkeypatch):
+    """Read every batch the usual way: no warm index serves it (``client/warm_index.py``)."""
+    monkeypatch.setattr(raycache.client.warm_index.WarmReads, "batch", lambda self, idx: None)
+
+
+@pytest.fixture
+def copying(monkeypatch, copy_calls, usual_path):
     # Copy every array column of a batch with one copy_rows call, however small the batch
     # (by default only columns of 512 KiB a batch and more are).
     monkeypatch.setattr(raycache.batch, "COPY_ROWS_MIN_BYTES", 1)
