@@ -29,12 +29,12 @@ from raycache.span_table import SpanTable, new_serial
 
 __all__ = [
     "GatheredBatch",
+    "chunk_groups",
     "collate",
-    "copies_rows",
-    "copy_bytes",
     "gather",
     "layouts_of",
     "read_partial",
+    "take_single",
 ]
 
 # How a batch spread over several chunks is gathered (measured, 2-core EPYC): copying
@@ -118,53 +118,45 @@ def _row_values(sources: Sequence[Any], rows: Sequence[int]) -> list:
     return [src.row(r, True) for src, r in zip(sources, rows)]
 
 
-def copy_bytes(kind: tuple, count: int) -> int:
-    """Return the bytes of ``count`` rows of a column of ``kind``.
-
-    Parameters
-    ----------
-    kind : tuple
-        The column's kind (``_column_kind``): ``(kind, dtype, row shape)``.
-    count : int
-        Rows.
-
-    Returns
-    -------
-    int
-        Bytes.
-    """
+def _copy_bytes(kind: tuple, count: int) -> int:
+    """Return the bytes of ``count`` rows of a column of ``kind``."""
     return count * kind[1].itemsize * math.prod(kind[2])
 
 
-def copies_rows(kind: tuple, count: int) -> bool:
+def _copies_rows(kind: tuple, count: int) -> bool:
     """Return True if ``count`` rows of a column of ``kind`` may be copied by ``copy_rows``.
 
     Whether they are, or are copied on this thread alone, is ``chosen_copy``'s call:
     on one thread ``copy_rows`` is slower than the row-by-row copy.
+    """
+    return kind[0] in _COPY_KINDS and _copy_bytes(kind, count) >= COPY_ROWS_MIN_BYTES
+
+
+def take_single(kind: tuple, source: Any, rows: np.ndarray, span: Any = None) -> tuple:
+    """Gather one column when every row comes from the same array.
 
     Parameters
     ----------
     kind : tuple
         The column's kind (``_column_kind``).
-    count : int
-        Rows.
+    source : Any
+        The column: a numpy array, or a column object for ``("list",)``.
+    rows : numpy.ndarray
+        The rows to copy, in order.
+    span : RowSpan, optional
+        ``row_span(source)``: with it, a big column may be copied over torch's pool.
 
     Returns
     -------
-    bool
-        True for an array or tensor column of ``COPY_ROWS_MIN_BYTES`` or more.
+    tuple
+        ``(kind, values)``, the values a private copy.
     """
-    return kind[0] in _COPY_KINDS and copy_bytes(kind, count) >= COPY_ROWS_MIN_BYTES
-
-
-def _take_single(kind: tuple, source: Any, rows: np.ndarray, span: Any = None) -> tuple:
-    """Gather one column when every row comes from the same chunk."""
     if kind[0] == "list":
         return ("list", [source.row(r, True) for r in rows.tolist()])
-    if span is not None and copies_rows(kind, len(rows)):
+    if span is not None and _copies_rows(kind, len(rows)):
         which = np.zeros(len(rows), dtype=np.intp)
         pool = partial(_column_span, kind, [source], [span], which, rows)
-        return chosen_copy(copy_bytes(kind, len(rows)), pool, partial(_fancy, kind, source, rows))
+        return chosen_copy(_copy_bytes(kind, len(rows)), pool, partial(_fancy, kind, source, rows))
     return _fancy(kind, source, rows)
 
 
@@ -206,8 +198,19 @@ def _column_grouped(
     return (kind[0], values)
 
 
-def _groups(cids: np.ndarray) -> list[np.ndarray]:
-    """Positions in the batch, split into one group per chunk."""
+def chunk_groups(cids: np.ndarray) -> list[np.ndarray]:
+    """Return the positions of ``cids``, split into one group per chunk id.
+
+    Parameters
+    ----------
+    cids : numpy.ndarray
+        A chunk id per position (a batch's rows, say); not empty.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        The positions holding each chunk id, by ascending id, each in order.
+    """
     order = np.argsort(cids, kind="stable")
     ordered = cids[order]
     cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
@@ -242,7 +245,7 @@ def _take_uniform(
     if len(sources_of) == 1:
         sources = next(iter(sources_of.values()))
         spans = (None,) * len(kinds) if spans_of is None else next(iter(spans_of.values()))
-        return [_take_single(k, src, rows, sp) for k, src, sp in zip(kinds, sources, spans)]
+        return [take_single(k, src, rows, sp) for k, src, sp in zip(kinds, sources, spans)]
     per_row = row_list = groups = positions = None
     out = []
     for j, kind in enumerate(kinds):
@@ -253,7 +256,7 @@ def _take_uniform(
                 per_row = list(map(sources_of.__getitem__, cids.tolist()))
                 row_list = rows.tolist()
                 if len(rows) >= GROUP_MIN_ROWS * len(sources_of):
-                    groups = _groups(cids)
+                    groups = chunk_groups(cids)
             sources = list(map(itemgetter(j), per_row))
             small = kind[0] != "list" and _row_bytes(sources[0]) <= GROUP_MAX_BYTES
             if groups is not None and small:
@@ -262,7 +265,7 @@ def _take_uniform(
                 one_thread = partial(_column_rows, kind, sources, row_list)
         if (
             spans_of is not None
-            and copies_rows(kind, len(rows))
+            and _copies_rows(kind, len(rows))
             and all(spans[j] is not None for spans in spans_of.values())
         ):
             if positions is None:
@@ -271,7 +274,7 @@ def _take_uniform(
             span_sources = [sources_of[c][j] for c in keys]
             pool = partial(_column_span, kind, span_sources, [spans_of[c][j] for c in keys])
             out.append(
-                chosen_copy(copy_bytes(kind, len(rows)), partial(pool, which, rows), one_thread)
+                chosen_copy(_copy_bytes(kind, len(rows)), partial(pool, which, rows), one_thread)
             )
         else:
             out.append(one_thread())
@@ -292,10 +295,10 @@ def _chosen_spanned(
     copy's sources are looked up only when the pool is chosen (a few in a thousand
     batches on a busy node).
     """
-    if not copies_rows(kind, len(rows)):
+    if not _copies_rows(kind, len(rows)):
         return _spanned(kind, take)
     return chosen_copy(
-        copy_bytes(kind, len(rows)),
+        _copy_bytes(kind, len(rows)),
         partial(_pooled_column, kind, j, layouts, cids, rows),
         partial(_spanned, kind, take),
     )
@@ -366,7 +369,7 @@ def gather(chunks: dict[int, Chunk], loc: np.ndarray, table: SpanTable | None = 
         return [chunks[c].row(r) for c, r in zip(cids.tolist(), rows.tolist())]
     if uniform:
         kinds = first[2]
-        big = any(copies_rows(kind, len(loc)) for kind in kinds)
+        big = any(_copies_rows(kind, len(loc)) for kind in kinds)
         spanned = None
         if table is not None and len(layouts) > 1:
             spanned = table.columns(layouts, cids, rows)

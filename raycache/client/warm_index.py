@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from functools import partial
 
 import numpy as np
 
-from raycache.batch import copies_rows, copy_bytes, layouts_of
+from raycache.batch import chunk_groups, layouts_of, take_single
 from raycache.client.local_map import LocalMap
 from raycache.columns import ObjectColumn
-from raycache.copy_choice import chosen_copy
 from raycache.gathered import GatheredBatch
 from raycache.protocol import ROW_BITS, ROW_MASK
-from raycache.span_copy import copy_rows, row_span
+from raycache.span_copy import row_span
 from raycache.span_table import describe
 from raycache.values import IMMUTABLE_LEAVES
 
@@ -78,7 +76,12 @@ class WarmIndex:
         self._chunks = chunks  # held: their memory stays mapped while the index is used
         self._template = template
         self._check = check  # a column with a span: a word of -1 there means no entry
-        self._columns = list(zip(kinds, spans, tables))
+        # Per field: kind, span (None for values), its row_span (the span is one source
+        # whose rows start at every word), table.
+        self._columns = [
+            (kind, span, None if span is None else row_span(span), table)
+            for kind, span, table in zip(kinds, spans, tables)
+        ]
 
     @classmethod
     def build(cls, local_map: LocalMap) -> WarmIndex | None:
@@ -145,27 +148,17 @@ class WarmIndex:
         GatheredBatch or None
             One private array per field, as ``raycache.batch.gather`` returns.
         """
-        if self._columns[self._check][2][idx].min() < 0:
+        checked = self._columns[self._check][3][idx]
+        if checked.min() < 0:
             return None
-        count = len(idx)
         columns = []
-        for kind, span, table in self._columns:
+        for j, (kind, span, whole, table) in enumerate(self._columns):
             if span is None:  # immutable values, shared as they are
                 columns.append(("list", table[idx].tolist()))
             else:
-                columns.append(_column(kind, span, table[idx], count))
-        return GatheredBatch.of(self._template, columns, count)
-
-
-def _column(kind: tuple, span: np.ndarray, starts: np.ndarray, count: int) -> tuple:
-    """Copy one column's rows; a big column over torch's pool where that pays."""
-    if not copies_rows(kind, count):
-        return (kind[0], span[starts])
-    return chosen_copy(
-        copy_bytes(kind, count),
-        partial(_pooled, kind, span, starts),
-        partial(_one, kind, span, starts),
-    )
+                starts = checked if j == self._check else table[idx]
+                columns.append(take_single(kind, span, starts, whole))
+        return GatheredBatch.of(self._template, columns, len(idx))
 
 
 def _values(
@@ -178,10 +171,7 @@ def _values(
     """
     out = np.empty(len(valid), dtype=object)
     held = np.flatnonzero(valid)
-    order = np.argsort(cids[held], kind="stable")
-    ordered = cids[held][order]
-    cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
-    for group in np.split(order, cuts) if len(order) else []:
+    for group in chunk_groups(cids[held]) if len(held) else []:
         members = held[group]  # the indices held by one chunk
         column = chunks[int(cids[members[0]])].columns[j]
         if type(column) is not ObjectColumn or not all(map(_immutable, column.values)):
@@ -194,15 +184,6 @@ def _values(
 
 def _immutable(value: object) -> bool:
     return isinstance(value, IMMUTABLE_LEAVES) and not isinstance(value, np.void)
-
-
-def _one(kind: tuple, span: np.ndarray, starts: np.ndarray) -> tuple:
-    return (kind[0], span[starts])
-
-
-def _pooled(kind: tuple, span: np.ndarray, starts: np.ndarray) -> tuple:
-    which = np.zeros(len(starts), dtype=np.intp)
-    return (kind[0], copy_rows([span], [row_span(span)], which, starts))
 
 
 class WarmReads:
