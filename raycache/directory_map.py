@@ -25,10 +25,17 @@ import numpy as np
 
 from raycache.protocol import AddEvent, Events, Inflight, MapEvent, RetireEvent, Snapshot
 
-__all__ = ["SNAPSHOT_AFTER", "ChunkMap"]
+__all__ = ["KEPT_SEGMENT_BYTES", "SNAPSHOT_AFTER", "ChunkMap"]
 
 # A client more than this many events behind gets a full snapshot instead.
 SNAPSHOT_AFTER = 256
+# A segment holding this many bytes is kept as it is, not compacted: a trainer's insert
+# buffer sends this much at once (``client.write_buffer.FLUSH_BYTES``), so several
+# trainers filling at once send such segments. Compacting them writes every byte twice
+# and leaves the store pages of the last segments merged resident: up to a chunk more
+# than the data (docs/memory.md). Per chunk a reader pays one mapping and one group in a
+# gathered batch, small beside the copy of 8 MiB.
+KEPT_SEGMENT_BYTES = 8 * 1024 * 1024
 
 
 class ChunkMap:
@@ -169,12 +176,13 @@ class ChunkMap:
         """Record a stored chunk; return the small segments now due to be compacted.
 
         Items inserted one by one on epoch-1 misses arrive in small segments; readers
-        want few large chunks. A chunk under half a chunk's rows and bytes is a segment;
-        segments are gathered until they would fill a chunk, then handed back, to be
-        merged into one chunk (``register(..., replace=True)``, then ``retire``).
+        want few large chunks. A chunk under half a chunk's rows and under
+        ``KEPT_SEGMENT_BYTES`` (or half a chunk's bytes, if less) is a segment; segments
+        are gathered until they would fill a chunk, then handed back, to be merged into
+        one chunk (``register(..., replace=True)``, then ``retire``).
         """
         rows, nbytes = self.sizes[cid]
-        if rows >= self.chunk_rows // 2 or nbytes >= self.chunk_bytes // 2:
+        if rows >= self.chunk_rows // 2 or nbytes >= min(self.chunk_bytes // 2, KEPT_SEGMENT_BYTES):
             return []
         self._open.append(cid)
         total_rows = sum(self.sizes[c][0] for c in self._open)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raycache.directory_clients import ClientTable
-from raycache.directory_map import SNAPSHOT_AFTER, ChunkMap
+from raycache.directory_map import KEPT_SEGMENT_BYTES, SNAPSHOT_AFTER, ChunkMap
 from raycache.protocol import (
     MISSING,
     AddEvent,
@@ -100,6 +100,26 @@ def test_small_segments_are_handed_back_once_they_would_fill_a_chunk():
     assert due == [0, 1, 2, 3]
     big, _ = m.register("big", np.arange(10, 18), nbytes=80)
     assert m.note_segment(big) == []  # a full chunk is no segment
+
+
+def test_segments_of_a_flush_worth_of_bytes_are_kept_as_they_are():
+    # Several trainers filling at once send 8 MiB segments: merging them would write
+    # every byte twice and leave the merged segments' store pages resident.
+    chunk = 8 * KEPT_SEGMENT_BYTES
+    m = new_map(length=1000, chunk_rows=1000, chunk_bytes=chunk)
+    for start in range(0, 100, 10):
+        cid, _ = m.register(f"seg{start}", np.arange(start, start + 10), KEPT_SEGMENT_BYTES)
+        assert m.note_segment(cid) == []
+    # Smaller ones are still gathered until they would fill a chunk.
+    due = []
+    for start in range(100, 1000, 100):  # the ninth completes a chunk's bytes
+        cid, _ = m.register(f"small{start}", np.arange(start, start + 100), chunk // 8 - 1)
+        due = m.note_segment(cid) or due
+    assert len(due) == 9
+    # With a chunk of at most 2 x KEPT_SEGMENT_BYTES, half a chunk's bytes is the bound.
+    m = new_map(chunk_rows=1000, chunk_bytes=1000)
+    cid, _ = m.register("half", idx(0, 1), nbytes=500)
+    assert m.note_segment(cid) == []
 
 
 def test_compaction_moves_indices_and_retires_the_segments():
