@@ -388,7 +388,7 @@ def test_fill_on_miss_cost():
     print(f"fill on miss: {slope:.2f} bytes per byte of data, plus {fixed:.0f} MB fixed")
     # Every trainer is on the actor's node: the actor reads its inserts from its shared
     # memory and stores them once (docs/memory.md), and keeps the trainers' 8 MiB segments
-    # as they are (no second write to merge them): 1.02-1.03 on 2026-12-06, against
+    # as they are (no second write to merge them): 1.02-1.06 on 2026-12-06, against
     # 1.22-1.42 merging them and 1.62-3.06 sent as call arguments.
     assert {r["insert_path"] for r in small["trainers"] + large["trainers"]} == {"shared memory"}
     for result in (small, large):
