@@ -58,7 +58,8 @@ ALONE_FLUSH_S = 2.0
 # The column buffers of sent segments are kept for the next inserts (fresh memory costs
 # a page fault per 4 KiB) while this process inserts; once it has inserted nothing for
 # this long they are freed. A fast fill on miss touches up to a chunk's worth of each
-# (two 64 MiB columns of 48 KiB items), which warm epochs would otherwise keep resident.
+# (``client.staging.SPARE_BUFFERS`` 64 MiB columns of 48 KiB items), which warm epochs
+# would otherwise keep resident.
 WRITE_IDLE_S = 2.0
 
 _STOP, _RELEASE, _BEAT = "stop", "release", "beat"
