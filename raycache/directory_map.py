@@ -25,17 +25,19 @@ import numpy as np
 
 from raycache.protocol import AddEvent, Events, Inflight, MapEvent, RetireEvent, Snapshot
 
-__all__ = ["KEPT_SEGMENT_BYTES", "SNAPSHOT_AFTER", "ChunkMap"]
+__all__ = ["MERGED_CHUNK_BYTES", "SNAPSHOT_AFTER", "ChunkMap"]
 
 # A client more than this many events behind gets a full snapshot instead.
 SNAPSHOT_AFTER = 256
-# A segment holding this many bytes is kept as it is, not compacted: a trainer's insert
-# buffer sends this much at once (``client.write_buffer.FLUSH_BYTES``), so several
-# trainers filling at once send such segments. Compacting them writes every byte twice
-# and leaves the store pages of the last segments merged resident: up to a chunk more
-# than the data (docs/memory.md). Per chunk a reader pays one mapping and one group in a
-# gathered batch, small beside the copy of 8 MiB.
-KEPT_SEGMENT_BYTES = 8 * 1024 * 1024
+# Small segments are merged into chunks of this many bytes (or ``chunk_bytes``, if less),
+# and a segment of half that or more is kept as it is. Merging writes every merged byte a
+# second time, and the store pages of the segments last merged stay resident once freed
+# (Ray keeps freed store pages for reuse): up to one merged chunk above the data when a
+# fill ends. Three trainers filling on miss at once send segments of up to 8 MiB (a
+# trainer sends once that much is waiting, ``client.write_buffer.FLUSH_BYTES``), which
+# merged into 64 MiB chunks left the store at 1.23-1.33x the data after filling 96-288 MB
+# (docs/memory.md). A reader pays one mapping per chunk, small beside copying 8 MiB.
+MERGED_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 class ChunkMap:
@@ -50,7 +52,7 @@ class ChunkMap:
     chunk_rows : int
         Segments are compacted up to this many items...
     chunk_bytes : int
-        ...and this many bytes.
+        ...and this many bytes (at most ``MERGED_CHUNK_BYTES``).
     """
 
     def __init__(self, length: int, max_bytes: int, chunk_rows: int, chunk_bytes: int):
@@ -176,18 +178,20 @@ class ChunkMap:
         """Record a stored chunk; return the small segments now due to be compacted.
 
         Items inserted one by one on epoch-1 misses arrive in small segments; readers
-        want few large chunks. A chunk under half a chunk's rows and under
-        ``KEPT_SEGMENT_BYTES`` (or half a chunk's bytes, if less) is a segment; segments
-        are gathered until they would fill a chunk, then handed back, to be merged into
-        one chunk (``register(..., replace=True)``, then ``retire``).
+        want few large chunks. A chunk under half a chunk's rows and under half the
+        merge size (``MERGED_CHUNK_BYTES``, or ``chunk_bytes`` if less) is a segment;
+        segments are gathered until they would fill a chunk's rows or the merge size,
+        then handed back, to be merged into one chunk (``register(..., replace=True)``,
+        then ``retire``).
         """
         rows, nbytes = self.sizes[cid]
-        if rows >= self.chunk_rows // 2 or nbytes >= min(self.chunk_bytes // 2, KEPT_SEGMENT_BYTES):
+        merged_bytes = min(self.chunk_bytes, MERGED_CHUNK_BYTES)
+        if rows >= self.chunk_rows // 2 or nbytes >= merged_bytes // 2:
             return []
         self._open.append(cid)
         total_rows = sum(self.sizes[c][0] for c in self._open)
         total_bytes = sum(self.sizes[c][1] for c in self._open)
-        if total_rows < self.chunk_rows and total_bytes < self.chunk_bytes:
+        if total_rows < self.chunk_rows and total_bytes < merged_bytes:
             return []
         cids, self._open = self._open, []
         return cids if len(cids) > 1 else []

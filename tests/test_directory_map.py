@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from raycache.directory_clients import ClientTable
-from raycache.directory_map import KEPT_SEGMENT_BYTES, SNAPSHOT_AFTER, ChunkMap
+from raycache.directory_map import MERGED_CHUNK_BYTES, SNAPSHOT_AFTER, ChunkMap
 from raycache.protocol import (
     MISSING,
     AddEvent,
@@ -102,21 +102,25 @@ def test_small_segments_are_handed_back_once_they_would_fill_a_chunk():
     assert m.note_segment(big) == []  # a full chunk is no segment
 
 
-def test_segments_of_a_flush_worth_of_bytes_are_kept_as_they_are():
-    # Several trainers filling at once send 8 MiB segments: merging them would write
-    # every byte twice and leave the merged segments' store pages resident.
-    chunk = 8 * KEPT_SEGMENT_BYTES
-    m = new_map(length=1000, chunk_rows=1000, chunk_bytes=chunk)
-    for start in range(0, 100, 10):
-        cid, _ = m.register(f"seg{start}", np.arange(start, start + 10), KEPT_SEGMENT_BYTES)
+def test_segments_are_merged_into_chunks_of_at_most_the_merge_size():
+    # Merging writes each byte twice and leaves the last merged segments' store pages
+    # resident: up to one merged chunk above the data. Chunks of 64 MiB, items of 1 MiB.
+    mib = 1 << 20
+    m = new_map(length=1000, chunk_rows=1000, chunk_bytes=64 * mib)
+    half = MERGED_CHUNK_BYTES // 2
+    for start in range(0, 40, 8):  # segments of half the merge size: kept as they are
+        cid, _ = m.register(f"seg{start}", np.arange(start, start + 8), half)
         assert m.note_segment(cid) == []
-    # Smaller ones are still gathered until they would fill a chunk.
-    due = []
-    for start in range(100, 1000, 100):  # the ninth completes a chunk's bytes
-        cid, _ = m.register(f"small{start}", np.arange(start, start + 100), chunk // 8 - 1)
-        due = m.note_segment(cid) or due
-    assert len(due) == 9
-    # With a chunk of at most 2 x KEPT_SEGMENT_BYTES, half a chunk's bytes is the bound.
+    due, merged = [], []
+    for start in range(100, 300, 4):  # smaller ones: gathered up to the merge size
+        cid, _ = m.register(f"small{start}", np.arange(start, start + 4), 4 * mib)
+        due = m.note_segment(cid)
+        if due:
+            merged.append(due)
+    sizes = [sum(m.sizes[c][1] for c in cids) for cids in merged]
+    assert len(merged) == 50 * 4 * mib // MERGED_CHUNK_BYTES
+    assert all(size == MERGED_CHUNK_BYTES for size in sizes)
+    # Chunks smaller than the merge size: half a chunk is the bound, as before.
     m = new_map(chunk_rows=1000, chunk_bytes=1000)
     cid, _ = m.register("half", idx(0, 1), nbytes=500)
     assert m.note_segment(cid) == []

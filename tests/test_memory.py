@@ -161,6 +161,7 @@ import pytest  # noqa: E402
 from conftest import local_ray  # noqa: E402
 
 from raycache import drop_cache  # noqa: E402
+from raycache.directory_map import MERGED_CHUNK_BYTES  # noqa: E402
 from raycache.tools.memory import node_memory, pss, ray_processes  # noqa: E402
 
 pytestmark = [
@@ -387,12 +388,15 @@ def test_fill_on_miss_cost():
     slope, fixed = _slope(small, large)
     print(f"fill on miss: {slope:.2f} bytes per byte of data, plus {fixed:.0f} MB fixed")
     # Every trainer is on the actor's node: the actor reads its inserts from its shared
-    # memory and stores them once (docs/memory.md), and keeps the trainers' 8 MiB segments
-    # as they are (no second write to merge them): 1.02-1.06 on 2026-12-06, against
-    # 1.22-1.42 merging them and 1.62-3.06 sent as call arguments.
+    # memory and stores them once (docs/memory.md). Segments of 8 MiB are kept as they
+    # are and smaller ones merged into 16 MiB chunks, whose freed pages are the most the
+    # store holds above the data once the fill ends (merged into 64 MiB chunks: 1.23-1.33x
+    # the data). Slope 1.02-1.06 on 2026-12-06 (1.22-1.42 with 64 MiB merges, 1.62-3.06
+    # with inserts sent as call arguments).
     assert {r["insert_path"] for r in small["trainers"] + large["trainers"]} == {"shared memory"}
+    merged_mb = MERGED_CHUNK_BYTES / MB
     for result in (small, large):
-        assert result["store_mb"] <= 1.1 * result["data_mb"], result
+        assert result["store_mb"] <= 1.05 * result["data_mb"] + 1.5 * merged_mb, result
     assert slope <= 1.3, (slope, small, large)
 
 
