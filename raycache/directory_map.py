@@ -35,7 +35,7 @@ SNAPSHOT_AFTER = 256
 # (Ray keeps freed store pages for reuse): up to one merged chunk above the data when a
 # fill ends. Three trainers filling on miss at once send segments of up to 8 MiB (a
 # trainer sends once that much is waiting, ``client.write_buffer.FLUSH_BYTES``), which
-# merged into 64 MiB chunks left the store at 1.23-1.33x the data after filling 96-288 MB
+# merged into 64 MiB chunks left the store at 1.23-1.70x the data after filling 96-288 MB
 # (docs/memory.md). A reader pays one mapping per chunk, small beside copying 8 MiB.
 MERGED_CHUNK_BYTES = 16 * 1024 * 1024
 

@@ -390,7 +390,7 @@ def test_fill_on_miss_cost():
     # Every trainer is on the actor's node: the actor reads its inserts from its shared
     # memory and stores them once (docs/memory.md). Segments of 8 MiB are kept as they
     # are and smaller ones merged into 16 MiB chunks, whose freed pages are the most the
-    # store holds above the data once the fill ends (merged into 64 MiB chunks: 1.23-1.33x
+    # store holds above the data once the fill ends (merged into 64 MiB chunks: 1.23-1.70x
     # the data). Slope 1.02-1.06 on 2026-12-06 (1.22-1.42 with 64 MiB merges, 1.62-3.06
     # with inserts sent as call arguments).
     assert {r["insert_path"] for r in small["trainers"] + large["trainers"]} == {"shared memory"}
