@@ -64,7 +64,7 @@ def _column_kind(column: Any) -> tuple:
         kind = "tensor" if column.tensor else "array"
         return (kind, column.data.dtype, column.data.shape[1:])
     if isinstance(column, NumberColumn):
-        return ("numbers", column.data.dtype, ())
+        return ("scalars" if column.scalar else "numbers", column.data.dtype, ())
     return ("list",)
 
 
@@ -177,9 +177,9 @@ def _column_rows(kind: tuple, sources: list, rows: list) -> tuple:
     """Gather one column row by row; ``sources`` holds the column of each row's chunk."""
     if kind[0] == "list":
         return ("list", _row_values(sources, rows))
-    if kind[0] == "numbers":
+    if kind[0] in ("numbers", "scalars"):
         # .item() gives the Python number without a numpy scalar in between.
-        return ("numbers", np.array(list(map(np.ndarray.item, sources, rows)), dtype=kind[1]))
+        return (kind[0], np.array(list(map(np.ndarray.item, sources, rows)), dtype=kind[1]))
     first = sources[0]
     values = np.empty((len(rows),) + first.shape[1:], dtype=first.dtype)
     for p, src, r in zip(range(len(rows)), sources, rows):

@@ -4,8 +4,8 @@ A chunk stores items of one structure column by column (see ``raycache.chunk``).
 column keeps one leaf position of every row in the layout that makes reading a row
 cheap and gathering a batch one vectorised copy: same-shaped arrays stacked into one
 ``(n, *shape)`` array, arrays of differing shapes in one flat buffer with offsets,
-numbers in one numpy array, anything else as a list. Every column answers ``row``,
-``take`` and ``nbytes``.
+numbers of one type (Python's or numpy's) in one numpy array, anything else as a list.
+Every column answers ``row``, ``take`` and ``nbytes``.
 
 A large array travels to the object store in pieces of at most ``PIECE_BYTES``
 (``__reduce_ex__``, pickle protocol 5): Ray copies a buffer over 1 MiB with several
@@ -188,18 +188,27 @@ class RaggedColumn:
 
 
 class NumberColumn:
-    """Python ints, floats or bools: one numpy array, converted back on read."""
+    """Numbers of one type: one numpy array, converted back to that type on read.
 
-    def __init__(self, data: np.ndarray):
+    Python ints, floats and bools (``scalar`` False) come back as Python numbers; numpy
+    scalars of one type (``scalar`` True: ``np.int64``, ``np.float32``, ``np.bool_``...,
+    as a label read from a numpy array is) come back as numpy scalars of the array's
+    dtype, which is theirs.
+    """
+
+    scalar = False  # a column pickled without the attribute holds Python numbers
+
+    def __init__(self, data: np.ndarray, scalar: bool = False):
         self.data = data
+        self.scalar = scalar
 
     def row(self, r: int, copy: bool) -> Any:
         """Return row ``r``: a copy, or a view that must not be written when not ``copy``."""
-        return self.data[r].item()
+        return self.data[r] if self.scalar else self.data[r].item()
 
     def take(self, rows: np.ndarray) -> NumberColumn:
         """Return a column of the rows ``rows``, in that order."""
-        return NumberColumn(self.data[rows])
+        return NumberColumn(self.data[rows], self.scalar)
 
     @property
     def nbytes(self) -> int:
@@ -284,4 +293,6 @@ def make_column(values: list) -> Any:
             except OverflowError:
                 return ObjectColumn(list(values))
         return NumberColumn(np.array(values, dtype=np.float64 if kind is float else np.bool_))
+    if issubclass(kind, (np.number, np.bool_)) and all(type(v) is kind for v in values):
+        return NumberColumn(np.array(values, dtype=first.dtype), scalar=True)
     return ObjectColumn(list(values))

@@ -29,7 +29,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 __all__ = ["GatheredBatch", "collate"]
 
 _LEAF = "*"
-_ARRAY_KINDS = ("array", "tensor", "numbers")
+_ARRAY_KINDS = ("array", "tensor", "numbers", "scalars")
 # Functions that build a batch's dicts, one per key tuple (see ``_dict_maker``).
 _DICT_MAKERS: dict[tuple, Callable[[list], list]] = {}
 
@@ -46,8 +46,9 @@ class GatheredBatch(list):
     template : Any
         The items' shared structure.
     columns : list of tuple
-        ``(kind, values)`` per leaf: ``"array"``, ``"tensor"``, ``"numbers"`` hold one
-        gathered numpy array; ``"list"`` holds one value per item.
+        ``(kind, values)`` per leaf: ``"array"``, ``"tensor"``, ``"numbers"`` (Python
+        numbers) and ``"scalars"`` (numpy scalars) hold one gathered numpy array;
+        ``"list"`` holds one value per item.
     """
 
     template: Any = None
@@ -205,6 +206,8 @@ def _leaf_values(kind: str, values: Any, batch: GatheredBatch | None = None) -> 
         return rows
     if kind == "numbers":
         return values.tolist()
+    if kind == "scalars":
+        return list(values)  # numpy scalars of the column's dtype
     return values
 
 

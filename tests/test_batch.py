@@ -178,6 +178,29 @@ def test_rich_values_gather_exactly(ray_address, cache_name):
         assert fast["none"] == [None] * len(idx)
 
 
+LABELS = np.arange(48, dtype=np.int64) * 3
+WEIGHTS = np.linspace(0, 1, 48, dtype=np.float32)
+
+
+def numpy_scalars(i):
+    # Labels and weights read from numpy arrays are numpy scalars, not Python numbers.
+    return {"image": np.full(4, i, dtype=np.float32), "label": LABELS[i], "w": WEIGHTS[i]}
+
+
+def test_numpy_scalar_fields_keep_their_type_in_items_and_tensors(ray_address, cache_name):
+    with filled(cache_name, numpy_scalars, n=48, chunk_size=8) as ds:
+        for idx in (np.random.default_rng(3).permutation(48)[:20].tolist(), [5, 6, 7]):
+            batch = ds.__getitems__(idx)
+            assert isinstance(batch, GatheredBatch)
+            for i, got in zip(idx, batch):
+                assert_same(got, numpy_scalars(i))
+            fast = ds.collate(batch)
+            assert_collated_equal(fast, default_collate([numpy_scalars(i) for i in idx]))
+            assert fast["label"].dtype == torch.int64 and fast["w"].dtype == torch.float32
+            assert fast["label"].tolist() == LABELS[idx].tolist()
+            assert_collated_equal(default_collate(ds.__getitems__(idx)), fast)
+
+
 def ragged_or_stacked(i):
     # Blocks of 32 indices alternate between one shape and a shape per item.
     side = 2 if (i // 32) % 2 == 0 else 1 + i % 3

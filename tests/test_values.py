@@ -1,6 +1,7 @@
 """Chunk layout and value rules: exact round trips, refusals, sizes (no Ray)."""
 
 import math
+import pickle
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +12,7 @@ import torch
 from raycache import DataCache, UnsupportedValueError
 from raycache.chunk import Chunk, flatten_checked, flatten_item
 from raycache.chunk_builder import ChunkBuilder
+from raycache.columns import NumberColumn, ObjectColumn
 from raycache.values import check_item, copy_item
 
 
@@ -70,6 +72,41 @@ def test_columnar_round_trip_is_exact():
     for r, item in enumerate(items):
         assert_same(chunk.row(r), item)
     assert list(chunk.indices) == list(range(100, 105))
+
+
+@pytest.mark.parametrize("kind", [np.int64, np.int8, np.uint32, np.float32, np.float64, np.bool_])
+def test_numpy_scalars_of_one_type_are_one_array_and_come_back_as_that_type(kind):
+    values = [kind(i % 2 if kind is np.bool_ else i) for i in range(9)]
+    chunk = Chunk.from_rows(range(9), [{"label": v} for v in values])
+    (column,) = chunk.columns
+    assert isinstance(column, NumberColumn) and column.data.dtype == np.dtype(kind)
+    for r, v in enumerate(values):
+        assert_same(chunk.row(r)["label"], v)
+    taken = column.take(np.array([4, 1]))
+    assert_same(taken.row(0, True), values[4])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [np.int64(1), np.int32(2)],  # two numpy types
+        [np.int64(1), 2],  # numpy and Python
+        [np.datetime64("2020-01-01"), np.datetime64("2020-01-02")],  # not a number
+        [np.str_("a"), np.str_("b")],
+    ],
+    ids=["two-types", "numpy-and-python", "datetime", "str"],
+)
+def test_values_that_are_not_numpy_numbers_of_one_type_stay_as_they_are(values):
+    chunk = Chunk.from_rows(range(len(values)), [{"v": v} for v in values])
+    assert isinstance(chunk.columns[0], ObjectColumn)
+    for r, v in enumerate(values):
+        assert_same(chunk.row(r)["v"], v)
+
+
+def test_a_number_column_pickled_before_numpy_scalars_had_one_reads_python_numbers():
+    column = NumberColumn(np.arange(3, dtype=np.int64))
+    del column.__dict__["scalar"]  # as a chunk stored by an earlier version unpickles
+    assert_same(pickle.loads(pickle.dumps(column)).row(2, True), 2)
 
 
 def _column_kinds(chunk):

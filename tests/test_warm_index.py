@@ -200,6 +200,26 @@ def test_fields_of_immutable_values_are_read_through_the_index(ray_address, cach
         assert collated["object_id"] == [f"obj-{i}" for i in idx]
 
 
+def scored(i):
+    return {"image": np.full(3, i, dtype=np.float32), "label": np.int64(i), "ok": np.bool_(i % 2)}
+
+
+def test_fields_of_numpy_scalars_are_read_through_the_index_as_numpy_scalars(
+    ray_address, cache_name
+):
+    with cached(cache_name, 64, make=scored) as cache:
+        assert steady_batches(cache, 64, make=scored) < 1000
+        idx = np.random.default_rng(9).permutation(64)[:20]
+        batch = cache.fetch_many(idx)
+        assert_items(batch, idx, scored)
+        for got, i in zip(batch, idx):
+            assert type(got["label"]) is np.int64 and got["label"] == i
+            assert type(got["ok"]) is np.bool_ and got["ok"] == bool(i % 2)
+        collated = raycache.collate(cache.fetch_many(idx))
+        assert collated["label"].dtype == torch.int64 and collated["ok"].dtype == torch.bool
+        assert collated["label"].tolist() == idx.tolist()
+
+
 def test_fields_of_arrays_that_differ_leave_no_index_and_stay_private(ray_address, cache_name):
     with cached(cache_name, 48, make=mixed) as cache:
         read_batches(cache, np.arange(48), 100, seed=9, make=mixed)
