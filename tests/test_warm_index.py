@@ -187,12 +187,18 @@ def mixed(i):
     }
 
 
+def indexed_batch(cache, make, seed):
+    """Read until batches come through the index, then one more of 20; checked."""
+    assert steady_batches(cache, 64, make=make) < 1000
+    idx = np.random.default_rng(seed).permutation(64)[:20]
+    batch = cache.fetch_many(idx)
+    assert_items(batch, idx, make)
+    return idx, batch
+
+
 def test_fields_of_immutable_values_are_read_through_the_index(ray_address, cache_name):
     with cached(cache_name, 64, make=named) as cache:
-        assert steady_batches(cache, 64, make=named) < 1000
-        idx = np.random.default_rng(8).permutation(64)[:20]
-        batch = cache.fetch_many(idx)
-        assert_items(batch, idx, named)
+        idx, batch = indexed_batch(cache, named, seed=8)
         for got, i in zip(batch, idx):
             assert got["object_id"] == f"obj-{i}" and type(got["score"]) is np.float32
             assert got["tag"] == (None if i % 2 else b"even")
@@ -208,10 +214,7 @@ def test_fields_of_numpy_scalars_are_read_through_the_index_as_numpy_scalars(
     ray_address, cache_name
 ):
     with cached(cache_name, 64, make=scored) as cache:
-        assert steady_batches(cache, 64, make=scored) < 1000
-        idx = np.random.default_rng(9).permutation(64)[:20]
-        batch = cache.fetch_many(idx)
-        assert_items(batch, idx, scored)
+        idx, batch = indexed_batch(cache, scored, seed=9)
         for got, i in zip(batch, idx):
             assert type(got["label"]) is np.int64 and got["label"] == i
             assert type(got["ok"]) is np.bool_ and got["ok"] == bool(i % 2)
