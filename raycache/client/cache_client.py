@@ -233,12 +233,14 @@ class CacheClient:
         try:
             return {c: views[c] for c in cids}
         except KeyError:
-            chunks = {c: self._map.view(c) for c in cids}
+            chunks = self._map.view_many(cids)
             return None if any(v is None for v in chunks.values()) else chunks
 
     def views(self, cids: np.ndarray) -> list[Chunk | None]:
         """Return the mapped chunk for each chunk id (None where it cannot be mapped)."""
-        return [self._map.view(int(c)) for c in cids]
+        ids = [int(c) for c in cids]
+        chunks = self._map.view_many(ids)
+        return [chunks[c] for c in ids]
 
     def sync(self, force: bool = False) -> None:
         """Bring the local map up to date with the directory actor."""

@@ -26,13 +26,13 @@ import ray
 
 from raycache.chunk import Chunk
 from raycache.chunk_loss import LostEvent, unmap_lost
-from raycache.client.chunk_fetch import fetch_chunk
+from raycache.client.chunk_fetch import fetch_chunk, fetch_chunks
 from raycache.client.link import LOST, ActorLink
 from raycache.fork_pins import ChildPins
 from raycache.node_bytes import ReadCounter
 from raycache.protocol import MISSING, AddEvent, Inflight, Snapshot, SyncReply, pack_locations
 
-__all__ = ["MIN_SYNC_S", "POLL_S", "STALE_S", "LocalMap"]
+__all__ = ["FETCH_GROUP", "MIN_SYNC_S", "POLL_S", "STALE_S", "LocalMap"]
 
 MIN_SYNC_S = 0.05
 # A process that inserted this recently, into a cache nobody else changes, is filling
@@ -42,6 +42,9 @@ MIN_SYNC_S = 0.05
 STALE_S = 1.0
 # Least time between two checks for a sync reply by reads that may not wait.
 POLL_S = 0.005
+# Chunks fetched in one ``ray.get`` (``view_many``): a batch's chunks at once, and a call's
+# timeout spent on at most this many chunks coming from other nodes.
+FETCH_GROUP = 64
 
 
 class LocalMap:
@@ -98,6 +101,27 @@ class LocalMap:
         self.views[cid] = view
         self.changes += 1
         return view
+
+    def view_many(self, cids: Any) -> dict[int, Chunk | None]:
+        """Return each chunk of ``cids`` mapped (None where it cannot be), fetching together.
+
+        The chunks not mapped yet are fetched ``FETCH_GROUP`` at a time (``fetch_chunks``);
+        from a group that fails on, they are fetched one by one, as ``view`` does.
+        """
+        views = self.views
+        missing = [(c, self.refs.get(c)) for c in cids if c not in views]
+        missing = [(c, ref) for c, ref in missing if ref is not None]
+        for start in range(0, len(missing), FETCH_GROUP):
+            group = missing[start : start + FETCH_GROUP]
+            if len(group) < 2 or not self._link.usable():
+                break
+            chunks = fetch_chunks(self._link, [ref for _, ref in group], self.reads)
+            if chunks is None:
+                break
+            for (cid, _), chunk in zip(group, chunks):
+                views[cid] = chunk
+            self.changes += 1
+        return {c: self.view(c) for c in cids}
 
     def _chunk_lost(self, cid: int) -> None:
         """Drop chunk ``cid``, lost with its node, and have the directory unmap it.
@@ -231,8 +255,7 @@ class LocalMap:
 
     def map_all(self) -> dict[int, Chunk]:
         """Map every live chunk; return the mapped chunks (for a fork about to happen)."""
-        for cid in list(self.refs):
-            self.view(cid)
+        self.view_many(list(self.refs))
         return self.views
 
     def after_fork_in_child(self) -> None:

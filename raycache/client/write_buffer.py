@@ -349,6 +349,7 @@ class WriteBuffer:
         """Tell the actor this client is alive, with its counts since the last time."""
         if not self._link.dead:
             self._link.submit("touch", self._link.client_id, *self._counts())
+            self._map.reads.report_unsent()  # bytes of chunks mapped since the last report
 
     def _send(self, chunks: list[Chunk]) -> bool:
         """Send a batch of chunks to the actor and apply its reply; False if it was lost."""
