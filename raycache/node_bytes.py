@@ -77,12 +77,13 @@ class ReadCounter:
 
     Parameters
     ----------
-    actor : ray.actor.ActorHandle
-        The directory actor (``note_reads``).
+    link : raycache.client.link.ActorLink
+        The line to the directory actor (``note_reads``): a report is sent only while
+        it is usable, and a failure to send marks it, as any call to the actor does.
     """
 
-    def __init__(self, actor: Any):
-        self._actor = actor
+    def __init__(self, link: Any):
+        self._link = link
         self._node_id: str | None = None
         self._lock = threading.Lock()  # mapping threads count, the heartbeat reports
         self._pending: list[Any] = []  # reports sent, maybe not counted yet
@@ -149,12 +150,18 @@ class ReadCounter:
     def _report(self) -> None:
         """Send the unsent counts in one call (``_lock`` held)."""
         read, crossed = self._unsent
-        if not read and not crossed:
+        if not (read or crossed) or not self._link.usable():
             return
         self._unsent = (0, 0)
         self._reported_at = time.monotonic()
-        self._pending = [r for r in self._pending if not ray.wait([r], timeout=0)[0]]
-        self._pending.append(self._actor.note_reads.remote(self.node_id, read, crossed))
+        try:
+            self._pending = [r for r in self._pending if not ray.wait([r], timeout=0)[0]]
+        except Exception as exc:  # Ray is going away: the reports on their way go with it
+            logger.debug("raycache: reports of mapped bytes dropped: %s", exc)
+            self._pending = []
+        ref = self._link.submit("note_reads", self.node_id, read, crossed)
+        if isinstance(ref, ray.ObjectRef):  # else the link is marked lost (``submit``)
+            self._pending.append(ref)
 
     def flush(self, timeout: float) -> None:
         """Report the unsent counts and wait up to ``timeout`` s for every report.

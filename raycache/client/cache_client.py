@@ -233,14 +233,12 @@ class CacheClient:
         try:
             return {c: views[c] for c in cids}
         except KeyError:
-            chunks = self._map.view_many(cids)
+            chunks = dict(zip(cids, self._map.view_many(list(cids))))
             return None if any(v is None for v in chunks.values()) else chunks
 
     def views(self, cids: np.ndarray) -> list[Chunk | None]:
         """Return the mapped chunk for each chunk id (None where it cannot be mapped)."""
-        ids = [int(c) for c in cids]
-        chunks = self._map.view_many(ids)
-        return [chunks[c] for c in ids]
+        return self._map.view_many([int(c) for c in cids])
 
     def sync(self, force: bool = False) -> None:
         """Bring the local map up to date with the directory actor."""

@@ -79,7 +79,7 @@ class LocalMap:
         self.last_sync = 0.0  # when the actor was asked for the state the map holds
         self.lock = threading.Lock()  # held while a reply is fetched and applied
         self._link = link
-        self.reads = ReadCounter(link.actor)  # chunk bytes mapped here, and crossing nodes
+        self.reads = ReadCounter(link)  # chunk bytes mapped here, and crossing nodes
         self._pins = pins
         self._counts = counts
         self._ask: tuple | None = None  # (ref, when asked): a sync reply on its way
@@ -102,7 +102,7 @@ class LocalMap:
         self.changes += 1
         return view
 
-    def view_many(self, cids: Any) -> dict[int, Chunk | None]:
+    def view_many(self, cids: list[int]) -> list[Chunk | None]:
         """Return each chunk of ``cids`` mapped (None where it cannot be), fetching together.
 
         The chunks not mapped yet are fetched ``FETCH_GROUP`` at a time (``fetch_chunks``);
@@ -121,7 +121,7 @@ class LocalMap:
             for (cid, _), chunk in zip(group, chunks):
                 views[cid] = chunk
             self.changes += 1
-        return {c: self.view(c) for c in cids}
+        return [self.view(c) for c in cids]
 
     def _chunk_lost(self, cid: int) -> None:
         """Drop chunk ``cid``, lost with its node, and have the directory unmap it.

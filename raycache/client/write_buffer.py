@@ -392,14 +392,9 @@ class WriteBuffer:
         """Return True when the buffered items are to be sent now (``_cond`` held)."""
         if not self._pending:
             return False
-        if (
-            self._flush_requested
-            or self.closed
-            or len(self._segments) > 1
-            or self._segments[-1].full()
-        ):
+        if self._flush_requested or self.closed or len(self._segments) > 1:
             return True
-        return self._send_wait(now) <= 0
+        return self._segments[-1].full() or self._send_wait(now) <= 0
 
     def _send_wait(self, now: float) -> float:
         """Return how long the buffered items may still wait before they are sent.
