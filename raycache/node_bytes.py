@@ -87,7 +87,7 @@ class ReadCounter:
         self._node_id: str | None = None
         self._lock = threading.Lock()  # mapping threads count, the heartbeat reports
         self._pending: list[Any] = []  # reports sent, maybe not counted yet
-        self._unsent = (0, 0)  # bytes read and crossed not reported yet
+        self._sent = (0, 0)  # of ``read`` and ``crossed``, what has been reported
         self._reported_at = -REPORT_INTERVAL_S
         self._several_nodes = False
         self._nodes_checked = -NODES_CHECK_S
@@ -137,8 +137,6 @@ class ReadCounter:
         with self._lock:
             self.read += int(nbytes)
             self.crossed += crossed
-            read, crossed_before = self._unsent
-            self._unsent = (read + int(nbytes), crossed_before + crossed)
             if time.monotonic() - self._reported_at >= REPORT_INTERVAL_S:
                 self._report()
 
@@ -149,10 +147,10 @@ class ReadCounter:
 
     def _report(self) -> None:
         """Send the unsent counts in one call (``_lock`` held)."""
-        read, crossed = self._unsent
+        read, crossed = self.read - self._sent[0], self.crossed - self._sent[1]
         if not (read or crossed) or not self._link.usable():
             return
-        self._unsent = (0, 0)
+        self._sent = (self.read, self.crossed)
         self._reported_at = time.monotonic()
         try:
             self._pending = [r for r in self._pending if not ray.wait([r], timeout=0)[0]]

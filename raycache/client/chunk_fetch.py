@@ -45,16 +45,8 @@ def fetch_chunk(link: ActorLink, ref: Any, counter: ReadCounter) -> tuple[Chunk 
     tuple
         The mapped chunk or None, and whether the chunk (only) was lost.
     """
-    try:
-        local = counter.is_local(ref)
-        chunk = ray.get(ref, timeout=link.timeout)
-    except Exception as exc:
-        if is_chunk_loss(exc):
-            return None, True
-        link.lost(exc)
-        return None, False
-    counter.count(chunk.nbytes, local)
-    return chunk, False
+    chunks, lost = _fetch(link, [ref], counter)
+    return (None if chunks is None else chunks[0]), lost
 
 
 def fetch_chunks(link: ActorLink, refs: list, counter: ReadCounter) -> list[Chunk] | None:
@@ -75,13 +67,22 @@ def fetch_chunks(link: ActorLink, refs: list, counter: ReadCounter) -> list[Chun
         The mapped chunks, in order; None where they are to be fetched one by one
         (``fetch_chunk``) to find the lost one, or where the link is marked lost.
     """
+    return _fetch(link, refs, counter)[0]
+
+
+def _fetch(link: ActorLink, refs: list, counter: ReadCounter) -> tuple[list | None, bool]:
+    """Get ``refs`` in one call and count them; ``(chunks, False)``, else ``(None, lost)``.
+
+    ``lost``: a chunk alone is lost; any other failure marks the link.
+    """
     try:
         local = [counter.is_local(ref) for ref in refs]
         chunks = ray.get(refs, timeout=link.timeout)
     except Exception as exc:
-        if not is_chunk_loss(exc):
-            link.lost(exc)
-        return None
+        if is_chunk_loss(exc):
+            return None, True
+        link.lost(exc)
+        return None, False
     for chunk, here in zip(chunks, local):
         counter.count(chunk.nbytes, here)
-    return chunks
+    return chunks, False
