@@ -93,7 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alone-max-items", type=int, default=4096, help="most items per preload")
     parser.add_argument(
-        "--alone-cpu-items", type=int, default=1024, help="items of the CPU-bound preload"
+        "--alone-cpu-items",
+        type=int,
+        default=1024,
+        help="items of the CPU-bound preload (0: no CPU-bound rows)",
     )
     parser.add_argument("--alone-rounds", type=int, default=2, help="rounds per variant")
 
@@ -234,7 +237,8 @@ def preload_alone(args: argparse.Namespace) -> list[Row]:
         for size in args.alone_sizes:
             threads = args.alone_threads if size == "48KiB" else _ends(args.alone_threads)
             rows += _io_rows(args, size, threads, bound)
-        rows += _cpu_rows(args, args.alone_threads[0], bound)
+        if args.alone_cpu_items > 0:
+            rows += _cpu_rows(args, args.alone_threads[0], bound)
     return rows
 
 

@@ -23,10 +23,16 @@ Units are sized for the run, not only for storage: a unit holds at most one chun
 of items, and fewer as the run nears its end (a share of what is left, but no less than
 ``MIN_UNIT_S`` of reading at the last unit's pace), so the slots finish together and a
 trainer that waits for an item being read waits for a short unit, while a fast provider
-still fills whole chunks (fewer chunks: faster shuffled reads). When ``chunk_size`` is
-unset, the first units are probes of ``PROBE_ITEMS`` that tell how many bytes an item
-takes; the largest mean item size of any unit so far sizes the next units, so items that
-grow along the dataset overfill only the units sized before bigger items came back.
+still fills whole chunks (fewer chunks: faster shuffled reads) unless its items are large
+(no more than ``MIN_UNIT_BYTES``: a unit's chunk is sent whole, and the last send is all
+tail). That floor gives way at the very end: no unit takes more than an even split of
+what is left over the slots (but a read for each of its threads), so one slot does not
+read the last items while the others idle. When ``chunk_size`` is unset, the first
+units are probes that tell how many bytes an item takes: a read for each of a slot's
+threads, at least ``MIN_PROBE_ITEMS`` and at most ``PROBE_ITEMS`` (the items may be
+large: a probe is sent whole, before the next units are sized). The largest mean item
+size of any unit so far sizes the next units, so items that grow along the dataset
+overfill only the units sized before bigger items came back.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from raycache.protocol import HELD, READ_IT, STORED
 from raycache.reservations import ReservationPolicy
 
 __all__ = [
+    "MIN_PROBE_ITEMS",
+    "MIN_UNIT_BYTES",
     "MIN_UNIT_ITEMS",
     "MIN_UNIT_S",
     "PROBE_ITEMS",
@@ -53,10 +61,12 @@ __all__ = [
     "index_runs",
 ]
 
-PROBE_ITEMS = 32  # first unit of each task slot when the chunk size is learned from bytes
+PROBE_ITEMS = 32  # most items of a probe unit (the chunk size is learned from its bytes)
+MIN_PROBE_ITEMS = 8  # fewest, where a slot has fewer threads
 MIN_UNIT_ITEMS = 64  # below this a unit's fixed cost (a call, a chunk) dominates
 UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left ...
 MIN_UNIT_S = 0.05  # ... unless that would take less than this to read
+MIN_UNIT_BYTES = 16 * 1024 * 1024  # ... or hold fewer bytes than this
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -89,6 +99,17 @@ def index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(indices)]])
     return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def _unit_floor(rows_per_s: float, item_bytes: float, threads_per_task: int) -> int:
+    """Return the fewest rows the shrinking share cuts a unit to.
+
+    Shrinking pays only where a unit takes long: a fast provider keeps full chunks
+    (``MIN_UNIT_S`` of reading at the last unit's pace), but of large items no more than
+    ``MIN_UNIT_BYTES`` (a unit's chunk is sent whole), and never less than a read per thread.
+    """
+    floor = max(MIN_UNIT_ITEMS, int(rows_per_s * MIN_UNIT_S))
+    return min(floor, max(threads_per_task, int(MIN_UNIT_BYTES // max(1.0, item_bytes))))
 
 
 class UnitScheduler:
@@ -125,11 +146,10 @@ class UnitScheduler:
         self.length = length
         self.tasks = tasks
         self.threads_per_task = max(1, math.ceil(threads / tasks))
+        self.probe_rows = min(PROBE_ITEMS, max(MIN_PROBE_ITEMS, self.threads_per_task))
         self.chunk_size = chunk_size
         self.chunk_bytes = chunk_bytes
-        self.unit_rows: int | None = (
-            None if chunk_size is None else chunk_rows(chunk_size, chunk_bytes, None)
-        )
+        self.unit_rows = None if chunk_size is None else chunk_rows(chunk_size, chunk_bytes, None)
         self.lock = threading.Lock()
         self.stopped = threading.Event()  # set: hand out no more units, reserve nothing
         self.units = 0  # units handed out so far (the next unit's key)
@@ -176,11 +196,12 @@ class UnitScheduler:
             The unit's span.
         """
         if self.unit_rows is None:
-            return min(remaining, PROBE_ITEMS)
+            return min(remaining, self.probe_rows)
         share = math.ceil(remaining / (self.tasks * UNITS_PER_SLOT))
-        # Shrinking pays only where a unit takes long: a fast provider keeps full chunks.
-        floor = max(MIN_UNIT_ITEMS, int(self._rows_per_s * MIN_UNIT_S))
-        return min(remaining, self.unit_rows, max(share, floor))
+        floor = _unit_floor(self._rows_per_s, self._item_bytes, self.threads_per_task)
+        # The floor gives way at the end, where one slot would read all that is left.
+        even = max(self.threads_per_task, math.ceil(remaining / self.tasks))
+        return min(remaining, self.unit_rows, max(share, min(floor, even)))
 
     def claim(self, done: tuple | None) -> tuple | None:
         """Hand a slot its next unit: ``(key, indices)``, or None when none is left.
@@ -249,7 +270,7 @@ class UnitScheduler:
         Returns what is left of ``picked`` and the unit (``claim``'s reply), or None.
         """
         while not self.stopped.is_set() and len(picked):
-            rows = self.unit_rows or PROBE_ITEMS
+            rows = self.unit_rows or self.probe_rows
             todo = self._missing(picked[:rows])
             picked = picked[rows:]
             if len(todo):
