@@ -15,6 +15,7 @@ import pytest
 from raycache.chunk import chunk_rows
 from raycache.preload.units import (
     MIN_PROBE_ITEMS,
+    MIN_SPLIT_S,
     MIN_UNIT_BYTES,
     MIN_UNIT_ITEMS,
     MIN_UNIT_S,
@@ -136,13 +137,26 @@ def test_unit_sizes_shrink_to_a_share_of_what_is_left_but_not_below_the_floor():
 
 
 def test_the_last_units_split_what_is_left_over_the_slots_but_not_below_their_threads():
-    """A slow provider's floor would hand one slot everything left: an even split instead."""
+    """The floor would hand one slot everything left: an even split instead."""
     units, cache, _ = scheduler(100_000, tasks=4, threads=32, chunk_size=4096)
     store_unit(units, cache, units.claim(None))
-    units.claim((4096, 4096 * 10, 4096 / 40_000.0))  # a floor of 2,000 rows
-    assert units.unit_size(4000) == 1000  # not 2,000 for one slot and 2,000 for another
+    units.claim((512, 512 * 10, 512 / 400.0))  # a slow provider: the floor is MIN_UNIT_ITEMS
+    assert units.unit_size(100) == 25  # not 64 for one slot and 36 for another
     assert units.unit_size(20) == 8  # a read for each of a slot's 8 threads
     assert units.unit_size(5) == 5
+
+
+def test_a_fast_provider_splits_the_end_into_units_of_min_split_s_reading_at_least():
+    """Each claim at the end takes a share of what is left: many tasks would cut it into
+    tiny units, each a call, a chunk and a registration, for reads of a few milliseconds."""
+    units, cache, _ = scheduler(100_000, tasks=4, threads=32, chunk_size=4096)
+    store_unit(units, cache, units.claim(None))
+    rows_per_s = 40_000.0
+    units.claim((4096, 4096 * 10, 4096 / rows_per_s))  # a floor of 2,000 rows
+    assert units.unit_size(4000) == 1000  # not 2,000 for one slot and 2,000 for another
+    least = int(rows_per_s * MIN_SPLIT_S)
+    assert units.unit_size(800) == least == 400
+    assert units.unit_size(40) == 40
 
 
 def test_large_items_keep_units_of_min_unit_bytes_however_fast_they_are_read():
@@ -153,7 +167,7 @@ def test_large_items_keep_units_of_min_unit_bytes_however_fast_they_are_read():
     big = MIN_UNIT_BYTES >> 20
     assert units.unit_size(800) == max(800 // (2 * UNITS_PER_SLOT), big)
     assert units.unit_size(40) == big
-    assert units.unit_size(10) == 5
+    assert units.unit_size(10) == 10
 
 
 def test_a_fast_provider_keeps_units_of_min_unit_s_reading():
@@ -169,7 +183,7 @@ def test_a_fast_provider_keeps_units_of_min_unit_s_reading():
     units.claim((4096, 4096 * 10, 4096 / rows_per_s))
     assert units.unit_size(4000) == floor  # the share (1,000) is below the floor
     assert units.unit_size(800) == 400  # less than a floor per slot: an even split
-    assert units.unit_size(40) == 20
+    assert units.unit_size(400) == 400  # ... of no less than MIN_SPLIT_S of reading
 
 
 # ----------------------------------------------------------- ranges and stored items

@@ -26,13 +26,13 @@ trainer that waits for an item being read waits for a short unit, while a fast p
 still fills whole chunks (fewer chunks: faster shuffled reads) unless its items are large
 (no more than ``MIN_UNIT_BYTES``: a unit's chunk is sent whole, and the last send is all
 tail). That floor gives way at the very end: no unit takes more than an even split of
-what is left over the slots (but a read for each of its threads), so one slot does not
-read the last items while the others idle. When ``chunk_size`` is unset, the first
-units are probes that tell how many bytes an item takes: a read for each of a slot's
-threads, at least ``MIN_PROBE_ITEMS`` and at most ``PROBE_ITEMS`` (the items may be
-large: a probe is sent whole, before the next units are sized). The largest mean item
-size of any unit so far sizes the next units, so items that grow along the dataset
-overfill only the units sized before bigger items came back.
+what is left over the slots (but a read for each of its threads and ``MIN_SPLIT_S`` of
+reading), so one slot does not read the last items while the others idle. When
+``chunk_size`` is unset, the first units are probes that tell how many bytes an item
+takes: a read for each of a slot's threads, at least ``MIN_PROBE_ITEMS`` and at most
+``PROBE_ITEMS`` (the items may be large: a probe is sent whole, before the next units
+are sized). The largest mean item size of any unit so far sizes the next units, so items
+that grow along the dataset overfill only the units sized before bigger items came back.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from raycache.reservations import ReservationPolicy
 
 __all__ = [
     "MIN_PROBE_ITEMS",
+    "MIN_SPLIT_S",
     "MIN_UNIT_BYTES",
     "MIN_UNIT_ITEMS",
     "MIN_UNIT_S",
@@ -67,6 +68,7 @@ MIN_UNIT_ITEMS = 64  # below this a unit's fixed cost (a call, a chunk) dominate
 UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left ...
 MIN_UNIT_S = 0.05  # ... unless that would take less than this to read
 MIN_UNIT_BYTES = 16 * 1024 * 1024  # ... or hold fewer bytes than this
+MIN_SPLIT_S = 0.01  # the even split at the end: no unit of less reading than this
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -107,6 +109,8 @@ def _unit_floor(rows_per_s: float, item_bytes: float, threads_per_task: int) -> 
     Shrinking pays only where a unit takes long: a fast provider keeps full chunks
     (``MIN_UNIT_S`` of reading at the last unit's pace), but of large items no more than
     ``MIN_UNIT_BYTES`` (a unit's chunk is sent whole), and never less than a read per thread.
+    At the end it gives way to an even split of what is left over the slots (``unit_size``),
+    where it would have one slot read all that is left while the others idle.
     """
     floor = max(MIN_UNIT_ITEMS, int(rows_per_s * MIN_UNIT_S))
     return min(floor, max(threads_per_task, int(MIN_UNIT_BYTES // max(1.0, item_bytes))))
@@ -199,8 +203,8 @@ class UnitScheduler:
             return min(remaining, self.probe_rows)
         share = math.ceil(remaining / (self.tasks * UNITS_PER_SLOT))
         floor = _unit_floor(self._rows_per_s, self._item_bytes, self.threads_per_task)
-        # The floor gives way at the end, where one slot would read all that is left.
-        even = max(self.threads_per_task, math.ceil(remaining / self.tasks))
+        least = max(self.threads_per_task, int(self._rows_per_s * MIN_SPLIT_S))
+        even = max(least, math.ceil(remaining / self.tasks))
         return min(remaining, self.unit_rows, max(share, min(floor, even)))
 
     def claim(self, done: tuple | None) -> tuple | None:
