@@ -14,8 +14,6 @@ import pytest
 
 from raycache.chunk import chunk_rows
 from raycache.preload.units import (
-    MIN_PROBE_ITEMS,
-    MIN_SPLIT_S,
     MIN_UNIT_BYTES,
     MIN_UNIT_ITEMS,
     MIN_UNIT_S,
@@ -86,7 +84,7 @@ NONE = np.zeros(0, dtype=np.int64)
 # ----------------------------------------------------------------------- unit sizes
 def test_first_units_are_probes_then_sized_by_the_largest_item_mean():
     """Without chunk_size: PROBE_ITEMS per unit until a unit reports its bytes."""
-    units, cache, _ = scheduler(10_000, tasks=2, threads=64, chunk_bytes=64_000)
+    units, cache, _ = scheduler(10_000, tasks=2, threads=2, chunk_bytes=64_000)
     first, second = units.claim(None), units.claim(None)
     assert (first[0], second[0]) == (0, 1)  # keys count the units handed out
     assert first[1].tolist() == list(range(PROBE_ITEMS))
@@ -105,19 +103,8 @@ def test_first_units_are_probes_then_sized_by_the_largest_item_mean():
     assert units.unit_rows == 32
 
 
-@pytest.mark.parametrize(
-    ("threads", "probe"), [(2, MIN_PROBE_ITEMS), (16, MIN_PROBE_ITEMS), (40, 20), (64, PROBE_ITEMS)]
-)
-def test_a_probe_is_a_read_per_thread_of_a_slot_within_its_bounds(threads, probe):
-    """Probes of large items are sent whole: no more items than a slot's threads need."""
-    units, _, _ = scheduler(10_000, tasks=2, threads=threads)
-    assert len(units.claim(None)[1]) == probe == units.probe_rows
-    assert len(units.claim(None)[1]) == probe  # still no unit back: another probe
-
-
 def test_unit_sizes_shrink_to_a_share_of_what_is_left_but_not_below_the_floor():
-    """A chunk's worth while much is left; then a share per slot; MIN_UNIT_ITEMS at least,
-    until an even split of what is left over the slots is less."""
+    """A chunk's worth while much is left; then a share per slot; MIN_UNIT_ITEMS at least."""
     length, tasks = 4000, 2
     units, cache, _ = scheduler(length, tasks=tasks, threads=2, chunk_size=500)
     sizes = [len(todo) for todo in drain(units, cache)]
@@ -127,36 +114,11 @@ def test_unit_sizes_shrink_to_a_share_of_what_is_left_but_not_below_the_floor():
     while start < length:
         left = length - start
         share = -(-left // (tasks * UNITS_PER_SLOT))
-        even = -(-left // tasks)
-        expected.append(min(left, 500, max(share, min(MIN_UNIT_ITEMS, even))))
+        expected.append(min(left, 500, max(share, MIN_UNIT_ITEMS)))
         start += expected[-1]
     assert sizes == expected
-    assert MIN_UNIT_ITEMS in sizes  # the floor holds while more than a floor per slot is left
-    tail = sizes[sizes.index(MIN_UNIT_ITEMS) :]
-    assert tail[-3:] == [2, 1, 1]  # then halves: no slot reads the rest while one idles
-
-
-def test_the_last_units_split_what_is_left_over_the_slots_but_not_below_their_threads():
-    """The floor would hand one slot everything left: an even split instead."""
-    units, cache, _ = scheduler(100_000, tasks=4, threads=32, chunk_size=4096)
-    store_unit(units, cache, units.claim(None))
-    units.claim((512, 512 * 10, 512 / 400.0))  # a slow provider: the floor is MIN_UNIT_ITEMS
-    assert units.unit_size(100) == 25  # not 64 for one slot and 36 for another
-    assert units.unit_size(20) == 8  # a read for each of a slot's 8 threads
-    assert units.unit_size(5) == 5
-
-
-def test_a_fast_provider_splits_the_end_into_units_of_min_split_s_reading_at_least():
-    """Each claim at the end takes a share of what is left: many tasks would cut it into
-    tiny units, each a call, a chunk and a registration, for reads of a few milliseconds."""
-    units, cache, _ = scheduler(100_000, tasks=4, threads=32, chunk_size=4096)
-    store_unit(units, cache, units.claim(None))
-    rows_per_s = 40_000.0
-    units.claim((4096, 4096 * 10, 4096 / rows_per_s))  # a floor of 2,000 rows
-    assert units.unit_size(4000) == 1000  # not 2,000 for one slot and 2,000 for another
-    least = int(rows_per_s * MIN_SPLIT_S)
-    assert units.unit_size(800) == least == 400
-    assert units.unit_size(40) == 40
+    assert min(sizes[:-1]) == MIN_UNIT_ITEMS  # the end is cut into floor-sized units
+    assert sizes[-1] <= MIN_UNIT_ITEMS
 
 
 def test_large_items_keep_units_of_min_unit_bytes_however_fast_they_are_read():
@@ -168,6 +130,11 @@ def test_large_items_keep_units_of_min_unit_bytes_however_fast_they_are_read():
     assert units.unit_size(800) == max(800 // (2 * UNITS_PER_SLOT), big)
     assert units.unit_size(40) == big
     assert units.unit_size(10) == 10
+    # Small items keep the floor of MIN_UNIT_S reading (fewer chunks: faster shuffled reads).
+    small, cache, _ = scheduler(100_000, tasks=2, threads=8, chunk_size=4096, chunk_bytes=1 << 40)
+    store_unit(small, cache, small.claim(None))
+    small.claim((4096, 4096 * 1024, 4096 / 2000.0))  # 1 KiB items: a floor of 100 rows
+    assert small.unit_size(300) == 100  # not the share of 75
 
 
 def test_a_fast_provider_keeps_units_of_min_unit_s_reading():
@@ -181,9 +148,9 @@ def test_a_fast_provider_keeps_units_of_min_unit_s_reading():
     floor = int(rows_per_s * MIN_UNIT_S)
     assert floor == 2000 > MIN_UNIT_ITEMS
     units.claim((4096, 4096 * 10, 4096 / rows_per_s))
+    assert units.unit_size(800) == 800  # all that is left: no unit of less than the floor
     assert units.unit_size(4000) == floor  # the share (1,000) is below the floor
-    assert units.unit_size(800) == 400  # less than a floor per slot: an even split
-    assert units.unit_size(400) == 400  # ... of no less than MIN_SPLIT_S of reading
+    assert units.unit_size(40) == 40
 
 
 # ----------------------------------------------------------- ranges and stored items

@@ -25,14 +25,10 @@ of items, and fewer as the run nears its end (a share of what is left, but no le
 trainer that waits for an item being read waits for a short unit, while a fast provider
 still fills whole chunks (fewer chunks: faster shuffled reads) unless its items are large
 (no more than ``MIN_UNIT_BYTES``: a unit's chunk is sent whole, and the last send is all
-tail). That floor gives way at the very end: no unit takes more than an even split of
-what is left over the slots (but a read for each of its threads and ``MIN_SPLIT_S`` of
-reading), so one slot does not read the last items while the others idle. When
-``chunk_size`` is unset, the first units are probes that tell how many bytes an item
-takes: a read for each of a slot's threads, at least ``MIN_PROBE_ITEMS`` and at most
-``PROBE_ITEMS`` (the items may be large: a probe is sent whole, before the next units
-are sized). The largest mean item size of any unit so far sizes the next units, so items
-that grow along the dataset overfill only the units sized before bigger items came back.
+tail). When ``chunk_size`` is unset, the first units are probes of ``PROBE_ITEMS`` that
+tell how many bytes an item takes; the largest mean item size of any unit so far sizes
+the next units, so items that grow along the dataset overfill only the units sized
+before bigger items came back.
 """
 
 from __future__ import annotations
@@ -50,8 +46,6 @@ from raycache.protocol import HELD, READ_IT, STORED
 from raycache.reservations import ReservationPolicy
 
 __all__ = [
-    "MIN_PROBE_ITEMS",
-    "MIN_SPLIT_S",
     "MIN_UNIT_BYTES",
     "MIN_UNIT_ITEMS",
     "MIN_UNIT_S",
@@ -62,13 +56,11 @@ __all__ = [
     "index_runs",
 ]
 
-PROBE_ITEMS = 32  # most items of a probe unit (the chunk size is learned from its bytes)
-MIN_PROBE_ITEMS = 8  # fewest, where a slot has fewer threads
+PROBE_ITEMS = 32  # first unit of each task slot when the chunk size is learned from bytes
 MIN_UNIT_ITEMS = 64  # below this a unit's fixed cost (a call, a chunk) dominates
 UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left ...
 MIN_UNIT_S = 0.05  # ... unless that would take less than this to read
 MIN_UNIT_BYTES = 16 * 1024 * 1024  # ... or hold fewer bytes than this
-MIN_SPLIT_S = 0.01  # the even split at the end: no unit of less reading than this
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -109,8 +101,6 @@ def _unit_floor(rows_per_s: float, item_bytes: float, threads_per_task: int) -> 
     Shrinking pays only where a unit takes long: a fast provider keeps full chunks
     (``MIN_UNIT_S`` of reading at the last unit's pace), but of large items no more than
     ``MIN_UNIT_BYTES`` (a unit's chunk is sent whole), and never less than a read per thread.
-    At the end it gives way to an even split of what is left over the slots (``unit_size``),
-    where it would have one slot read all that is left while the others idle.
     """
     floor = max(MIN_UNIT_ITEMS, int(rows_per_s * MIN_UNIT_S))
     return min(floor, max(threads_per_task, int(MIN_UNIT_BYTES // max(1.0, item_bytes))))
@@ -150,7 +140,6 @@ class UnitScheduler:
         self.length = length
         self.tasks = tasks
         self.threads_per_task = max(1, math.ceil(threads / tasks))
-        self.probe_rows = min(PROBE_ITEMS, max(MIN_PROBE_ITEMS, self.threads_per_task))
         self.chunk_size = chunk_size
         self.chunk_bytes = chunk_bytes
         self.unit_rows = None if chunk_size is None else chunk_rows(chunk_size, chunk_bytes, None)
@@ -200,12 +189,10 @@ class UnitScheduler:
             The unit's span.
         """
         if self.unit_rows is None:
-            return min(remaining, self.probe_rows)
+            return min(remaining, PROBE_ITEMS)
         share = math.ceil(remaining / (self.tasks * UNITS_PER_SLOT))
         floor = _unit_floor(self._rows_per_s, self._item_bytes, self.threads_per_task)
-        least = max(self.threads_per_task, int(self._rows_per_s * MIN_SPLIT_S))
-        even = max(least, math.ceil(remaining / self.tasks))
-        return min(remaining, self.unit_rows, max(share, min(floor, even)))
+        return min(remaining, self.unit_rows, max(share, floor))
 
     def claim(self, done: tuple | None) -> tuple | None:
         """Hand a slot its next unit: ``(key, indices)``, or None when none is left.
@@ -274,7 +261,7 @@ class UnitScheduler:
         Returns what is left of ``picked`` and the unit (``claim``'s reply), or None.
         """
         while not self.stopped.is_set() and len(picked):
-            rows = self.unit_rows or self.probe_rows
+            rows = self.unit_rows or PROBE_ITEMS
             todo = self._missing(picked[:rows])
             picked = picked[rows:]
             if len(todo):
