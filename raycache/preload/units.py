@@ -142,7 +142,9 @@ class UnitScheduler:
         self.threads_per_task = max(1, math.ceil(threads / tasks))
         self.chunk_size = chunk_size
         self.chunk_bytes = chunk_bytes
-        self.unit_rows = None if chunk_size is None else chunk_rows(chunk_size, chunk_bytes, None)
+        self.unit_rows: int | None = (
+            None if chunk_size is None else chunk_rows(chunk_size, chunk_bytes, None)
+        )
         self.lock = threading.Lock()
         self.stopped = threading.Event()  # set: hand out no more units, reserve nothing
         self.units = 0  # units handed out so far (the next unit's key)
