@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(
 
     N = int(sys.argv[1])
     READS = sys.argv[2]
+    SEEN = sys.argv[3]  # each script leaves a file here once it has seen both attached
 
     class Squares:
         def __len__(self):
@@ -54,6 +55,8 @@ SCRIPT = textwrap.dedent(
     while clients < 2 and time.monotonic() < deadline:
         clients = max(clients, cache.stats()["clients"])
         time.sleep(0.2)
+    if clients >= 2:
+        open(os.path.join(SEEN, str(os.getpid())), "w").close()
     assert cache.wait_for_preload(timeout=120)
     values = [cache.try_fetch(i) for i in range(N)]
     ok = all(v is not None and float(v["x"][0]) == i for i, v in enumerate(values))
@@ -63,7 +66,11 @@ SCRIPT = textwrap.dedent(
         "ok": ok,
         "address": ray.get_runtime_context().gcs_address,
         "name": cache.name,
-    }))
+    }), flush=True)
+    # Stay attached until the other script has seen this one: a script that starts its
+    # polling late (a slow start on a loaded machine) must still find both attached.
+    while len(os.listdir(SEEN)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     cache.close()
     """
 )
@@ -105,10 +112,12 @@ def test_two_scripts_share_one_node_ray_that_goes_away(isolated_env):
     script = tmp / "train.py"
     script.write_text(SCRIPT)
     reads = tmp / "reads.log"
+    seen = tmp / "seen"
+    seen.mkdir()
     n = 300
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(n), str(reads)],
+            [sys.executable, str(script), str(n), str(reads), str(seen)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -14,6 +14,7 @@ import pytest
 
 from raycache.chunk import chunk_rows
 from raycache.preload.units import (
+    MIN_SPLIT_S,
     MIN_UNIT_BYTES,
     MIN_UNIT_ITEMS,
     MIN_UNIT_S,
@@ -119,6 +120,39 @@ def test_unit_sizes_shrink_to_a_share_of_what_is_left_but_not_below_the_floor():
     assert sizes == expected
     assert min(sizes[:-1]) == MIN_UNIT_ITEMS  # the end is cut into floor-sized units
     assert sizes[-1] <= MIN_UNIT_ITEMS
+
+
+def test_a_slow_provider_splits_the_last_units_evenly_but_not_below_a_read_per_thread():
+    """A slow provider's floor unit takes long (0.16 s here, seconds for slower ones): the
+    floor would give one slot all that is left while the others idle, so the end is split
+    over the slots instead."""
+    units, cache, _ = scheduler(100_000, tasks=4, threads=32, chunk_size=4096)
+    store_unit(units, cache, units.claim(None))
+    # Nothing came back yet: the pace is unknown, and the floor holds (a share of 13).
+    assert units.unit_size(100) == MIN_UNIT_ITEMS
+    units.claim((512, 512 * 10, 512 / 400.0))  # 400 rows/s: a floor unit takes 0.16 s
+    assert units.unit_size(1000) == 125  # the share: more than a floor per slot is left
+    assert units.unit_size(100) == 25  # not 64 for one slot and 36 for another
+    assert units.unit_size(20) == 8  # a read for each of a slot's 8 threads
+    assert units.unit_size(5) == 5
+    # Drained at that pace: once less than a floor per slot is left, each unit takes an
+    # even share of it over the slots, down to a read per thread.
+    sizes = [len(todo) for todo in drain(units, cache, done=(64, 640, 0.16))]
+    assert sum(sizes) == 100_000 - 4096 - 4096
+    left = sum(sizes[sizes.index(MIN_UNIT_ITEMS) :])
+    for size in sizes[sizes.index(MIN_UNIT_ITEMS) :]:
+        if left >= MIN_UNIT_ITEMS * 4:
+            assert size == MIN_UNIT_ITEMS
+        else:
+            assert size == min(left, max(8, -(-left // 4))), (size, left)
+        left -= size
+    assert sizes[-5:] == [10, 8, 8, 8, 5]
+    # One thread per slot: the split stops at MIN_SPLIT_S of reading (a unit's own cost).
+    units, cache, _ = scheduler(100_000, tasks=2, threads=2, chunk_size=4096)
+    store_unit(units, cache, units.claim(None))
+    units.claim((512, 512 * 10, 512 / 400.0))
+    least = int(400 * MIN_SPLIT_S)
+    assert least == 8 and units.unit_size(30) == 15 and units.unit_size(10) == least
 
 
 def test_large_items_keep_units_of_min_unit_bytes_however_fast_they_are_read():

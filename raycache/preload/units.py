@@ -25,10 +25,14 @@ of items, and fewer as the run nears its end (a share of what is left, but no le
 trainer that waits for an item being read waits for a short unit, while a fast provider
 still fills whole chunks (fewer chunks: faster shuffled reads) unless its items are large
 (no more than ``MIN_UNIT_BYTES``: a unit's chunk is sent whole, and the last send is all
-tail). When ``chunk_size`` is unset, the first units are probes of ``PROBE_ITEMS`` that
-tell how many bytes an item takes; the largest mean item size of any unit so far sizes
-the next units, so items that grow along the dataset overfill only the units sized
-before bigger items came back.
+tail). Where a floor's worth of items takes longer than ``MIN_UNIT_S`` to read (a slow
+provider, known from a unit that came back), the floor gives way at the end to an even
+split of what is left over the slots (but a read for each of a slot's threads and
+``MIN_SPLIT_S`` of reading at least), so that one slot does not read the last items while
+the others idle. When ``chunk_size`` is unset, the first units are probes of
+``PROBE_ITEMS`` that tell how many bytes an item takes; the largest mean item size of any
+unit so far sizes the next units, so items that grow along the dataset overfill only the
+units sized before bigger items came back.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from raycache.protocol import HELD, READ_IT, STORED
 from raycache.reservations import ReservationPolicy
 
 __all__ = [
+    "MIN_SPLIT_S",
     "MIN_UNIT_BYTES",
     "MIN_UNIT_ITEMS",
     "MIN_UNIT_S",
@@ -61,6 +66,7 @@ MIN_UNIT_ITEMS = 64  # below this a unit's fixed cost (a call, a chunk) dominate
 UNITS_PER_SLOT = 2  # a unit is at most 1 / (task slots * this) of what is left ...
 MIN_UNIT_S = 0.05  # ... unless that would take less than this to read
 MIN_UNIT_BYTES = 16 * 1024 * 1024  # ... or hold fewer bytes than this
+MIN_SPLIT_S = 0.02  # a slow provider's last units: no less reading than this (a unit's cost)
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -194,6 +200,12 @@ class UnitScheduler:
             return min(remaining, PROBE_ITEMS)
         share = math.ceil(remaining / (self.tasks * UNITS_PER_SLOT))
         floor = _unit_floor(self._rows_per_s, self._item_bytes, self.threads_per_task)
+        if 0 < self._rows_per_s * MIN_UNIT_S < floor:
+            # A slow provider: the floor would have one slot read what is left (seconds,
+            # perhaps) while the others idle. Only a unit that came back says it is slow:
+            # before that, and for a fast provider, units stay as large as the floor.
+            least = max(self.threads_per_task, math.ceil(self._rows_per_s * MIN_SPLIT_S))
+            floor = min(floor, max(least, math.ceil(remaining / self.tasks)))
         return min(remaining, self.unit_rows, max(share, floor))
 
     def claim(self, done: tuple | None) -> tuple | None:
