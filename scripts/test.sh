@@ -8,4 +8,4 @@ bash scripts/install.sh "test,dev,docs"
 "$PY" -m sphinx -W --keep-going -q -b html docs docs/_build/html
 # Hyrax 0.13 for the real-Hyrax tests, in a directory of its own (see the script).
 [ -d .hyrax-0.13/hyrax ] || bash scripts/hyrax_env.sh
-exec "$PY" -m pytest -q -p no:cacheprovider "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -101,15 +101,22 @@ def index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
     return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
-def _unit_floor(rows_per_s: float, item_bytes: float, threads_per_task: int) -> int:
+def _unit_floor(rows_per_s: float, item_bytes: float, threads_per_task: int, even: int) -> int:
     """Return the fewest rows the shrinking share cuts a unit to.
 
     Shrinking pays only where a unit takes long: a fast provider keeps full chunks
     (``MIN_UNIT_S`` of reading at the last unit's pace), but of large items no more than
     ``MIN_UNIT_BYTES`` (a unit's chunk is sent whole), and never less than a read per thread.
+    A slow provider's floor (known only once a unit came back) gives way to ``even``, what
+    is left per slot, so that one slot does not read the rest (seconds, perhaps) while the
+    others idle; but no less than ``MIN_SPLIT_S`` of reading, a unit's own cost.
     """
     floor = max(MIN_UNIT_ITEMS, int(rows_per_s * MIN_UNIT_S))
-    return min(floor, max(threads_per_task, int(MIN_UNIT_BYTES // max(1.0, item_bytes))))
+    floor = min(floor, max(threads_per_task, int(MIN_UNIT_BYTES // max(1.0, item_bytes))))
+    if 0 < rows_per_s * MIN_UNIT_S < floor:
+        least = max(threads_per_task, math.ceil(rows_per_s * MIN_SPLIT_S))
+        floor = min(floor, max(least, even))
+    return floor
 
 
 class UnitScheduler:
@@ -199,13 +206,8 @@ class UnitScheduler:
         if self.unit_rows is None:
             return min(remaining, PROBE_ITEMS)
         share = math.ceil(remaining / (self.tasks * UNITS_PER_SLOT))
-        floor = _unit_floor(self._rows_per_s, self._item_bytes, self.threads_per_task)
-        if 0 < self._rows_per_s * MIN_UNIT_S < floor:
-            # A slow provider: the floor would have one slot read what is left (seconds,
-            # perhaps) while the others idle. Only a unit that came back says it is slow:
-            # before that, and for a fast provider, units stay as large as the floor.
-            least = max(self.threads_per_task, math.ceil(self._rows_per_s * MIN_SPLIT_S))
-            floor = min(floor, max(least, math.ceil(remaining / self.tasks)))
+        even = math.ceil(remaining / self.tasks)
+        floor = _unit_floor(self._rows_per_s, self._item_bytes, self.threads_per_task, even)
         return min(remaining, self.unit_rows, max(share, floor))
 
     def claim(self, done: tuple | None) -> tuple | None:
