@@ -224,7 +224,6 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the column holds."""
         """Bytes of the stored data (columns), not counting Python overhead."""
         return int(sum(c.nbytes for c in self.columns))
 

@@ -52,8 +52,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from raycache.idle_cpus import OthersLoad
 
 __all__ = ["CHOOSER", "CopyChooser", "allowed_threads", "chosen_copy"]
@@ -84,7 +82,11 @@ def allowed_threads(torch_threads: int | None = None, cpus: int | None = None) -
         pool always runs ``torch_threads`` threads, so a pool larger than the CPUs this
         process may use would put two of its threads on one CPU: then it is not used.
     """
-    threads = torch.get_num_threads() if torch_threads is None else int(torch_threads)
+    if torch_threads is None:
+        import torch  # here, not on import: a process that never copies a batch does not need it
+
+        torch_threads = torch.get_num_threads()
+    threads = int(torch_threads)
     limit = _affinity_cpus() if cpus is None else int(cpus)
     return threads if 1 < threads <= limit else 1
 

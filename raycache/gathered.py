@@ -23,8 +23,6 @@ from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data._utils.collate import default_collate_fn_map
 
 __all__ = ["GatheredBatch", "collate"]
 
@@ -129,6 +127,7 @@ del _name
 # id of a gathered array (or tensor) -> weak reference to the GatheredBatch whose items
 # view it. Weak, so a batch nobody holds frees its arrays; the entry goes with it.
 _GATHERED: dict[int, weakref.ref] = {}
+_stock_collate_wrapped = False  # torch's stock collate knows gathered rows
 
 
 def _register_rows(batch: GatheredBatch, base: Any, rows: list) -> None:
@@ -139,6 +138,8 @@ def _register_rows(batch: GatheredBatch, base: Any, rows: list) -> None:
         if _GATHERED.get(key) is ref:
             del _GATHERED[key]
 
+    if not _stock_collate_wrapped:
+        _install_stock_collate()
     batch.rows_of[key] = rows
     _GATHERED[key] = weakref.ref(batch, forget)
 
@@ -161,6 +162,9 @@ def _joined(elements: Sequence[Any], base: Any) -> bool:
 
 def _wrap_stock_collate(kind: type, base_of: Callable[[Any], Any]) -> None:
     """Put a joined-rows fast path in front of torch's collate function for ``kind``."""
+    import torch
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
     stock = default_collate_fn_map[kind]
     if getattr(stock, "_raycache_stock", None) is not None:
         return  # wrapped already (the module was reloaded)
@@ -180,8 +184,19 @@ def _numpy_base(row: np.ndarray) -> np.ndarray | None:
     return base if type(base) is np.ndarray and _tensor_ok(base.dtype) else None
 
 
-_wrap_stock_collate(np.ndarray, _numpy_base)
-_wrap_stock_collate(torch.Tensor, attrgetter("_base"))
+def _install_stock_collate() -> None:
+    """Wrap torch's stock collate for arrays and tensors, once per process.
+
+    Done when the first gathered batch registers its rows (only then can the stock
+    collate meet them), not on import: a process that never reads a batch (the
+    ``raycache preload`` command, a Ray worker) does not import torch.
+    """
+    global _stock_collate_wrapped
+    import torch
+
+    _wrap_stock_collate(np.ndarray, _numpy_base)
+    _wrap_stock_collate(torch.Tensor, attrgetter("_base"))
+    _stock_collate_wrapped = True
 
 
 def _leaf_values(kind: str, values: Any, batch: GatheredBatch | None = None) -> Any:
@@ -199,6 +214,8 @@ def _leaf_values(kind: str, values: Any, batch: GatheredBatch | None = None) -> 
             _register_rows(batch, values, rows)
         return rows
     if kind == "tensor":
+        import torch
+
         base = torch.from_numpy(values)
         rows = list(base.unbind(0))
         if batch is not None:
@@ -251,12 +268,16 @@ def _tensor_ok(dtype: np.dtype) -> bool:
 
 def _array_tensor(value: Any) -> Any:
     """Return a tensor copy of a numpy array torch can hold, else the value itself."""
+    import torch
+
     if isinstance(value, np.ndarray) and _tensor_ok(value.dtype):
         return torch.from_numpy(np.array(value))
     return value
 
 
 def _collate_values(values: list) -> Any:
+    import torch
+
     first = values[0]
     if isinstance(first, dict):
         return {k: _collate_values([v[k] for v in values]) for k in first}
@@ -284,6 +305,8 @@ def _collate_values(values: list) -> Any:
 
 
 def _collate_gathered(template: Any, columns: Iterator[tuple]) -> Any:
+    import torch
+
     if template == _LEAF:
         kind, values = next(columns)
         if kind in _ARRAY_KINDS:

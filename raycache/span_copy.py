@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 __all__ = ["RowSpan", "copy_rows", "row_span"]
 
@@ -128,6 +127,8 @@ def copy_rows(
     numpy_word, typestr = _WORDS[word]
     count = (int(ends.max()) - base) // word
     row_words = row_bytes // word
+    import torch  # here, not on import: a process that never copies a batch does not need it
+
     span = torch.from_numpy(np.asarray(_Span(base, count, typestr, sources)))
     every_start = span.as_strided((count - row_words + 1, row_words), (1, 1))
     target = torch.from_numpy(out.view(np.uint8).reshape(len(rows), row_bytes).view(numpy_word))

@@ -1,19 +1,36 @@
-"""Shared fixtures: one real local Ray per test module, and a subprocess runner."""
+"""Shared fixtures: one real local Ray for the session, joined by each module; a subprocess runner.
+
+Starting a Ray takes 7-8 s on a loaded 2-core machine and joining a running one ~0.1 s, so
+the session starts one (in a child process that holds it, so that every module can join it
+as a driver of its own and leave) and each module that asks for ``ray_address`` joins it
+for its tests. Modules that need a Ray of another shape (CPUs, store size) or that stop
+Ray's processes start their own with :func:`local_ray` or ``ray.cluster_utils.Cluster``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import select
+import signal
 import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import ray
-import ray.cloudpickle
+
+# Ray 2.60 turns token authentication on for each Ray that ray.init() starts, by setting
+# RAY_AUTH_MODE=token in the process that starts it (and so in that process's children).
+# A process that joins a Ray by its address reads the mode once, when it imports ray: the
+# tests join the session's Ray (started by a holder process), so the mode is set first.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import ray  # noqa: E402
+import ray.cloudpickle  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -40,11 +57,63 @@ def local_ray(num_cpus: int = 2, object_store_memory: int | None = None):
         ray.shutdown()
 
 
+SESSION_RAY_START_S = 120.0  # the holder prints the address within this
+SESSION_RAY_STOP_S = 60.0  # and stops its Ray within this once its stdin closes
+
+# The session's Ray holder: starts Ray as each module started its own before (2 CPUs, no
+# dashboard), prints the address, and stops Ray when the session closes its stdin.
+HOLDER = """
+import logging, sys
+import ray
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="session")
+def session_ray() -> Iterator[subprocess.Popen]:
+    """Start the session's local Ray in a holder process; yield the holder (``.address``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, for the last-resort kill
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], SESSION_RAY_START_S)
+        address = proc.stdout.readline().strip() if ready else ""
+        if not address:
+            raise RuntimeError(
+                f"the session's Ray did not start in {SESSION_RAY_START_S:.0f} s "
+                f"(holder exit status {proc.poll()}); its stderr is above"
+            )
+        proc.address = address
+        yield proc
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=SESSION_RAY_STOP_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
-def ray_address():
-    """Start one local Ray for the module and return the address others join it by."""
-    with local_ray() as address:
-        yield address
+def ray_address(session_ray: subprocess.Popen) -> Iterator[str]:
+    """Join the session's Ray as this module's driver; return the address others join by."""
+    if session_ray.poll() is not None:
+        raise RuntimeError(
+            f"the session's Ray holder exited ({session_ray.returncode}): an earlier module "
+            "stopped its Ray; a test that stops Ray's processes needs a Ray of its own"
+        )
+    ray.init(address=session_ray.address, logging_level=logging.WARNING)
+    try:
+        yield session_ray.address
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -629,11 +629,13 @@ def test_chunk_bytes_holds_once_bigger_items_are_seen(ray_address, cache_name):
     client.sync(force=True)
     chunks = client.views(client.inspect().chunk_ids)
     assert sum(len(chunk) for chunk in chunks) == 600
-    # Units sized before a unit of big items came back can be too big: each task slot
+    # Units cut before any unit of big items came back can be far too big: each task slot
     # holds the unit it reads and claims one ahead, so at most two per slot (2 slots
-    # here; CI once saw all four). All later ones fit.
-    oversized = [chunk for chunk in chunks if chunk.nbytes > 1.1 * limit]
-    assert len(oversized) <= 4, [(c.indices[[0, -1]], c.nbytes) for c in oversized]
+    # here; CI once saw all four, the last one included). Units sized from the probe
+    # [96, 128) alone (4 small items, 28 big: a mean of 3.6 KiB) hold 18 big items, 1.13x
+    # the limit, until a unit of big items only comes back; the chunks sized after that fit.
+    far_over = [chunk for chunk in chunks if chunk.nbytes > 1.2 * limit]
+    assert len(far_over) <= 4, [(c.indices[[0, -1]], c.nbytes) for c in chunks]
     for i in (0, 99, 100, 599):
         got = ds[i]
         assert got["label"] == i and got["image"].shape == ((8,) if i < 100 else (512,))

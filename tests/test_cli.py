@@ -103,6 +103,20 @@ def test_library_modules_log_and_never_print():
     assert printing == [], f"print in library code (use the module's logger): {printing}"
 
 
+def test_the_command_line_and_data_cache_do_not_import_torch():
+    # torch takes seconds to import and most of a second to tear down; only a process that
+    # reads batches (CachedDataset, the DataLoader) needs it.
+    code = """
+        import sys
+        import raycache.cli, raycache.preload_command
+        from raycache import DataCache
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+        from raycache import CachedDataset
+        print("torch" in sys.modules)
+        """
+    assert run_python(code, address="", timeout=120).split() == ["[]", "True"]
+
+
 def test_top_level_help_and_bad_usage():
     proc = cli("--help")
     assert proc.returncode == 0 and "exit status" in proc.stdout

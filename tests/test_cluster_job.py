@@ -11,6 +11,7 @@ the script itself (``__main__``); the training example runs as one job too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUNTIME_ENV = REPO / "examples" / "ray_job_submit" / "runtime_env.yaml"
 RAY = shutil.which("ray")
 START_S = 90  # the head and its dashboard agent answer within this
+STOP_S = 5  # then its processes have this long to end after SIGTERM
 JOB_S = 180  # one job, from submission to its end
 N = 512
 
@@ -100,13 +102,17 @@ def head():
         _wait_for_dashboard(dashboard, proc)
         yield {"dashboard": dashboard, "address": f"127.0.0.1:{gcs}"}
     finally:
-        # `ray start --block` stops the processes it started when it is terminated.
-        proc.send_signal(signal.SIGTERM)
+        # `ray start --block` stops the processes it started when it is terminated, but
+        # its GCS and monitor take ~30 s to go; they are all in the process group it was
+        # started in: each gets SIGTERM, and what is left after STOP_S gets SIGKILL.
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=STOP_S)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        proc.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
