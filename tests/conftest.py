@@ -75,8 +75,12 @@ ray.shutdown()
 @pytest.fixture(scope="session")
 def session_ray() -> Iterator[subprocess.Popen]:
     """Start the session's local Ray in a holder process; yield the holder (``.address``)."""
+    # The source tree on the path of the Ray's workers, as for a Ray started from it:
+    # benchmark rows run on this Ray unpickle ``benchmarks.*`` providers by reference.
+    paths = [str(TESTS.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths))),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -6,7 +6,8 @@ runs ``ray stop``. Every job is submitted with the repository's runtime env file
 (``examples/ray_job_submit/runtime_env.yaml``) and ``--working-dir`` the repository, so
 the jobs import this checkout's raycache from the uploaded working directory, as the
 cluster guide says. The sweep's jobs are a script whose provider class is defined in
-the script itself (``__main__``); the training example runs as one job too.
+the script itself (``__main__``); the training example runs as one job too, and its
+Ray Train workers must each read exactly their shard (``ranks.check_ranks``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -25,6 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ranks import check_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 RUNTIME_ENV = REPO / "examples" / "ray_job_submit" / "runtime_env.yaml"
@@ -226,13 +229,25 @@ def test_jobs_submitted_to_one_cluster_share_a_detached_cache(head, tmp_path):
 
 @pytest.mark.slow  # Ray Train's start-up: ~90 s on a busy 2-core machine
 def test_the_training_example_runs_as_a_submitted_job(head, tmp_path):
-    # The documented command, smaller: Ray Train workers attach to one cache on the cluster.
+    # The documented command, smaller: Ray Train workers attach to one cache on the
+    # cluster, each reads exactly its shard every epoch, and the example drops its cache.
+    items, epochs = 256, 2
     args = [
         "python", "examples/ray_train.py", "--address", "auto", "--workers", "2",
-        "--items", "256", "--shape", "3x8x8", "--epochs", "2", "--result-dir", str(tmp_path),
+        "--items", str(items), "--shape", "3x8x8", "--epochs", str(epochs),
+        "--result-dir", str(tmp_path),
     ]  # fmt: skip
     proc = _submit(head["dashboard"], args, JOB_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank-*.json"))]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    assert all(r["length"] == 256 and len(r["epochs"]) == 2 for r in ranks)
+    assert all(r["length"] == items and r["world"] == 2 for r in ranks)
+    check_ranks(ranks, items, 2, epochs)
+    listed = subprocess.run(
+        [sys.executable, "-m", "raycache.cli", "list", "--json", "--address", head["address"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=AUTH_ENV,
+    )
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert json.loads(listed.stdout) == [], listed.stdout  # the example dropped its cache

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from torch.utils.data import DistributedSampler
+from ranks import check_ranks
 
 ITEMS = 256
 EPOCHS = 2
@@ -55,19 +55,7 @@ def test_demo_runs_checks_and_cleans_up(tmp_path):
     assert [r["no_cache"] for r in runs] == [False, True]
     for run in runs:
         assert run["ok"] and len(run["rows"]) == EPOCHS
-        for epoch in range(EPOCHS):
-            covered: set[int] = set()
-            for rank in run["ranks"]:
-                shard = rank["epochs"][epoch]["shard"]
-                sampler = DistributedSampler(
-                    range(ITEMS), num_replicas=2, rank=rank["rank"], shuffle=True
-                )
-                sampler.set_epoch(epoch)
-                assert shard["indices"] == list(sampler)
-                assert shard["order_errors"] == 0 and shard["bad_values"] == 0
-                assert shard["verified"]
-                covered |= set(shard["indices"])
-            assert covered == set(range(ITEMS))
+        check_ranks(run["ranks"], ITEMS, 2, EPOCHS)
     cached = runs[0]["rows"]
     assert cached[-1]["hit_ratio"] == 1.0  # warm epoch served from the cache
     assert cached[-1]["cache_bytes"] >= ITEMS * 3 * 64 * 64 * 4

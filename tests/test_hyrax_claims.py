@@ -1,6 +1,13 @@
-"""Hyrax fills: a claim ended a moment ago makes a late reader fetch the item, not read it."""
+"""Hyrax fills: each item is read by one reader, which never waits for its own claim.
+
+A claim ended a moment ago makes a late reader fetch the item, not read it; a reader that
+asks again for what it claimed reads it; a forked worker that left frees its claims.
+"""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +19,7 @@ import raycache
 import raycache.client.local_map
 from raycache import DataCache
 from raycache.hyrax.claims import HELD, MINE, STORED, board
-from raycache.hyrax.fill import OnceFill
+from raycache.hyrax.fill import WAIT_S, OnceFill
 
 
 @pytest.fixture
@@ -70,3 +77,42 @@ def test_a_claim_ended_without_a_store_is_taken_by_the_next_reader(pair, cache_n
     second.send()
     assert ray.get(claims.wait.remote(cache_name, 3, 10.0), timeout=30)
     assert np.array_equal(first.fetch(3)["data"]["image"], make_item(3)["data"]["image"])
+
+
+def test_a_reader_asking_again_for_what_it_claimed_is_told_to_read_it(pair, cache_name):
+    # Its read failed (or it looked before reading): it must not wait for its own claim,
+    # which would hold it for WAIT_S (2026-12-07: 30 s per such index).
+    first, _ = pair
+    assert first.fetch(2) is None
+    start = time.monotonic()
+    assert first.fetch(2) is None
+    assert time.monotonic() - start < WAIT_S / 3
+    claims = board(first.shared.config.namespace)
+    assert ray.get(claims.claim.remote(cache_name, 2, "x"), timeout=30) == HELD  # still held
+
+
+def test_forked_readers_of_one_process_never_both_read_an_item(pair, cache_name):
+    # A parent answers its forked workers under its own name: worker 2 waits for worker
+    # 1's read of an item, and worker 1, asking again, is told to read it.
+    first, _ = pair
+    assert first.fetch(4, reader=1) is None
+    assert first.fetch(4, reader=1) is None
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(first.fetch(4, reader=2)))
+    waiter.start()
+    first.insert(4, make_item(4))  # worker 1's insert, through the parent
+    first.send()
+    waiter.join(timeout=WAIT_S + 10)
+    assert not waiter.is_alive() and got[0] is not None
+    assert_same(got[0], make_item(4))
+
+
+def test_the_claims_of_a_worker_that_left_are_ended(pair, cache_name):
+    first, second = pair
+    assert first.fetch(7, reader=3) is None  # worker 3 claimed item 7 and exited unstored
+    first.release(3)
+    start = time.monotonic()
+    assert second.fetch(7) is None  # another process reads it without waiting
+    assert time.monotonic() - start < WAIT_S / 3
+    claims = board(first.shared.config.namespace)
+    assert ray.get(claims.claim.remote(cache_name, 7, "x"), timeout=30) == HELD  # second's

@@ -158,6 +158,7 @@ if __name__ == "__main__":
 
 # --------------------------------------------------------------------- test side
 import pytest  # noqa: E402
+import ray  # noqa: E402
 from conftest import local_ray  # noqa: E402
 
 from raycache import drop_cache  # noqa: E402
@@ -326,18 +327,23 @@ def _check_reads(result: dict, items: int) -> None:
         assert report["items"] == items, report
 
 
-def test_pss_helpers():
+def test_pss_helpers(session_ray):
     mine = pss(os.getpid())
     assert mine is not None and mine["pss"] > 0 and mine["anon"] > 0
     assert pss(2**22 + 12345) is None  # no such process
     assert ray_processes() == []  # not connected, no session named: nothing to guess
-    with _fresh_ray():
+    # Nothing is measured here: the session's Ray will do (the measurements below each
+    # start a fresh one).
+    ray.init(address=session_ray.address, logging_level=logging.WARNING)
+    try:
         procs = ray_processes()
         assert procs, "the Ray session's processes were not found"
         usage = node_memory([os.getpid()])
         assert usage["trainers"] == usage["processes"][os.getpid()]["pss"]
         assert usage["ray"] > 0 and usage["total"] == usage["ray"] + usage["trainers"]
         assert set(usage["processes"]) == set(procs) | {os.getpid()}
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

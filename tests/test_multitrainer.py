@@ -1,9 +1,11 @@
-"""Several trainers on one node share one cache: torchrun, Ray Train, DataLoader workers.
+"""Several trainers on one node share one cache: torchrun ranks and DataLoader workers.
 
 Every test trains the same loop (``raycache.tools.train.loop``) and checks, per rank and per
 epoch, that the rank received exactly its ``DistributedSampler`` shard (shuffle=True,
 ``set_epoch``), in order, with the values the provider holds, and that the ranks'
-shards together cover the dataset.
+shards together cover the dataset (``ranks.check_ranks``). Ray Train workers are checked
+the same way where the example runs as users run it, as a job submitted to a cluster
+(``test_cluster_job.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import ray
 import torch
 from conftest import local_ray
 from providers import LoggedReadsProvider
-from torch.utils.data import DistributedSampler
+from ranks import check_ranks
 
-from raycache import CachedDataset, cache_stats, drop_cache, list_caches
+from raycache import CachedDataset, cache_stats, drop_cache
 from raycache.tools.train.data import SyntheticCutouts
 from raycache.tools.train.loop import LoopSettings, train
 
@@ -37,32 +39,10 @@ STORE_BYTES = 512 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def ray_address():
-    # Our own Ray, never another one on this machine; 4 logical CPUs so that two
-    # Ray Train workers and the preload tasks can all be scheduled on 2 cores.
-    with local_ray(num_cpus=4, object_store_memory=STORE_BYTES) as address:
+    # A Ray of the module's own: a store of STORE_BYTES, which the test of segments
+    # compacted after a fork fills for the store to reuse their memory.
+    with local_ray(num_cpus=2, object_store_memory=STORE_BYTES) as address:
         yield address
-
-
-def _shard(length: int, world: int, rank: int, epoch: int) -> list[int]:
-    sampler = DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=True)
-    sampler.set_epoch(epoch)
-    return list(sampler)
-
-
-def _check_ranks(ranks: list[dict], length: int, world: int, epochs: int) -> None:
-    """Every rank saw exactly its shard, in order, with the right values, every epoch."""
-    assert sorted(r["rank"] for r in ranks) == list(range(world))
-    for epoch in range(epochs):
-        covered: set[int] = set()
-        for result in ranks:
-            shard = result["epochs"][epoch]["shard"]
-            want = _shard(length, world, result["rank"], epoch)
-            assert shard["indices"] == want, f"rank {result['rank']} epoch {epoch + 1}"
-            assert shard["seen"] == shard["expected"] == len(want)
-            assert shard["order_errors"] == 0
-            assert shard["verified"] and shard["bad_values"] == 0
-            covered |= set(shard["indices"])
-        assert covered == set(range(length))
 
 
 def _run(cmd: list[str], result_dir: Path, world: int) -> list[dict]:
@@ -84,7 +64,7 @@ def test_torchrun_ddp_two_ranks_share_one_cache(ray_address, tmp_path):
     ]  # fmt: skip
     try:
         ranks = _run(cmd, tmp_path, 2)
-        _check_ranks(ranks, ITEMS, 2, EPOCHS)
+        check_ranks(ranks, ITEMS, 2, EPOCHS)
         for result in ranks:
             assert result["stats"]["clients"] == 2  # both ranks attached to the one cache
         # The ranks may finish reading before the preload has ended (it skips what the
@@ -103,18 +83,6 @@ def test_torchrun_ddp_two_ranks_share_one_cache(ray_address, tmp_path):
         assert stats["preloaded_items"] <= stats["preload"]["loaded"] <= ITEMS
     finally:
         drop_cache(name)
-
-
-def test_ray_train_two_workers_share_one_cache(ray_address, tmp_path):
-    name = "mt-raytrain"
-    cmd = [
-        sys.executable, "examples/ray_train.py", "--workers", "2", "--items", str(ITEMS),
-        "--epochs", str(EPOCHS), "--batch-size", "32", "--address", ray_address,
-        "--name", name, "--result-dir", str(tmp_path),
-    ]  # fmt: skip
-    ranks = _run(cmd, tmp_path, 2)
-    _check_ranks(ranks, ITEMS, 2, EPOCHS)
-    assert name not in list_caches()  # the example dropped its cache
 
 
 def _loader_run(name: str, start_method: str, preload: bool) -> tuple[CachedDataset, dict]:
@@ -150,7 +118,7 @@ def test_forked_dataloader_workers(ray_address, preload):
     name = f"mt-fork-{preload}"
     try:
         ds, result = _loader_run(name, "fork", preload)
-        _check_ranks([result], ITEMS, 1, EPOCHS)
+        check_ranks([result], ITEMS, 1, EPOCHS)
         _ray_alive()  # the raylet survived the forked workers
         stats = ds.cache.stats()  # and this process still talks to the cache
         if preload:
@@ -275,7 +243,7 @@ def test_spawned_dataloader_workers_attach_by_name(ray_address):
     name = "mt-spawn"
     try:
         ds, result = _loader_run(name, "spawn", preload=False)
-        _check_ranks([result], ITEMS, 1, EPOCHS)
+        check_ranks([result], ITEMS, 1, EPOCHS)
         _ray_alive()
         # Spawned workers are full clients: their epoch-1 misses filled the cache.
         assert ds.cache.flush(timeout=60)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-import pytest
-from conftest import local_ray
-
 import raycache
 from benchmarks.suite import export_source_tree
 from benchmarks.sweep import VARIANTS, sweep
@@ -18,16 +15,8 @@ from benchmarks.sweep import VARIANTS, sweep
 ITEMS, JOBS, EPOCHS = 96, 2, 2
 
 
-@pytest.fixture(scope="module")
-def sweep_ray():
-    # Ray's workers unpickle the benchmark's provider by reference: they must find
-    # ``benchmarks`` on the path they inherit from the Ray started below.
-    export_source_tree()
-    with local_ray(num_cpus=2, object_store_memory=256 * 1024 * 1024) as address:
-        yield address
-
-
-def test_sweep_counts_reads_and_drops_its_cache(sweep_ray):
+def test_sweep_counts_reads_and_drops_its_cache(ray_address):
+    export_source_tree()  # the sweep's job processes import ``benchmarks``
     before = set(raycache.list_caches(namespace=None))
     args = argparse.Namespace(sweep_jobs=JOBS, sweep_epochs=EPOCHS, sweep_items=ITEMS, threads=4)
     rows = sweep(args)

@@ -96,11 +96,15 @@ class DataCache:
         """Return True in a forked worker, which asks its parent instead of calling Ray."""
         return self._token is not None and fork_channel.child_link() is not None
 
-    def answer(self, op: str, friendly_name: str, real_idx: int, data: Any = None) -> Any:
+    def answer_for(
+        self, child: int, op: str, friendly_name: str, real_idx: int, data: Any = None
+    ) -> Any:
         """Run a forked worker's ``"fetch"`` or ``"insert"`` here, in its parent.
 
         Parameters
         ----------
+        child : int
+            The worker (``raycache.fork_requests``' key): it reads what it claimed.
         op : str
             ``"fetch"`` (returns the item or None: the worker reads it) or ``"insert"``.
         friendly_name : str
@@ -117,11 +121,22 @@ class DataCache:
         """
         fill = self._fills[friendly_name]
         if op == "fetch":
-            return fill.fetch(real_idx)
+            return fill.fetch(real_idx, reader=child)
         if op == "insert":
             fill.insert(real_idx, data)
             return None
         raise ValueError(f"unknown operation {op!r}; a forked worker asks fetch or insert")
+
+    def child_gone(self, child: int) -> None:
+        """End the claims of a forked worker that exited before storing what it claimed.
+
+        Parameters
+        ----------
+        child : int
+            The worker's key.
+        """
+        for fill in list(self._fills.values()):
+            fill.release(child)
 
     def _augment_table(self, friendly_name: str) -> AugmentSlots:
         table = self._augment.get(friendly_name)

@@ -9,6 +9,12 @@ seconds, whichever comes first (a thread sees to the second), and their claims a
 in one call after the batch was stored: a miss costs one actor call (the claim), and a
 process waiting for another's read waits at most about ``SEND_AFTER_S`` plus that read.
 
+A reader that asks again for an index it claimed and has not stored (its read failed, or
+it looked before reading) is told to read it at once: it never waits for its own claim.
+Readers are this process or, through ``raycache.hyrax.fork_channel``, one of its forked
+workers; two readers never both hold an index, and the claims of a worker that exits
+unstored are ended, so that no other reader waits for them.
+
 Works in processes connected to Ray; a forked DataLoader worker goes through its parent
 (``raycache.hyrax.fork_channel``), which runs this on its behalf.
 """
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 WAIT_S = 30.0  # longest wait for another process's read of a claimed item
 SEND_ITEMS = 32
 SEND_AFTER_S = 0.2
+_UNCLAIMED = object()  # no reader holds the index
 
 
 class OnceFill:
@@ -45,7 +52,7 @@ class OnceFill:
 
     def __init__(self, shared: Any):
         self.shared = shared
-        self._mine: set[int] = set()  # indices this process claimed and has not stored
+        self._mine: dict[int, Any] = {}  # claimed, not stored: index -> its reader
         self._stored: list[int] = []  # claimed, inserted, not yet sent
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -59,13 +66,16 @@ class OnceFill:
             self._board = board(self.shared.config.namespace)
         return self._board
 
-    def fetch(self, idx: int) -> Any:
+    def fetch(self, idx: int, reader: Any = None) -> Any:
         """Return the item, or None: then the caller must read it (it holds the claim).
 
         Parameters
         ----------
         idx : int
             The index.
+        reader : hashable, optional
+            Who reads the item on a miss: None for this process, else a key of one of
+            its forked workers.
 
         Returns
         -------
@@ -76,6 +86,9 @@ class OnceFill:
         client = self.shared.client
         if item is not None or client is None or not self.shared.using_cache():
             return item
+        with self._lock:
+            if self._mine.get(int(idx), _UNCLAIMED) == reader:
+                return None  # claimed by this reader already: read it, never wait for it
         name = self.shared.name
         with ray_errors_as_plain(f"claiming item {idx} of cache {name!r}"):
             claims = self._claims()
@@ -88,7 +101,7 @@ class OnceFill:
                 answer = ray.get(claims.claim.remote(name, idx, self._owner, False), timeout=WAIT_S)
             if answer == MINE:
                 with self._lock:
-                    self._mine.add(int(idx))
+                    self._mine[int(idx)] = reader
                 return None
             ray.get(claims.wait.remote(name, idx, WAIT_S), timeout=WAIT_S + 5.0)
         # The claimer sent the item before ending its claim: learn of it now, not after
@@ -108,9 +121,8 @@ class OnceFill:
         """
         self.shared.insert_into_cache(idx, data)
         with self._lock:
-            if int(idx) not in self._mine:
+            if self._mine.pop(int(idx), _UNCLAIMED) is _UNCLAIMED:
                 return
-            self._mine.discard(int(idx))
             self._stored.append(int(idx))
             full = len(self._stored) >= SEND_ITEMS
             if self._sender is None:
@@ -136,6 +148,23 @@ class OnceFill:
             with ray_errors_as_plain(f"ending claims on cache {name!r}"):
                 # Not waited for: the items are stored; the waiters only need waking.
                 self._claims().done_many.remote(name, stored)
+
+    def release(self, reader: Any) -> None:
+        """End the claims ``reader`` holds on items it has not stored (it is gone).
+
+        Parameters
+        ----------
+        reader : hashable
+            The reader, as passed to ``fetch``.
+        """
+        with self._lock:
+            gone = [idx for idx, who in self._mine.items() if who == reader]
+            for idx in gone:
+                del self._mine[idx]
+        if gone:
+            with ray_errors_as_plain(f"ending claims on cache {self.shared.name!r}"):
+                # Waiters wake, find the items missing and claim them for themselves.
+                self._claims().done_many.remote(self.shared.name, gone)
 
     def _send_every(self) -> None:
         while not self._stop.wait(SEND_AFTER_S):
