@@ -106,7 +106,11 @@ RAYCACHE_KEYS: dict[str, _Key] = {
         nullable=True,
     ),
     "chunk_bytes": _Key(
-        64 * 1024 * 1024, (int,), "Most bytes stored in one chunk object.", minimum=1024
+        64 * 1024 * 1024,
+        (int,),
+        "Bytes a chunk object is sized for, from the mean size of the items read so far: "
+        "where later items are bigger than the first ones, a chunk holds more.",
+        minimum=1024,
     ),
     "preload_cpus": _Key(
         1.0,

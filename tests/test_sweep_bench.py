@@ -32,4 +32,5 @@ def test_sweep_counts_reads_and_drops_its_cache(ray_address):
     # Each job fills its own dict; a trainer's miss may race the pool for an item.
     assert ITEMS * JOBS <= reads["dict cache per job"] < ITEMS * JOBS * EPOCHS
     assert all(w > 0 for w in walls.values())
-    assert set(raycache.list_caches(namespace=None)) == before
+    # No cache of the sweep's is left (other modules' caches may come and go meanwhile).
+    assert set(raycache.list_caches(namespace=None)) <= before
