@@ -5,6 +5,10 @@ the session starts one (in a child process that holds it, so that every module c
 as a driver of its own and leave) and each module that asks for ``ray_address`` joins it
 for its tests. Modules that need a Ray of another shape (CPUs, store size) or that stop
 Ray's processes start their own with :func:`local_ray` or ``ray.cluster_utils.Cluster``.
+
+``scripts/test.sh`` runs the suite in two pytest-xdist workers: each has its session Ray,
+its own temporary directory (below) and whole test files, so a module's Ray and fixtures
+are set up once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -22,6 +27,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+# The suite runs in two pytest-xdist workers (scripts/test.sh). Each worker is a machine of
+# its own for what a user's processes find by a per-user path: the node Ray
+# (``<tmp>/raycache-<uid>``) and Ray's temp files both follow TMPDIR. The directory is short,
+# because Ray's socket paths are made under it.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _XDIST_WORKER:
+    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix=f"rc-{_XDIST_WORKER}-", dir="/tmp")
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 # Ray 2.60 turns token authentication on for each Ray that ray.init() starts, by setting
 # RAY_AUTH_MODE=token in the process that starts it (and so in that process's children).
@@ -39,6 +53,21 @@ import providers  # noqa: E402
 
 # Ray workers do not have tests/ on their path: ship the test providers by value.
 ray.cloudpickle.register_pickle_by_value(providers)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make the user's Ray token now, if there is none, before any worker starts a Ray.
+
+    A Ray that ``ray.init`` starts writes ``~/.ray/auth_token`` when it is missing: two
+    pytest-xdist workers starting theirs at once would each write a token of their own, and
+    one of the two Rays would refuse its own processes.
+    """
+    if not hasattr(config, "workerinput"):  # the session's controller (or a serial run)
+        from ray._private.authentication.authentication_token_setup import (
+            ensure_token_if_auth_enabled,
+        )
+
+        ensure_token_if_auth_enabled()
 
 
 @contextmanager

@@ -16,6 +16,8 @@ be reused by the next measurement); the slope must be <= 1.3 for the preload pat
 (one copy), and is ~K for one dict cache per trainer (Hyrax's own cache). The fixed
 part and the fill-on-miss and fork paths are measured and bounded too; the figures
 are in docs/memory.md. Set ``RAYCACHE_MEMORY_RESULTS=<file>`` to keep them as JSON.
+The measurements are marked ``alone``: scripts/test.sh runs them after the other tests,
+with nothing beside them (another test's processes move PSS and the store's timing).
 
 This file is also the trainer: ``python tests/test_memory.py MODE ADDRESS NAME ITEMS
 RANK`` follows a line protocol on stdin/stdout (``ready``, ``go``, ``loaded``, ``exit``).
@@ -352,6 +354,7 @@ def preload_runs() -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_preloaded_cache_is_one_copy_in_the_store(preload_runs):
     small, large = preload_runs
     for result, items in ((small, SMALL), (large, LARGE)):
@@ -372,6 +375,7 @@ def test_preloaded_cache_is_one_copy_in_the_store(preload_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_preloaded_cache_costs_at_most_1_3x_the_data(preload_runs):
     small, large = preload_runs
     # Each byte of data costs the node one byte in the store and nothing per trainer;
@@ -382,6 +386,7 @@ def test_preloaded_cache_costs_at_most_1_3x_the_data(preload_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_fill_on_miss_cost():
     small, large = _measure("fill", SMALL), _measure("fill", LARGE)
     for result, items in ((small, SMALL), (large, LARGE)):
@@ -406,6 +411,7 @@ def test_fill_on_miss_cost():
     assert slope <= 1.3, (slope, small, large)
 
 
+@pytest.mark.alone
 def test_dict_cache_per_trainer_costs_k_copies():
     small, large = _measure("dict", SMALL), _measure("dict", LARGE)
     assert all(t["checked"] == 1 for r in (small, large) for t in r["trainers"])
@@ -415,6 +421,7 @@ def test_dict_cache_per_trainer_costs_k_copies():
     assert large["growth_x"] >= 0.8 * K
 
 
+@pytest.mark.alone
 def test_forked_workers_share_the_mapped_chunks():
     result = _measure("fork", LARGE, k=1)
     _check_reads(result, LARGE)
