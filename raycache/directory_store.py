@@ -45,6 +45,9 @@ class ChunkStore:
         self.map = chunk_map
         self.lock = lock
         self.added = threading.Condition(lock)  # notified when indices are mapped
+        # Every ray.put of an insert or a merge holds this (taken after ``lock``, never
+        # before it): see ``_store_inserted``.
+        self.put_lock = threading.Lock()
         self.inserted = 0  # items stored from clients' inserts
         self.preloaded = 0  # items stored from preload tasks
         self.dropped = False
@@ -87,10 +90,10 @@ class ChunkStore:
     def _store_inserted(self, chunk: Chunk) -> tuple[InsertResult, list[int]]:
         """Store one inserted chunk; return the result and the segments due to be merged.
 
-        The ``ray.put`` runs under the lock, one insert at a time: with puts in
-        parallel, freed store pages stay resident and trainers filling on miss grew the
-        node's memory by more per byte of data, with no gain for the trainer
-        (docs/design.md, "One put at a time").
+        The ``ray.put`` runs under the lock, one insert at a time, and under
+        ``put_lock``, which a merge's put holds too: with puts in parallel, freed store
+        pages stay resident and trainers filling on miss grew the node's memory by more
+        per byte of data, with no gain for the trainer (docs/design.md, "Writes").
         """
         with self.lock:
             if self.dropped:
@@ -103,7 +106,9 @@ class ChunkStore:
             chunk, rejected = self._fit_budget(chunk)
             if not len(chunk):
                 return InsertResult(0, rejected), []
-            cid, added = self.map.register(ray.put(chunk), chunk.indices, chunk.nbytes)
+            with self.put_lock:
+                ref = ray.put(chunk)
+            cid, added = self.map.register(ref, chunk.indices, chunk.nbytes)
             self.added.notify_all()
             self.inserted += added
             return InsertResult(added, rejected), self.map.note_segment(cid)
@@ -128,17 +133,19 @@ class ChunkStore:
         """Rewrite segments ``cids`` as one chunk and free them; False if dropped meanwhile.
 
         Fetching, concatenating and storing a chunk's worth of bytes takes tens of
-        milliseconds; it runs outside the lock so that clients' syncs and inserts do
-        not wait for it. Segments are only ever retired here or by ``drop``, and
-        inserts never remap a cached index, so the rows read outside the lock are
-        still the ones the map points at, unless the cache was dropped meanwhile.
+        milliseconds; it runs outside the lock so that clients' syncs do not wait for
+        it. Its put and an insert's wait for each other (``put_lock``). Segments are
+        only ever retired here or by ``drop``, and inserts never remap a cached index,
+        so the rows read outside the lock are still the ones the map points at, unless
+        the cache was dropped meanwhile.
         """
         with self.lock:
             refs = [self.map.refs.get(c) for c in cids]
         if any(r is None for r in refs):
             return False
         merged = Chunk.concat(ray.get(refs))
-        ref = ray.put(merged)
+        with self.put_lock:  # one put at a time, as inserts (not under ``lock``)
+            ref = ray.put(merged)
         with self.lock:
             if self.dropped:
                 return False

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ports import free_ports
 from ranks import check_ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,19 +43,6 @@ AUTH_ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 AUTH_ENV.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex)
 
 pytestmark = pytest.mark.skipif(RAY is None, reason="the `ray` command is not installed")
-
-
-def _free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct ports free now (bound to 0 and released)."""
-    socks, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _submit(dashboard: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -82,7 +69,7 @@ def _submit(dashboard: str, args: list[str], timeout: float) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def head():
     """A Ray head started with ``ray start --head --block``; yields the dashboard URL."""
-    gcs, dash, agent, agent_grpc, metrics, client, env_agent, nm, om = _free_ports(9)
+    gcs, dash, agent, agent_grpc, metrics, client, env_agent, nm, om = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rcj-", dir="/tmp")  # short: socket paths
     cmd = [
         RAY, "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={temp_dir}",

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = shutil.which("ray")
@@ -105,20 +106,9 @@ TRAINER = textwrap.dedent(
 )
 
 
-def _free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct ports free now (bound to 0 and released)."""
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _start_head(temp_dir: str) -> tuple[subprocess.Popen, str]:
     """Start ``ray start --head --block`` in its own session; its process and address."""
-    gcs, client, env_agent, nm, om, metrics, agent_grpc = _free_ports(7)
+    gcs, client, env_agent, nm, om, metrics, agent_grpc = free_ports(7)
     cmd = [
         RAY, "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={temp_dir}",
         "--num-cpus=2", f"--object-store-memory={100 * 2**20}", "--include-dashboard=false",
@@ -184,7 +174,11 @@ def _read_until(trainer: subprocess.Popen, marker: str, timeout: float) -> list[
     while time.monotonic() < deadline:
         line = trainer.stdout.readline()
         if not line:
-            raise AssertionError(f"the trainer ended before {marker!r}: {lines}")
+            trainer.wait(timeout=30)
+            tail = trainer.stderr.read()[-3000:]
+            raise AssertionError(
+                f"the trainer ended ({trainer.returncode}) before {marker!r}: {lines}\n{tail}"
+            )
         lines.append(line.rstrip("\n"))
         if line.startswith(marker):
             return lines

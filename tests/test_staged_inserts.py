@@ -162,6 +162,10 @@ def test_a_structured_dtype_keeps_its_fields(ray_address):
 
 def test_buffers_of_a_lost_insert_are_never_reused(ray_address, cache_name):
     """A staged insert whose call times out may still be read by the actor: not reused."""
+    # The cache's actor is started with the default timeout (a worker process's start
+    # can take longer than 2 s on a busy machine); this process attaches with 2 s.
+    first = raycache.DataCache({"raycache": {"name": cache_name}}, ItemsProvider(64, plain_item))
+    first.attach()
     config = {"raycache": {"name": cache_name, "timeout_s": 2.0}}
     ds = CachedDataset(ItemsProvider(64, plain_item), config)
     client = ds.cache.attach()
@@ -190,4 +194,5 @@ cache.close()
 """
     assert run_python(code, ray_address).split() == ["True"]
     ds.cache.close()
+    first.close()
     raycache.drop_cache(cache_name)
