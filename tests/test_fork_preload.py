@@ -168,10 +168,13 @@ _DIES = """
 import select
 LOG = {log!r}
 class FirstSlow(LoggedSlowProvider):
-    "The first items are slow, so the preload is still running when the child reserves."
+    "The preload is still running, short of index 64, when the child reserves."
 
     def __getitem__(self, i):
-        self.latency_s = 0.15 if i < 8 else 0.0
+        # The first items slowest; each other item takes 20 ms, so that the preload's
+        # two threads need ~0.6 s to reach index 64 even where the child's fork and
+        # call run late (a busy machine), and ~1.3 s for the child's 128 items.
+        self.latency_s = 0.15 if i < 8 else 0.02
         return super().__getitem__(i)
 
 n = 192
