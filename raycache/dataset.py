@@ -19,6 +19,7 @@ import torch.utils.data
 from raycache.data_cache import DataCache
 from raycache.gathered import GatheredBatch, collate
 from raycache.provider import read_raw_many
+from raycache.thread_clock import cpu_and_wait
 
 __all__ = ["CachedDataset"]
 
@@ -30,10 +31,11 @@ logger = logging.getLogger(__name__)
 # preload's tasks (docs/design.md, "Spare reads": spare reads sped up a first epoch of
 # sleeping reads and slowed one of computing reads).
 SPARE_READ_CPU_SHARE = 0.5
-# ``time.thread_time`` is a system call: ~0.3 us alone, but 30-100 us on average (and
-# up to 13 ms, the thread preempted) in a trainer that fills the cache on a busy node,
-# as much as a batch of cheap reads. The CPU share of reads is therefore sampled: the
-# first READ_SAMPLE calls that read (an item, or a batch's misses), then one in READ_SAMPLE.
+# The thread's clock (``thread_clock.cpu_and_wait``, a read of /proc: ~27 us here, and
+# ``time.thread_time`` alone, a system call, took 30-100 us on average and up to 13 ms,
+# the thread preempted, in a trainer that fills the cache on a busy node) costs as much
+# as a batch of cheap reads. The CPU share of reads is therefore sampled: the first
+# READ_SAMPLE calls that read (an item, or a batch's misses), then one in READ_SAMPLE.
 READ_SAMPLE = 16
 
 
@@ -192,7 +194,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self._reads += 1
         timed = self._reads <= READ_SAMPLE or self._reads % READ_SAMPLE == 0
         if timed:
-            wall, cpu = time.perf_counter(), time.thread_time()
+            wall, (cpu, waited) = time.perf_counter(), cpu_and_wait()
         try:
             read_raw_many(self.provider, indices, out)
         except BaseException:
@@ -200,8 +202,11 @@ class CachedDataset(torch.utils.data.Dataset):
             raise
         finally:
             if timed:
-                self._read_cpu_s += time.thread_time() - cpu
-                self._read_wall_s += time.perf_counter() - wall
+                cpu_now, waited_now = cpu_and_wait()
+                self._read_cpu_s += cpu_now - cpu
+                # Less the time the thread waited for a CPU: on a busy machine a read
+                # that computes waits for one, and would look like a read that waits.
+                self._read_wall_s += time.perf_counter() - wall - (waited_now - waited)
 
     @staticmethod
     def collate(batch: Sequence[Any]) -> Any:
