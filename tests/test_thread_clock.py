@@ -49,7 +49,9 @@ def test_a_thread_sharing_its_cpu_counts_the_wait():
     """Pinned to one CPU with a process that spins there, half the wall time is a wait."""
     cpu_id = min(os.sched_getaffinity(0))
     mine = os.sched_getaffinity(0)
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # It ends by itself within 60 s should this test die before it kills it.
+    spin = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass\n"
+    hog = subprocess.Popen([sys.executable, "-c", spin])
     try:
         os.sched_setaffinity(hog.pid, {cpu_id})
         os.sched_setaffinity(0, {cpu_id})
