@@ -45,8 +45,8 @@ class ChunkStore:
         self.map = chunk_map
         self.lock = lock
         self.added = threading.Condition(lock)  # notified when indices are mapped
-        # Every ray.put of an insert or a merge holds this (taken after ``lock``, never
-        # before it): see ``_store_inserted``.
+        # Every ray.put this actor makes holds this (taken after ``lock``, never before
+        # it): see ``_store_inserted``.
         self.put_lock = threading.Lock()
         self.inserted = 0  # items stored from clients' inserts
         self.preloaded = 0  # items stored from preload tasks
@@ -162,14 +162,18 @@ class ChunkStore:
             if summary["nbytes"] > self.map.max_bytes - self.map.nbytes:
                 chunk, _ = self._fit_budget(ray.get(chunk_ref))
                 if len(chunk):
-                    _, added = self.map.register(ray.put(chunk), chunk.indices, chunk.nbytes)
+                    with self.put_lock:
+                        ref = ray.put(chunk)
+                    _, added = self.map.register(ref, chunk.indices, chunk.nbytes)
                     self.preloaded += added
                     self.added.notify_all()
                 return False
             if summary["nbytes"] < INLINE_LIMIT:
                 # Small task returns live in this actor's heap and are copied into each
                 # reader; put them into the shared store instead.
-                chunk_ref = ray.put(ray.get(chunk_ref))
+                small = ray.get(chunk_ref)
+                with self.put_lock:
+                    chunk_ref = ray.put(small)
             # Indices a trainer inserted while the unit was read stay as they are.
             _, added = self.map.register(chunk_ref, summary["indices"], summary["nbytes"])
             self.preloaded += added
