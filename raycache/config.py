@@ -93,7 +93,8 @@ RAYCACHE_KEYS: dict[str, _Key] = {
     "max_bytes": _Key(
         None,
         (int,),
-        "Byte budget for cached data. Unset: 80% of the cluster's object store.",
+        "Byte budget for cached data. Unset: 80% of the cluster's object store. A cache "
+        "keeps its creator's budget; a later process that sets another is warned.",
         minimum=1,
         nullable=True,
     ),
@@ -139,7 +140,8 @@ RAYCACHE_KEYS: dict[str, _Key] = {
     "detached": _Key(
         False,
         (bool,),
-        "Keep the cache after every client has gone, until dropped explicitly.",
+        "Keep the cache after every client has gone, until dropped explicitly. A process "
+        "that sets it keeps a cache that exists already too.",
     ),
     "linger_s": _Key(
         60.0,

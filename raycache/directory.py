@@ -118,6 +118,11 @@ class CacheDirectory(ClusterSide, PreloadSide):
             )
         with self._lock:
             self._clients.attach(client_id, info, time.monotonic())
+            if spec.get("detached") and not self.spec["detached"]:
+                # A process that asks to keep the cache gets it kept, whoever created it;
+                # nothing makes a kept cache lingering again but dropping it.
+                self.spec["detached"] = True
+                logger.info("raycache %s: kept from now on (detached)", self.spec["name"])
         return Settings(
             length=int(self.spec["length"]),
             chunk_size=self.spec["chunk_size"],

@@ -264,11 +264,18 @@ def run(args: argparse.Namespace) -> int:
         cache = DataCache(for_cache, provider)
     except ConfigError as exc:
         raise PreloadError(f"bad config {args.config!r}: {exc}", code=2) from exc
-    from raycache.runtime import ensure_ray
+    from raycache.runtime import NoRayRunningError, ensure_ray
 
     # The preload's own log lines (one per failing index) would repeat what the summary
-    # line says; the command reports errors itself.
-    ensure_ray(cache.config.address, log_to_driver=False)
+    # line says; the command reports errors itself. A kept cache must outlive this
+    # process, which a private Ray (the node Ray unusable) would not let it do.
+    try:
+        ensure_ray(cache.config.address, log_to_driver=False, private_ok=args.no_keep)
+    except NoRayRunningError as exc:
+        raise NoRayRunningError(
+            f"{exc}; the cache could not be kept after this command exits. Start a Ray "
+            "for it ('ray start --head', or pass --address), or pass --no-keep"
+        ) from exc
     try:
         return _fill(cache, args)
     finally:

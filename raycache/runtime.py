@@ -81,7 +81,10 @@ def _check_not_forked() -> None:
 
 
 def ensure_ray(
-    address: str | None = None, timeout: float = INIT_TIMEOUT_S, log_to_driver: bool = True
+    address: str | None = None,
+    timeout: float = INIT_TIMEOUT_S,
+    log_to_driver: bool = True,
+    private_ok: bool = True,
 ) -> None:
     """Connect this process to Ray unless it already is.
 
@@ -96,6 +99,10 @@ def ensure_ray(
     log_to_driver : bool
         Show the output of Ray workers and actors in this process (``ray.init``'s
         option); a command that summarises their errors itself turns it off.
+    private_ok : bool
+        Where the node Ray cannot be used, start a private Ray for this process (with a
+        warning). False raises ``NoRayRunningError`` instead: for a caller whose caches
+        must outlive it, which a private Ray's do not.
 
     Raises
     ------
@@ -103,6 +110,8 @@ def ensure_ray(
         In a process forked from one connected to Ray, where Ray must not be used.
     RayUnreachableError
         If the given or found address does not answer.
+    NoRayRunningError
+        If ``private_ok`` is False and no Ray was found and the node Ray cannot be used.
     """
     _check_not_forked()
     if ray.is_initialized():
@@ -117,6 +126,9 @@ def ensure_ray(
     try:
         node_address = node_ray.attach(start=True)
     except node_ray.NodeRayError as exc:
+        if not private_ok:
+            message = f"no Ray is running and the node Ray is unavailable: {exc}"
+            raise NoRayRunningError(message) from exc
         _start_private(str(exc), log_to_driver)
         return
     _init(node_address, timeout, found_here=True, log_to_driver=log_to_driver)

@@ -521,6 +521,43 @@ def test_byte_budget_is_enforced(ray_address, cache_name):
     raycache.drop_cache(cache_name)
 
 
+def test_a_later_process_max_bytes_is_named_in_a_warning(ray_address, cache_name, caplog):
+    first = DataCache(cfg(cache_name, max_bytes=1_000_000), ArrayProvider(4))
+    first.stats()  # creates the cache with its budget
+    with caplog.at_level("WARNING", logger="raycache"):
+        second = DataCache(cfg(cache_name, max_bytes=2_000_000), ArrayProvider(4))
+        assert second.stats()["max_bytes"] == 1_000_000
+    lines = [r.getMessage() for r in caplog.records if "max_bytes" in r.getMessage()]
+    assert len(lines) == 1 and "1,000,000" in lines[0] and "2,000,000" in lines[0], lines
+    assert f"raycache drop {cache_name}" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raycache"):
+        DataCache(cfg(cache_name, max_bytes=1_000_000), ArrayProvider(4)).stats()
+        DataCache(cfg(cache_name), ArrayProvider(4)).stats()  # no budget asked: no word
+    assert not [r for r in caplog.records if "max_bytes" in r.getMessage()]
+    first.close()
+    second.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_a_process_asking_to_keep_a_lingering_cache_keeps_it(ray_address, cache_name):
+    lingering = DataCache(cfg(cache_name, linger_s=0.5), ArrayProvider(4))
+    lingering.insert_into_cache(0, make_item(0))
+    lingering.flush(timeout=30)
+    assert lingering.stats()["detached"] is False
+    keeper = DataCache(cfg(cache_name, detached=True), ArrayProvider(4))
+    assert keeper.stats()["detached"] is True
+    keeper.close()
+    lingering.close()
+    # No client for three times linger_s plus the actor's reap interval: a lingering
+    # cache would be gone (test_non_detached_cache_is_freed_after_linger); this one stays.
+    deadline = time.monotonic() + 3 * (0.5 + 1.0)
+    while time.monotonic() < deadline:
+        assert cache_name in raycache.list_caches(), "a cache asked to be kept was freed"
+        time.sleep(0.2)
+    raycache.drop_cache(cache_name)
+
+
 def test_non_detached_cache_is_freed_after_linger(ray_address, cache_name):
     cache = DataCache(cfg(cache_name, linger_s=0.5), ArrayProvider(4))
     cache.insert_into_cache(0, make_item(0))

@@ -214,3 +214,43 @@ def test_directory_of_another_mode_is_refused(isolated_env, monkeypatch):
     monkeypatch.setenv("RAYCACHE_NODE_DIR", str(shared))
     with pytest.raises(node_ray.NodeRayError, match="mode 755"):
         node_ray.attach(start=True)
+
+
+def test_a_kept_preload_exits_3_rather_than_fill_a_private_ray(isolated_env):
+    env, tmp = isolated_env
+    shared = tmp / "open"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    (tmp / "prov.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+
+            class Squares:
+                def __len__(self):
+                    return 8
+
+                def __getitem__(self, idx):
+                    return {"x": np.full(4, idx, dtype=np.float32)}
+
+            def make(config):
+                return Squares()
+            """
+        )
+    )
+    cfg = tmp / "cfg.toml"
+    cfg.write_text('[raycache]\nname = "kept-private"\nprovider = "prov:make"\n')
+    env = dict(env, RAYCACHE_NODE_DIR=str(shared), PYTHONPATH=f"{tmp}{os.pathsep}{REPO}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "raycache", "preload", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp,
+    )
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "mode 755" in lines[0] and "--no-keep" in lines[0], lines[0]
+    assert "private Ray" not in proc.stderr and proc.stdout == ""

@@ -191,8 +191,9 @@ class BudgetNotice:
             "raycache %s: the cache is full: its byte budget (raycache.max_bytes = %s) is "
             "used; %d of %d items just sent (about %s bytes each) were not cached and are "
             "read from the provider every epoch. Raise raycache.max_bytes or the object "
-            "store's size (docs/troubleshooting.md); stats()['rejected_items'] counts them "
-            "from now on, without another warning.",
+            "store's size (docs/troubleshooting.md); a cache keeps the max_bytes of the "
+            "process that created it, so drop it first ('raycache drop NAME'). "
+            "stats()['rejected_items'] counts them from now on, without another warning.",
             self.name,
             budget,
             rejected,
@@ -277,8 +278,28 @@ def link_to_directory(
                 raise
             time.sleep(0.5 * (attempt + 1))
             continue
+        _warn_other_budget(name, config.max_bytes, settings.max_bytes)
         return actor, settings, ActorLink(actor, client_id, name, timeout, settings.max_bytes)
     raise RuntimeError(f"cache {name!r}: could not attach")
+
+
+def _warn_other_budget(name: str, asked: int | None, cache_has: int | None) -> None:
+    """Say so when this process set ``max_bytes`` and the cache it attached to has another.
+
+    A cache's settings are its creator's; a later process's ``max_bytes`` would
+    otherwise be ignored without a word.
+    """
+    if asked is None or cache_has is None or int(asked) == int(cache_has):
+        return
+    logger.warning(
+        "raycache %s: the cache exists with raycache.max_bytes = %s, set by the process "
+        "that created it; this process's %s is not used. Drop the cache ('raycache drop "
+        "%s') to create it with another budget.",
+        name,
+        f"{int(cache_has):,}",
+        f"{int(asked):,}",
+        name,
+    )
 
 
 def _prestart_preload(config: CacheConfig, name: str, length: int) -> None:
