@@ -299,7 +299,9 @@ class DataCache(AttachedCache):
         -------
         dict
             ``name``, ``length``, ``items`` (cached), ``bytes``, ``max_bytes``,
-            ``chunks``, ``hits``, ``misses`` (over all clients), ``rejected_items``,
+            ``chunks``, ``hits``, ``misses`` (over all clients: every read this
+            process made before the call, other processes' as of their last heartbeat,
+            every 5 s, or their ``close()``), ``rejected_items``,
             ``inserted_items`` and ``preloaded_items`` (how many of ``items`` were
             stored from inserts and from the preload), ``clients``, ``preload``
             (state, ``loaded``: items its tasks read, ``reserved``: items trainers

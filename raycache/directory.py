@@ -239,9 +239,15 @@ class CacheDirectory(ClusterSide, PreloadSide):
         return self._store.add_preloaded(chunk_ref, summary)
 
     # ----------------------------------------------------------------- info
-    def stats(self) -> dict:
-        """Return the cache's counters; see ``DataCache.stats``."""
+    def stats(self, client_id: str | None = None, hits: int = 0, misses: int = 0) -> dict:
+        """Return the cache's counters; see ``DataCache.stats``.
+
+        A client passes its id and its hit and miss counts since it last sent them, which
+        are counted before the answer (a heartbeat sent beside this call might not be).
+        """
         with self._lock:
+            if client_id is not None:
+                self._clients.seen(client_id, time.monotonic(), hits, misses)
             preload = self._preload.status() if self._preload is not None else {"state": "idle"}
             return {
                 "name": self.spec["name"],

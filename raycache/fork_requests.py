@@ -136,8 +136,8 @@ class _ParentServer:
                     continue
                 if self._quick(request):  # two thread hops fewer than the pool
                     self._answer(sock, request)
-                else:
-                    self._pool.submit(self._answer, sock, request)
+                elif not self._submit(self._answer, sock, request):
+                    self.drop(sock)  # the process is exiting: the child falls back
 
     def _quick(self, request: Any) -> bool:
         """Return True for a question its handler answers without waiting (see ``register``)."""
@@ -161,8 +161,18 @@ class _ParentServer:
         for handler in list(self.handlers.values()):
             gone = getattr(handler, "child_gone", None)
             if gone is not None and child is not None:
-                # On the pool: giving back what a child held may call the actor.
-                self._pool.submit(_quietly, gone, child)
+                # On the pool: giving back what a child held may call the actor. While
+                # the process exits (persistent workers closing at interpreter shutdown)
+                # nothing is given back: the actor's leases expire instead.
+                self._submit(_quietly, gone, child)
+
+    def _submit(self, call: Any, *args: Any) -> bool:
+        """Run ``call(*args)`` on the pool; False once the interpreter is shutting down."""
+        try:
+            self._pool.submit(call, *args)
+        except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+            return False
+        return True
 
     def drop_all(self) -> None:
         """Close every child's socket: their next questions fail and they fall back."""

@@ -521,6 +521,19 @@ def test_byte_budget_is_enforced(ray_address, cache_name):
     raycache.drop_cache(cache_name)
 
 
+def test_stats_count_this_process_reads_at_once(ray_address, cache_name):
+    ds = CachedDataset(ArrayProvider(64), cfg(cache_name))
+    for trial in range(4):
+        for i in range(64):
+            ds[i]
+        stats = ds.cache.stats()
+        # The cache's totals hold every read this process made before the call.
+        assert (stats["hits"], stats["misses"]) == (64 * trial, 64), (trial, stats)
+        assert (stats["client"]["hits"], stats["client"]["misses"]) == (64 * trial, 64)
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
 def test_a_later_process_max_bytes_is_named_in_a_warning(ray_address, cache_name, caplog):
     first = DataCache(cfg(cache_name, max_bytes=1_000_000), ArrayProvider(4))
     first.stats()  # creates the cache with its budget

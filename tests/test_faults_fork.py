@@ -9,7 +9,10 @@ pipe that carries their inserts.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from fault_helpers import assert_same_item
@@ -19,6 +22,7 @@ import raycache
 from raycache import CachedDataset
 
 N = 256
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _epoch(ds, provider) -> int:
@@ -116,3 +120,42 @@ def test_a_forked_child_leaves_the_inherited_heap_to_the_parent(ray_address, cac
     assert gc.get_freeze_count() == 0, "the parent's objects stayed frozen after the fork"
     ds.cache.close()
     raycache.drop_cache(cache_name)
+
+
+EXIT_WITH_PERSISTENT_WORKERS = """
+import numpy as np, torch
+from raycache import CachedDataset
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return {"x": np.full(4, float(i), dtype=np.float32)}
+
+ds = CachedDataset(Items(), {"data_set": {"use_cache": True}, "raycache": {"name": NAME}})
+loader = torch.utils.data.DataLoader(
+    ds, batch_size=8, num_workers=2, multiprocessing_context="fork",
+    persistent_workers=True, collate_fn=ds.collate, timeout=120,
+)
+for epoch in range(2):
+    assert sum(len(b["x"]) for b in loader) == 64
+print("done", flush=True)
+"""
+
+
+def test_exit_with_persistent_fork_workers_alive_is_quiet(ray_address, cache_name):
+    # The workers close their sockets while the interpreter shuts down: the parent's
+    # fork server must not try to start work then (it raised in its thread).
+    env = dict(os.environ, RAY_ADDRESS=ray_address, PYTHONPATH=str(REPO))
+    code = f"NAME = {cache_name!r}\n" + EXIT_WITH_PERSISTENT_WORKERS
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    try:
+        assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+        assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, (
+            proc.stderr
+        )
+    finally:
+        raycache.drop_cache(cache_name)

@@ -322,9 +322,14 @@ class CacheClient:
         """Return the directory's counters plus this client's own."""
         if self._link.usable():
             self.flush()
-            self._buffer.beat()
+            self._map.reads.report_unsent()
             self._map.reads.flush(self.timeout)  # this process's byte counts are in the totals
-        out = self._link.call("stats") if self._link.usable() else LOST
+        # The hit and miss counts travel with the call itself: sent as a heartbeat beside
+        # it, they could be counted after the answer (the actor runs calls concurrently).
+        if self._link.usable():
+            out = self._link.call("stats", self._link.client_id, *self._counter_deltas())
+        else:
+            out = LOST
         if out is LOST:  # the link logged it once; the error says why
             raise self._link.unavailable()
         out["client"] = {"hits": self.hits, "misses": self.misses, "pending": len(self._buffer)}
