@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError
 
 from raycache.config import RAYCACHE_KEYS
 from raycache.directory import directory_actor
@@ -147,6 +148,8 @@ def cache_stats(
     ------
     ValueError
         If there is no such cache.
+    ray.exceptions.GetTimeoutError
+        If the cache did not answer within ``timeout`` seconds.
     NoRayRunningError
         If no Ray is running.
     """
@@ -176,7 +179,9 @@ def cache_summaries(
     list of dict
         Sorted by namespace and name; each has ``name``, ``namespace``, and from the
         cache's stats ``length``, ``items``, ``bytes``, ``clients``, ``detached`` and
-        ``preload`` (its state), or ``error`` when the cache did not answer.
+        ``preload`` (its state), or ``error`` when the cache did not answer: ``no
+        answer in S s`` when it did not answer within ``timeout``, else the error's
+        type and first line.
 
     Raises
     ------
@@ -201,6 +206,8 @@ def cache_summaries(
         row: dict[str, Any] = {"name": name, "namespace": ns}
         try:
             stats = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except GetTimeoutError:
+            row["error"] = f"no answer in {timeout:.3g} s"
         except Exception as exc:  # reported per cache: one dead cache must not hide the rest
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         else:

@@ -10,15 +10,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["EXIT_FAILED", "EXIT_NO_RAY", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_NO_RAY",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "main",
+    "positive_seconds",
+    "seconds_text",
+    "suggested_command",
+]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_RAY = 3
+
+DEFAULT_NAMESPACE = "raycache"  # raycache.namespace's default
+# A --timeout above this is taken as this: Ray's waits overflow far above it, and 1e9 s
+# (31 years) already means "no limit".
+MAX_TIMEOUT_S = 1e9
 
 DESCRIPTION = """\
 raycache keeps training data in Ray's shared object store, one cache per name,
@@ -36,6 +51,98 @@ class CommandError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED):
         super().__init__(message)
         self.code = code
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, then exit 2.
+
+    Every usage error (unknown option, missing or extra argument, bad choice, bad value)
+    reads ``PROG: message (see 'PROG --help')``, where PROG is ``raycache`` or
+    ``raycache COMMAND``; the usage block argparse prints is left to ``--help``.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage error as one line and exit with status 2.
+
+        Parameters
+        ----------
+        message : str
+            What argparse found wrong.
+        """
+        text = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: {text} (see '{self.prog} --help')\n")
+
+
+def positive_seconds(text: str) -> float:
+    """Parse a ``--timeout`` value: a number of seconds greater than 0.
+
+    Parameters
+    ----------
+    text : str
+        The value given on the command line.
+
+    Returns
+    -------
+    float
+        The seconds, at most ``MAX_TIMEOUT_S`` (a larger value, ``inf`` included, means
+        no limit and is taken as that).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If ``text`` is not a number, or is 0, negative or NaN.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return min(value, MAX_TIMEOUT_S)
+
+
+def seconds_text(seconds: float) -> str:
+    """Return ``seconds`` as a short number for a message: 5, 0.5, 1e-06.
+
+    Parameters
+    ----------
+    seconds : float
+        A duration in seconds.
+
+    Returns
+    -------
+    str
+        The number, without a unit.
+    """
+    return f"{seconds:.3g}"
+
+
+def suggested_command(*words: str, namespace: str | None = None, address: str | None = None) -> str:
+    """Return a ``raycache`` command line to suggest, with the Ray the user chose.
+
+    A message that tells the user to run another command must name the namespace and
+    address the user gave, or the suggested command would look elsewhere.
+
+    Parameters
+    ----------
+    *words : str
+        The command and its arguments, such as ``"drop", "cutouts-v1"``.
+    namespace : str, optional
+        The namespace used; added as ``--namespace`` unless it is the default.
+    address : str, optional
+        The Ray address the user gave; added as ``--address`` when given.
+
+    Returns
+    -------
+    str
+        The command line, quoted for a shell where needed.
+    """
+    parts = ["raycache", *words]
+    if namespace is not None and namespace != DEFAULT_NAMESPACE:
+        parts += ["--namespace", namespace]
+    if address is not None:
+        parts += ["--address", address]
+    return " ".join(shlex.quote(part) for part in parts)
 
 
 class _DropTokenNotice(logging.Filter):
@@ -64,7 +171,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--namespace",
-        default="raycache",
+        default=DEFAULT_NAMESPACE,
         help="Ray namespace of the caches (default: raycache, or the config's for preload)",
     )
 
@@ -122,23 +229,45 @@ def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _no_such_cache(args: argparse.Namespace) -> CommandError:
+    """Return the error for a cache not found, with the list command that shows the caches."""
+    listing = suggested_command("list", namespace=args.namespace, address=args.address)
+    return CommandError(
+        f"no cache named {args.name!r} in namespace {args.namespace!r} "
+        f"('{listing}' shows the caches there)"
+    )
+
+
+def _text_value(value: Any) -> str:
+    """Return a stats value as text mode prints it: strings bare, the rest as JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str)
+
+
 def _stats(args: argparse.Namespace) -> int:
+    from ray.exceptions import GetTimeoutError
+
     from raycache.admin import cache_stats
 
     try:
         stats = cache_stats(args.name, args.namespace, args.address, timeout=args.timeout)
     except ValueError as exc:
+        raise _no_such_cache(args) from exc
+    except GetTimeoutError as exc:
         raise CommandError(
-            f"no cache named {args.name!r} in namespace {args.namespace!r} "
-            "('raycache list' shows the caches)"
+            f"cache {args.name!r} in namespace {args.namespace!r} did not answer within "
+            f"--timeout {seconds_text(args.timeout)} seconds; it may be busy: try again, "
+            "or give a larger --timeout"
         ) from exc
     if args.json:
         print(json.dumps(stats, indent=2, default=str))
         return EXIT_OK
     for key, value in stats.items():
-        if key == "bytes" or key == "max_bytes":
-            value = f"{value} ({_human_bytes(value)})" if value is not None else value
-        print(f"{key}: {json.dumps(value, default=str)}")
+        if key in ("bytes", "max_bytes") and isinstance(value, (int, float)):
+            print(f"{key}: {value} ({_human_bytes(value)})")
+        else:
+            print(f"{key}: {_text_value(value)}")
     return EXIT_OK
 
 
@@ -148,11 +277,11 @@ def _drop(args: argparse.Namespace) -> int:
     if drop_cache(args.name, args.namespace, args.address):
         print(f"dropped {args.name}")
         return EXIT_OK
-    raise CommandError(f"no cache named {args.name!r} in namespace {args.namespace!r}")
+    raise _no_such_cache(args)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> _OneLineParser:
+    parser = _OneLineParser(
         prog="raycache",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -182,7 +311,26 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(namespace=None)  # the config's raycache.namespace unless given
     p.set_defaults(func=preload_command.run)
     _add_cache_commands(sub)
+    parser.set_defaults(commands=sub.choices)
     return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; a usage error prints one line and exits 2 (``_OneLineParser``).
+
+    Arguments left over after a command (``raycache list --json extra``) are reported by
+    that command's parser, so that the line names the command.
+    """
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # The command is the first word argparse did not take as an option: what comes
+        # before it was left over by ``raycache`` itself, the rest by the command.
+        before = argv[: argv.index(args.command)]
+        where = parser if any(arg in extra for arg in before) else args.commands[args.command]
+        where.error(f"unrecognized arguments: {' '.join(extra)}")
+    del args.commands
+    return args
 
 
 def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
@@ -198,7 +346,10 @@ def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all-namespaces", action="store_true", help="list every namespace")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for the caches' answers"
+        "--timeout",
+        type=positive_seconds,
+        default=5.0,
+        help="seconds (> 0) to wait for the caches' answers (default: 5)",
     )
     p.set_defaults(func=_list)
 
@@ -211,7 +362,12 @@ def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="the cache name")
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of key: value lines")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=10.0,
+        help="seconds (> 0) to wait for the answer (default: 10)",
+    )
     p.set_defaults(func=_stats)
 
     p = sub.add_parser(
@@ -248,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         from raycache.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     _quiet_ray()
     from raycache.preload_command import PreloadError
     from raycache.runtime import NoRayRunningError, RayUnreachableError

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raycache.cli import positive_seconds, seconds_text, suggested_command
+
 __all__ = ["DESCRIPTION", "add_arguments", "load_callable", "run"]
 
 logger = logging.getLogger(__name__)
@@ -40,13 +42,15 @@ The callable gets the config as a dict (without raycache.provider) and returns t
 provider: a map-style dataset or a Hyrax-style provider. data_set.use_cache and
 data_set.preload_cache are forced on.
 
-The cache is kept (detached) after this command exits, until 'raycache drop NAME'.
+The cache is kept (detached) after this command exits, until 'raycache drop NAME'
+(with the --namespace and --address it was made with).
 With --no-keep it is not detached: it stays while this command runs and is freed
 raycache.linger_s seconds after the last process using it has gone, so a training
 job must attach within that time to find it full.
 
-Exit status: 0 every item is cached; 1 the provider failed or items are missing;
-2 bad config, bad option or provider not importable; 3 no Ray answers at --address.
+Exit status: 0 every item is cached; 1 the provider failed, has no items or items
+are missing; 2 bad config, bad option or provider not importable; 3 no Ray answers
+at --address.
 """
 
 # Seconds between progress lines when stderr is not a terminal.
@@ -92,9 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=None,
-        help="give up (exit 1) after this many seconds; default: wait until done",
+        help="give up (exit 1) after this many seconds (> 0); default: wait until done",
     )
     parser.add_argument(
         "--progress",
@@ -261,9 +265,14 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise PreloadError(f"provider factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
     try:
-        cache = DataCache(for_cache, provider)
+        cache = DataCache(for_cache, provider)  # no Ray yet: the cache is made on first use
     except ConfigError as exc:
         raise PreloadError(f"bad config {args.config!r}: {exc}", code=2) from exc
+    try:
+        _check_length(provider, spec)
+    except PreloadError:
+        cache.close()
+        raise
     from raycache.runtime import NoRayRunningError, ensure_ray
 
     # The preload's own log lines (one per failing index) would repeat what the summary
@@ -280,6 +289,23 @@ def run(args: argparse.Namespace) -> int:
         return _fill(cache, args)
     finally:
         cache.close()
+
+
+def _check_length(provider: Any, spec: str) -> None:
+    """Refuse a provider without items (or without a length) before any cache is made."""
+    from raycache.provider import provider_length
+
+    try:
+        length = provider_length(provider)
+    except Exception as exc:
+        raise PreloadError(
+            f"the provider from {spec!r} has no usable length: {type(exc).__name__}: {exc}"
+        ) from exc
+    if length == 0:
+        raise PreloadError(
+            f"the provider from {spec!r} has no items (its length is 0): nothing to preload, "
+            "no cache was made; check the data set the config names"
+        )
 
 
 def _fill(cache: Any, args: argparse.Namespace) -> int:
@@ -301,7 +327,8 @@ def _fill(cache: Any, args: argparse.Namespace) -> int:
             if args.timeout is not None and time.monotonic() - start > args.timeout:
                 raise PreloadError(
                     f"cache {name!r}: {stats['items']} of {length} items cached after "
-                    f"{args.timeout:.0f} s (--timeout); the preload goes on in the cluster"
+                    f"{seconds_text(args.timeout)} s (--timeout); the preload goes on in the "
+                    "cluster"
                 )
     finally:
         reporter.close()
@@ -316,7 +343,13 @@ def _fill(cache: Any, args: argparse.Namespace) -> int:
             "raycache.max_bytes or the object store size"
         )
     seconds = time.monotonic() - start
-    kept = "kept until 'raycache drop " + name + "'" if stats.get("detached") else "not kept"
+    if stats.get("detached"):
+        drop = suggested_command(
+            "drop", name, namespace=cache.config.namespace, address=cache.config.address
+        )
+        kept = f"kept until '{drop}'"
+    else:
+        kept = "not kept"
     print(
         f"cache {name!r}: {length} items, {stats['bytes']} bytes cached in {seconds:.1f} s; {kept}"
     )
@@ -381,10 +414,11 @@ class _Reporter:
             self.last_log = time.monotonic()
             elapsed = self.last_log - self.start
             rate = items / elapsed if elapsed > 0 else 0.0
-            eta = (self.length - items) / rate if rate > 0 else float("nan")
+            # No ETA until an item is cached: before that there is no rate to go by.
+            eta = f"{(self.length - items) / rate:.0f} s" if rate > 0 else "?"
             print(
                 f"preload {self.name}: {items}/{self.length} items, {nbytes / 2**20:.1f} MiB, "
-                f"{rate:.0f} items/s, ETA {eta:.0f} s, {errors} errors",
+                f"{rate:.0f} items/s, ETA {eta}, {errors} errors",
                 file=sys.stderr,
                 flush=True,
             )

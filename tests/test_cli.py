@@ -124,6 +124,48 @@ def test_top_level_help_and_bad_usage():
     assert proc.returncode == 2
 
 
+@pytest.mark.parametrize(
+    "args, prog, names",
+    [
+        (["list", "--bogus"], "raycache list", "--bogus"),  # unknown option
+        (["stats"], "raycache stats", "name"),  # missing argument
+        (["preload", "x.toml", "--on-error", "maybe"], "raycache preload", "'maybe'"),  # choice
+        (["list", "--json", "extra"], "raycache list", "extra"),  # extra argument
+        (["drop", "a", "b"], "raycache drop", "b"),
+        (["stats", "x", "--timeout"], "raycache stats", "--timeout"),  # option without value
+        (["nosuchcommand"], "raycache", "'nosuchcommand'"),
+        ([], "raycache", "COMMAND"),
+        (["--bogus", "list"], "raycache", "--bogus"),  # before the command: raycache's own
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_command(args, prog, names):
+    proc = cli(*args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert line.startswith(f"{prog}: ") and line.endswith(f"(see '{prog} --help')"), line
+    assert names in line, line
+    assert "usage:" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stats", "somecache", "--timeout", "-5"],
+        ["stats", "somecache", "--timeout=0"],
+        ["list", "--timeout", "-1"],
+        ["list", "--timeout", "nan"],
+        ["list", "--timeout", "soon"],
+    ],
+)
+def test_timeout_must_be_a_number_above_zero(args):
+    # Refused by the parser, before any Ray is looked for (a negative wait crashed in Ray).
+    proc = cli(*args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert line.startswith(f"raycache {args[0]}: argument --timeout: "), line
+    assert "must be a number of seconds > 0" in line and repr(args[-1].split("=")[-1]) in line
+
+
 def test_no_ray_running(no_ray_env):
     env, tmp = no_ray_env
     start = time.monotonic()
@@ -240,6 +282,80 @@ def test_list_stats_drop_with_a_cache(ray_address, cache_name):
     proc = cli("drop", cache_name, env=env)
     assert proc.returncode == 1
     assert "no cache named" in one_line(proc.stderr)
+
+
+def make_cache(name: str, address: str, namespace: str = "raycache", n: int = 40) -> None:
+    """Make a kept cache ``name`` of ``n`` ArrayProvider items on the test's Ray."""
+    run_python(
+        f"""
+        from raycache import DataCache
+        from providers import ArrayProvider
+        config = {{"raycache": {{"name": "{name}", "namespace": "{namespace}", "detached": True}}}}
+        provider = ArrayProvider({n})
+        cache = DataCache(config, provider)
+        for i in range({n}):
+            cache.insert_into_cache(i, provider[i])
+        assert cache.flush(timeout=30)
+        cache.close()
+        """,
+        address,
+    )
+
+
+def test_stats_text_is_plain_and_a_late_answer_names_the_cache(ray_address, cache_name):
+    make_cache(cache_name, ray_address)
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    try:
+        proc = cli("stats", cache_name, env=env)
+        assert proc.returncode == 0, proc.stderr
+        lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+        assert lines["name"] == cache_name  # bare, not "..."
+        assert lines["items"] == "40" and lines["detached"] == "true"
+        assert re.fullmatch(r"\d+ \(\d+\.\d (B|KiB|MiB)\)", lines["bytes"]), lines["bytes"]
+        assert lines["fingerprint"].startswith("ArrayProvider[40] ")
+        proc = cli("stats", cache_name, "--json", env=env)
+        assert json.loads(proc.stdout)["name"] == cache_name  # --json unchanged
+
+        # A microsecond is less than any actor's answer takes: the wait times out.
+        proc = cli("stats", cache_name, "--timeout", "0.000001", env=env)
+        assert proc.returncode == 1, proc.stderr
+        line = one_line(proc.stderr)
+        assert line.startswith(f"raycache stats: cache {cache_name!r} "), line
+        assert "GetTimeout" not in line
+        assert "did not answer within --timeout 1e-06 seconds" in line, line
+
+        proc = cli("list", "--timeout", "0.000001", env=env)
+        assert proc.returncode == 0, proc.stderr
+        row = [line for line in proc.stdout.splitlines() if line.startswith(cache_name)]
+        assert row and row[0].endswith("no answer in 1e-06 s"), proc.stdout
+        proc = cli("list", "--json", "--timeout", "0.000001", env=env)
+        rows = {r["name"]: r for r in json.loads(proc.stdout)}
+        assert rows[cache_name]["error"] == "no answer in 1e-06 s", rows[cache_name]
+    finally:
+        cli("drop", cache_name, env=env)
+
+
+def test_suggested_commands_name_the_namespace(ray_address, cache_name):
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    make_cache(cache_name, ray_address, namespace="nsx", n=4)
+    try:
+        for command in ("stats", "drop"):
+            proc = cli(command, cache_name + "-missing", "--namespace", "nsx", env=env)
+            assert proc.returncode == 1, proc.stderr
+            line = one_line(proc.stderr)
+            assert line.endswith("('raycache list --namespace nsx' shows the caches there)"), line
+        # The suggested command finds the namespace's cache.
+        proc = cli("list", "--namespace", "nsx", env=env)
+        assert proc.returncode == 0 and cache_name in proc.stdout, proc.stderr
+        proc = cli("stats", cache_name + "-missing", env=env)
+        assert one_line(proc.stderr).endswith("('raycache list' shows the caches there)")
+        # An address given is part of the suggestion too.
+        proc = cli("drop", cache_name + "-missing", "--namespace", "nsx", "--address", ray_address)
+        assert proc.returncode == 1, proc.stderr
+        hint = f"('raycache list --namespace nsx --address {ray_address}' shows the caches there)"
+        assert one_line(proc.stderr).endswith(hint)
+    finally:
+        cli("drop", cache_name, "--namespace", "nsx", env=env)
 
 
 class socket_bound_then_closed:

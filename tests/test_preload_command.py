@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -85,14 +89,16 @@ SCRIPT_DEFINED = textwrap.dedent(
 )
 
 
-def write_config(tmp: Path, name: str, extra: str = "", provider: str = "mymod:make") -> Path:
+def write_config(
+    tmp: Path, name: str, extra: str = "", provider: str = "mymod:make", n: int = N
+) -> Path:
     cfg = tmp / f"{name}.toml"
     provider_line = f'provider = "{provider}"' if provider else ""
     cfg.write_text(
         textwrap.dedent(
             f"""
             [data_set]
-            n_items = {N}
+            n_items = {n}
             reads_file = "{tmp / (name + ".reads")}"
             preload_threads = 4
             {extra}
@@ -270,3 +276,116 @@ def test_config_and_provider_errors_exit_2(workdir, cache_name, case, expected):
     proc = run(["-m", "raycache", "preload", str(cfg)], workdir, None, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert expected in one_line(proc.stderr)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_timeout_must_be_a_number_above_zero(workdir, cache_name, value):
+    cfg = write_config(workdir, cache_name)
+    proc = run(["-m", "raycache", "preload", str(cfg), f"--timeout={value}"], workdir, None)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert line.startswith("raycache preload: argument --timeout: must be a number of seconds > 0")
+    assert line.endswith("(see 'raycache preload --help')"), line
+    assert reads(workdir, cache_name) == [], "the provider was read"
+
+
+def test_a_provider_without_items_exits_1_and_makes_no_cache(ray_address, workdir, cache_name):
+    cfg = write_config(workdir, cache_name, n=0)
+    proc = run(["-m", "raycache", "preload", str(cfg)], workdir, ray_address)
+    assert proc.returncode == 1, proc.stderr
+    line = one_line(proc.stderr)
+    assert "the provider from 'mymod:make' has no items (its length is 0)" in line, line
+    assert "no cache was made" in line and proc.stdout == ""
+    from raycache.admin import list_caches
+
+    assert cache_name not in list_caches(None), "an empty cache was left behind"
+
+
+def test_the_kept_line_suggests_a_drop_in_the_namespace_used(ray_address, workdir, cache_name):
+    cfg = write_config(workdir, cache_name, n=8)
+    proc = run(["-m", "raycache", "preload", str(cfg), "--namespace", "nsx"], workdir, ray_address)
+    assert proc.returncode == 0, proc.stderr
+    suggested = f"raycache drop {cache_name} --namespace nsx"
+    assert proc.stdout.strip().endswith(f"kept until '{suggested}'"), proc.stdout
+    # The suggested command, as given, finds and drops the cache.
+    proc = run(["-m", *shlex.split(suggested)], workdir, ray_address)
+    assert proc.returncode == 0 and f"dropped {cache_name}" in proc.stdout, proc.stderr
+    from raycache.admin import list_caches
+
+    assert cache_name not in list_caches(None)
+
+
+GATED_MODULE = textwrap.dedent(
+    """
+    import os, time
+
+    class Gated:
+        \"\"\"Items wait (at most 120 s) until the file ``gate`` exists.\"\"\"
+
+        def __init__(self, n, gate):
+            self.n, self.gate = n, gate
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, idx):
+            deadline = time.monotonic() + 120
+            while not os.path.exists(self.gate):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gate {self.gate} not opened in 120 s")
+                time.sleep(0.02)
+            return {"x": idx}
+
+    def make(config):
+        return Gated(config["data_set"]["n_items"], config["data_set"]["reads_file"] + ".gate")
+    """
+)
+
+# The command, with a progress line at every poll instead of every 5 s.
+EVERY_POLL = (
+    "import sys, raycache.preload_command as pc; pc.LOG_INTERVAL_S = 0.0; "
+    "from raycache.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_progress_lines_say_eta_unknown_until_items_are_cached(ray_address, workdir, cache_name):
+    (workdir / "gated.py").write_text(GATED_MODULE)
+    cfg = write_config(workdir, cache_name, provider="gated:make", n=8)
+    gate = workdir / f"{cache_name}.reads.gate"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(workdir), str(REPO)]))
+    env["RAY_ADDRESS"] = ray_address
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EVERY_POLL, "preload", str(cfg), "--progress", "log"],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True)
+    reader.start()
+    try:
+        prefix = f"preload {cache_name}: "
+        first = ""
+        deadline = time.monotonic() + 120
+        while not first.startswith(prefix):
+            first = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        # Nothing can be cached before the gate opens: no rate, so no ETA yet.
+        assert first.startswith(prefix + "0/8 items") and "ETA ?," in first, first
+        assert "nan" not in first
+        gate.touch()
+        out, _ = proc.communicate(timeout=120)
+        reader.join(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        run(["-m", "raycache", "drop", cache_name], workdir, ray_address)
+    rest = []
+    while not lines.empty():
+        rest.append(lines.get_nowait())
+    progress = [line for line in rest if line.startswith(prefix)]
+    assert progress and all("nan" not in line for line in progress), rest
+    assert re.search(r"8/8 items, .* ETA 0 s, 0 errors", progress[-1]), progress

@@ -22,6 +22,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from raycache.cli import suggested_command
 from raycache.config import CacheConfig
 from raycache.directory import directory_actor
 from raycache.errors import CacheUnavailableError
@@ -60,13 +61,20 @@ class ActorLink:
     """
 
     def __init__(
-        self, actor: Any, client_id: str, name: str, timeout: float, max_bytes: int | None = None
+        self,
+        actor: Any,
+        client_id: str,
+        name: str,
+        timeout: float,
+        max_bytes: int | None = None,
+        namespace: str | None = None,
     ):
         self.actor = actor
         self.client_id = client_id
         self.name = name
+        self.namespace = namespace
         self.timeout = timeout
-        self.budget = BudgetNotice(name, max_bytes)
+        self.budget = BudgetNotice(name, max_bytes, namespace)
         self.dead = False  # the cache is lost for this process
         self.reason = ""  # why, once dead
         self.forked = False  # this is a forked child, which must make no Ray call
@@ -94,9 +102,10 @@ class ActorLink:
             why = "this process was forked from one attached to Ray, and makes no Ray call"
         else:
             why = self.reason or "it did not answer"
+        listing = suggested_command("list", namespace=self.namespace)
         return CacheUnavailableError(
             f"cache {self.name!r} is gone or unreachable from this process ({why}); "
-            "reads here come from the provider. `raycache list` shows whether it exists; "
+            f"reads here come from the provider. '{listing}' shows whether it exists; "
             "attach again (a new DataCache) to make a new one"
         )
 
@@ -163,9 +172,10 @@ class BudgetNotice:
         Items this process sent that did not fit, over every insert.
     """
 
-    def __init__(self, name: str, max_bytes: int | None):
+    def __init__(self, name: str, max_bytes: int | None, namespace: str | None = None):
         self.name = name
         self.max_bytes = max_bytes
+        self.namespace = namespace
         self.rejected = 0
 
     def note(self, rejected: int, chunks: Any) -> None:
@@ -192,13 +202,14 @@ class BudgetNotice:
             "used; %d of %d items just sent (about %s bytes each) were not cached and are "
             "read from the provider every epoch. Raise raycache.max_bytes or the object "
             "store's size (docs/troubleshooting.md); a cache keeps the max_bytes of the "
-            "process that created it, so drop it first ('raycache drop NAME'). "
+            "process that created it, so drop it first ('%s'). "
             "stats()['rejected_items'] counts them from now on, without another warning.",
             self.name,
             budget,
             rejected,
             items,
             f"{nbytes // max(items, 1):,}",
+            suggested_command("drop", self.name, namespace=self.namespace),
         )
 
 
@@ -278,12 +289,15 @@ def link_to_directory(
                 raise
             time.sleep(0.5 * (attempt + 1))
             continue
-        _warn_other_budget(name, config.max_bytes, settings.max_bytes)
-        return actor, settings, ActorLink(actor, client_id, name, timeout, settings.max_bytes)
+        _warn_other_budget(name, config.namespace, config.max_bytes, settings.max_bytes)
+        link = ActorLink(actor, client_id, name, timeout, settings.max_bytes, config.namespace)
+        return actor, settings, link
     raise RuntimeError(f"cache {name!r}: could not attach")
 
 
-def _warn_other_budget(name: str, asked: int | None, cache_has: int | None) -> None:
+def _warn_other_budget(
+    name: str, namespace: str | None, asked: int | None, cache_has: int | None
+) -> None:
     """Say so when this process set ``max_bytes`` and the cache it attached to has another.
 
     A cache's settings are its creator's; a later process's ``max_bytes`` would
@@ -293,12 +307,12 @@ def _warn_other_budget(name: str, asked: int | None, cache_has: int | None) -> N
         return
     logger.warning(
         "raycache %s: the cache exists with raycache.max_bytes = %s, set by the process "
-        "that created it; this process's %s is not used. Drop the cache ('raycache drop "
-        "%s') to create it with another budget.",
+        "that created it; this process's %s is not used. Drop the cache ('%s') to create "
+        "it with another budget.",
         name,
         f"{int(cache_has):,}",
         f"{int(asked):,}",
-        name,
+        suggested_command("drop", name, namespace=namespace),
     )
 
 
