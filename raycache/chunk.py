@@ -49,9 +49,11 @@ _LEAF = "*"
 def flatten_item(item: Any, leaves: list) -> Any:
     """Return an item's template and append its leaves to ``leaves``, in one pass.
 
-    The template is a hashable description of the item's containers (dicts, and lists
-    and tuples of exactly those types) with every leaf as ``"*"``. A tuple subclass
-    (a namedtuple) is a leaf, kept as one value.
+    The template is a hashable description of the item's containers (dicts, lists
+    and tuples of exactly those types) with every leaf as ``"*"``. A subclass of one
+    (a namedtuple, an ``OrderedDict``) is a leaf, kept as one value. A dict's keys are
+    told apart by type as well as value where any is not a ``str`` (``1``, ``1.0`` and
+    ``True`` are equal dict keys, but an item keeps the one it had).
 
     Parameters
     ----------
@@ -65,9 +67,9 @@ def flatten_item(item: Any, leaves: list) -> Any:
     Any
         Equal for two items exactly when they can share one set of columns.
     """
-    if isinstance(item, dict):
-        return ("d", tuple(item), tuple([flatten_item(v, leaves) for v in item.values()]))
     kind = type(item)
+    if kind is dict:
+        return _dict_template(tuple(item), [flatten_item(v, leaves) for v in item.values()])
     if kind is list:
         return ("l", tuple([flatten_item(v, leaves) for v in item]))
     if kind is tuple:
@@ -102,16 +104,24 @@ def flatten_checked(item: Any, leaves: list, path: tuple = ()) -> Any:
     UnsupportedValueError
         If a value has a type raycache does not cache; the message names its path.
     """
-    if isinstance(item, dict):
-        parts = [flatten_checked(v, leaves, path + (k,)) for k, v in item.items()]
-        return ("d", tuple(item), tuple(parts))
     kind = type(item)
+    if kind is dict:
+        parts = [flatten_checked(v, leaves, path + (k,)) for k, v in item.items()]
+        return _dict_template(tuple(item), parts)
     if kind is list or kind is tuple:
         parts = [flatten_checked(v, leaves, path + (Position(i),)) for i, v in enumerate(item)]
         return ("l" if kind is list else "t", tuple(parts))
     check_item(item, path)  # a leaf, or a container kept whole (a namedtuple)
     leaves.append(item)
     return _LEAF
+
+
+def _dict_template(keys: tuple, parts: list) -> tuple:
+    """``("d", keys, parts)``, plus the keys' types where any key is not a ``str``."""
+    for key in keys:
+        if type(key) is not str:
+            return ("d", keys, tuple(parts), tuple(map(type, keys)))
+    return ("d", keys, tuple(parts))
 
 
 def leaves_nbytes(leaves: list) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from raycache.values import IMMUTABLE_LEAVES, loaded_torch
+from raycache.values import IMMUTABLE_LEAVES, loaded_torch, rebuilt
 
 __all__ = [
     "PIECE_BYTES",
@@ -253,13 +253,9 @@ def copy_leaves(value: Any, copy: bool) -> Any:
     if torch is not None and isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, dict):
-        return {k: copy_leaves(v, copy) for k, v in value.items()}
-    if type(value) is list:
-        return [copy_leaves(v, copy) for v in value]
-    if isinstance(value, tuple):
-        values = [copy_leaves(v, copy) for v in value]
-        make = getattr(type(value), "_make", None)  # a namedtuple keeps its type
-        return make(values) if make is not None else tuple(values)
+        return rebuilt(value, {k: copy_leaves(v, copy) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):  # a subclass (a namedtuple) keeps its type
+        return rebuilt(value, [copy_leaves(v, copy) for v in value])
     return value
 
 

@@ -9,6 +9,7 @@ else is refused here, with the path of the offending field, before it reaches Ra
 
 from __future__ import annotations
 
+import copy
 import numbers
 import sys
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "data_size",
     "field_path",
     "loaded_torch",
+    "rebuilt",
 ]
 
 
@@ -131,17 +133,50 @@ def _walk(item: Any, path: tuple, copy: bool) -> Any:
         return item.detach().clone().contiguous() if copy else item
     if isinstance(item, dict):
         walked = {k: _walk(v, path + (k,), copy) for k, v in item.items()}
-        return walked if copy else item
+        return rebuilt(item, walked) if copy else item
     if isinstance(item, (list, tuple)):
         walked = [_walk(v, path + (Position(i),), copy) for i, v in enumerate(item)]
-        if not copy:
-            return item
-        return walked if type(item) is list else tuple(walked)
+        return rebuilt(item, walked) if copy else item
     raise UnsupportedValueError(
         f"cannot cache field {field_path(path)!r} of type {type(item).__module__}."
         f"{type(item).__qualname__}: raycache caches numpy arrays, CPU torch tensors, "
         "numbers, str, bytes, None and dict/list/tuple of those"
     )
+
+
+def rebuilt(container: Any, values: Any) -> Any:
+    """Return a container of ``container``'s own type holding ``values`` instead.
+
+    Parameters
+    ----------
+    container : dict, list or tuple
+        The original, of the built-in type or a subclass (an ``OrderedDict``, a
+        ``defaultdict``, a namedtuple, ``torch.Size``).
+    values : dict or list
+        The new contents: a dict with ``container``'s keys, or a list in its order.
+
+    Returns
+    -------
+    Any
+        For a built-in type the plain container of ``values``; for a subclass, a
+        shallow copy of ``container`` (its type and state: a ``defaultdict``'s factory)
+        with ``values`` put in, or for a tuple subclass, one built from them.
+    """
+    kind = type(container)
+    if kind is dict or kind is list:
+        return values
+    if kind is tuple:
+        return tuple(values)
+    if isinstance(container, tuple):
+        make = getattr(kind, "_make", None)  # a namedtuple
+        return make(values) if make is not None else kind(values)
+    new = copy.copy(container)
+    if isinstance(container, dict):
+        for key, value in values.items():
+            new[key] = value
+    else:
+        new[:] = values
+    return new
 
 
 def _check_array(dtype: np.dtype, path: tuple) -> None:

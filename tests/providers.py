@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -172,3 +174,45 @@ class ExitOnReadProvider(ArrayProvider):
         if os.environ.get(EXIT_ON_READ_ENV):
             os._exit(3)
         return super().__getitem__(i)
+
+
+Pair = collections.namedtuple("Pair", "x y")
+
+
+class TaggedList(list):
+    """A list subclass, as a user's item may hold."""
+
+
+def container_item(kind: str, i: int) -> Any:
+    """An item of container ``kind`` whose types must survive the cache (see ContainerProvider)."""
+    x = np.full(3, float(i), dtype=np.float32)
+    if kind == "namedtuple":
+        return Pair(x, i)
+    if kind == "namedtuple_field":
+        return {"p": Pair(x, i), "y": i}
+    if kind == "ordered_dict":
+        return collections.OrderedDict([("b", x), ("a", i)])
+    if kind == "default_dict":
+        item = collections.defaultdict(list)
+        item["x"] = x
+        return item
+    if kind == "bool_or_int_keys":  # equal dict keys of different types
+        return {1: x} if i % 2 else {True: x}
+    if kind == "float_or_int_keys":
+        return {1: x, "y": i} if i % 2 else {1.0: x, "y": i}
+    if kind == "list_subclass":
+        return TaggedList([x, i])
+    raise ValueError(kind)
+
+
+class ContainerProvider:
+    """Items whose containers are subclasses, or whose dict keys are equal across types."""
+
+    def __init__(self, kind: str, n: int = 16):
+        self.kind, self.n = kind, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        return container_item(self.kind, i)

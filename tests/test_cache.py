@@ -14,6 +14,7 @@ import ray
 import torch
 from providers import (
     ArrayProvider,
+    ContainerProvider,
     CountingProvider,
     CrashingProvider,
     HyraxStyleProvider,
@@ -208,6 +209,58 @@ def test_values_round_trip_through_the_store(ray_address, cache_name):
         assert_same(cache.try_fetch(i), item)
     cache.close()
     raycache.drop_cache(cache_name)
+
+
+def _assert_exactly(got, want, where):
+    """``assert_same``, with container subclasses, dict key types and factories too."""
+    assert type(got) is type(want), (where, type(got), type(want))
+    if isinstance(want, dict):
+        assert [(type(k), k) for k in got] == [(type(k), k) for k in want], where
+        assert getattr(got, "default_factory", None) == getattr(want, "default_factory", None)
+        for k in want:
+            _assert_exactly(got[k], want[k], where)
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for a, b in zip(got, want):
+            _assert_exactly(a, b, where)
+    else:
+        assert_same(got, want)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "namedtuple",
+        "namedtuple_field",
+        "ordered_dict",
+        "default_dict",
+        "bool_or_int_keys",
+        "float_or_int_keys",
+        "list_subclass",
+    ],
+)
+def test_container_types_and_key_types_round_trip(ray_address, cache_name, kind):
+    provider = ContainerProvider(kind)
+    n = len(provider)
+    inserted = DataCache(cfg(cache_name + "-i"), provider)
+    for i in range(n):
+        inserted.insert_into_cache(i, provider[i])
+    inserted.flush(timeout=30)
+    preloaded = DataCache(cfg(cache_name + "-p", preload_cache=True, preload_threads=2), provider)
+    preloaded.start_preload_thread()
+    assert preloaded.wait_for_preload(timeout=120)
+    for cache, how in ((inserted, "insert"), (preloaded, "preload")):
+        for i in range(n):
+            _assert_exactly(cache.try_fetch(i), provider[i], f"{how} {i}")
+    ds = CachedDataset(provider, cfg(cache_name + "-d"))
+    for epoch in range(2):  # epoch 1 fills on miss, epoch 2 reads the cache in batches
+        for start in range(0, n, 8):
+            got = ds.__getitems__(list(range(start, start + 8)))
+            for j, item in enumerate(got):
+                _assert_exactly(item, provider[start + j], f"epoch {epoch} item {start + j}")
+    for cache in (inserted, preloaded, ds.cache):
+        cache.close()
+        raycache.drop_cache(cache.name)
 
 
 def test_no_user_code_can_change_cached_bytes(ray_address, cache_name):

@@ -71,8 +71,12 @@ def _same_kinds(leaves: list, kinds: list) -> bool:
 
 
 def _flat_keys(template: Any) -> tuple | None:
-    """Return the keys of a template that is a dict of leaves, else None."""
-    if template[0] == "d" and all(type(part) is str for part in template[2]):
+    """Return the keys of a template that is a dict of leaves keyed by str, else None.
+
+    Keys of other types are compared by ``flatten_item``'s template, which tells ``1``
+    from ``True`` (equal as keys, so ``tuple(item) == keys`` would not).
+    """
+    if template[0] == "d" and len(template) == 3 and all(type(p) is str for p in template[2]):
         return template[1]
     return None
 
