@@ -172,7 +172,7 @@ def _wrap_stock_collate(kind: type, base_of: Callable[[Any], Any]) -> None:
     def collate_rows(batch: Sequence[Any], *, collate_fn_map: dict | None = None) -> Any:
         base = base_of(batch[0])
         if base is not None and _joined(batch, base):
-            return torch.from_numpy(base) if isinstance(base, np.ndarray) else base
+            return torch.from_numpy(_native(base)) if isinstance(base, np.ndarray) else base
         return stock(batch, collate_fn_map=collate_fn_map)
 
     collate_rows._raycache_stock = stock
@@ -266,12 +266,19 @@ def _tensor_ok(dtype: np.dtype) -> bool:
     return dtype.kind not in "USVO"
 
 
+def _native(array: np.ndarray) -> np.ndarray:
+    """Return ``array``, or a copy in this machine's byte order (torch has no other)."""
+    if array.dtype.isnative:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
+
+
 def _array_tensor(value: Any) -> Any:
     """Return a tensor copy of a numpy array torch can hold, else the value itself."""
     import torch
 
     if isinstance(value, np.ndarray) and _tensor_ok(value.dtype):
-        return torch.from_numpy(np.array(value))
+        return torch.from_numpy(_native(np.array(value)))
     return value
 
 
@@ -287,7 +294,7 @@ def _collate_values(values: list) -> Any:
         if all(isinstance(v, np.ndarray) and v.shape == first.shape for v in values):
             stacked = np.stack(values)
             if _tensor_ok(stacked.dtype):
-                return torch.from_numpy(stacked)
+                return torch.from_numpy(_native(stacked))
         return [_array_tensor(v) for v in values]
     if isinstance(first, torch.Tensor):
         if all(isinstance(v, torch.Tensor) and v.shape == first.shape for v in values):
@@ -300,7 +307,7 @@ def _collate_values(values: list) -> Any:
             return list(values)
     if isinstance(first, np.generic) and all(type(v) is type(first) for v in values):
         array = np.array(values)
-        return torch.from_numpy(array) if _tensor_ok(array.dtype) else list(values)
+        return torch.from_numpy(_native(array)) if _tensor_ok(array.dtype) else list(values)
     return list(values)
 
 
@@ -311,7 +318,7 @@ def _collate_gathered(template: Any, columns: Iterator[tuple]) -> Any:
         kind, values = next(columns)
         if kind in _ARRAY_KINDS:
             if _tensor_ok(values.dtype):
-                return torch.from_numpy(values)
+                return torch.from_numpy(_native(values))
             return _leaf_values(kind, values)
         return _collate_values(values)
     if template[0] == "d":

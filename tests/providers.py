@@ -216,3 +216,13 @@ class ContainerProvider:
 
     def __getitem__(self, i: int) -> Any:
         return container_item(self.kind, i)
+
+
+class BigEndianProvider:
+    """Arrays in big-endian byte order, as FITS files hold them."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": (np.arange(3) + i).astype(">f4"), "y": i}

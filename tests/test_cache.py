@@ -14,6 +14,7 @@ import ray
 import torch
 from providers import (
     ArrayProvider,
+    BigEndianProvider,
     ContainerProvider,
     CountingProvider,
     CrashingProvider,
@@ -261,6 +262,24 @@ def test_container_types_and_key_types_round_trip(ray_address, cache_name, kind)
     for cache in (inserted, preloaded, ds.cache):
         cache.close()
         raycache.drop_cache(cache.name)
+
+
+def test_big_endian_arrays_collate_into_tensors(ray_address, cache_name):
+    # torch holds no other byte order: ds.collate converts, as default_collate cannot.
+    provider = BigEndianProvider()
+    ds = CachedDataset(provider, cfg(cache_name))
+    order = np.random.default_rng(0).permutation(len(provider)).tolist()
+    for epoch in range(3):  # epoch 1 fills on miss; later epochs gather from the cache
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=order, collate_fn=ds.collate)
+        for k, batch in enumerate(loader):
+            items = [provider[i] for i in order[4 * k : 4 * k + 4]]
+            x = torch.from_numpy(np.stack([item["x"] for item in items]).astype(np.float32))
+            assert batch["x"].dtype == torch.float32, (epoch, batch["x"].dtype)
+            assert torch.equal(batch["x"], x), epoch
+            assert batch["y"].tolist() == [item["y"] for item in items]
+        ds.cache.flush(timeout=30)  # the items are in the cache's chunks from now on
+    ds.cache.close()
+    raycache.drop_cache(cache_name)
 
 
 def test_no_user_code_can_change_cached_bytes(ray_address, cache_name):
