@@ -241,6 +241,8 @@ def _unpickle_advice(exc: BaseException) -> str:
             "processes must be able to import the provider's module. Install its package "
             "where Ray runs, start Ray with it on PYTHONPATH or in a runtime_env "
             "(working_dir or py_modules), call ray.cloudpickle.register_pickle_by_value("
-            "module) before building the cache, or define the class in the training script"
+            "module) before building the cache, or define the class in the training script. "
+            "The workers have the PYTHONPATH of the process that started Ray (for raycache's "
+            "node Ray, the first raycache process on the node), not the training script's"
         )
     return f"the provider could not be unpickled in a Ray worker ({what})"
