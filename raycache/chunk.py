@@ -295,6 +295,7 @@ class Chunk:
             shapes_match = all(
                 c.columns[j].data.shape[1:] == first[j].data.shape[1:]
                 and c.columns[j].data.dtype == first[j].data.dtype
+                and c.columns[j].tensor == first[j].tensor
                 for c in chunks
                 for j in range(len(first))
             )

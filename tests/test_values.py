@@ -214,6 +214,18 @@ def test_take_and_concat_keep_rows():
         assert_same(c.row(r), rich_item(i))
 
 
+def test_concat_keeps_each_chunk_arrays_or_tensors():
+    # Segments of one item each, as a trainer filling on miss sends them when it flushes
+    # often: a field that is a tensor in some items and an array in others.
+    items = [
+        {"x": torch.full((2,), float(i)) if i % 2 else np.full(2, i, dtype=np.float32)}
+        for i in range(4)
+    ]
+    merged = Chunk.concat([Chunk.from_rows([i], [copy_item(item)]) for i, item in enumerate(items)])
+    for r, item in enumerate(items):
+        assert_same(merged.row(r), item)
+
+
 def test_rows_are_copies_unless_zero_copy():
     chunk = Chunk.from_rows([0], [{"x": np.zeros(3)}])
     row = chunk.row(0)
