@@ -30,6 +30,7 @@ from raycache.columns import (
     StackedColumn,
     copy_leaves,
     make_column,
+    same_dtype,
 )
 from raycache.values import Position, check_item
 
@@ -302,7 +303,11 @@ class Chunk:
             if shapes_match:
                 columns = [
                     StackedColumn(
-                        np.concatenate([c.columns[j].data for c in chunks]), first[j].tensor
+                        same_dtype(
+                            np.concatenate([c.columns[j].data for c in chunks]),
+                            first[j].data.dtype,
+                        ),
+                        first[j].tensor,
                     )
                     for j in range(len(first))
                 ]

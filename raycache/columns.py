@@ -35,6 +35,7 @@ __all__ = [
     "copy_leaves",
     "join_pieces",
     "make_column",
+    "same_dtype",
     "split_pieces",
 ]
 
@@ -63,6 +64,27 @@ def split_pieces(array: np.ndarray) -> list[np.ndarray] | None:
         return None
     flat = array.reshape(-1).view(np.uint8)
     return [flat[k : k + PIECE_BYTES] for k in range(0, len(flat), PIECE_BYTES)]
+
+
+def same_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Return ``array`` in ``dtype``: its byte order, which ``np.stack`` does not keep.
+
+    ``np.stack`` and ``np.concatenate`` of big-endian arrays return native ones; a
+    cached item keeps the byte order it had (a copy here, for such arrays only).
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        A stacked or concatenated array.
+    dtype : numpy.dtype
+        The dtype of the arrays it was made of.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``array`` itself when it has ``dtype``, else a copy in it.
+    """
+    return array if array.dtype == dtype else array.astype(dtype)
 
 
 def join_pieces(pieces: Sequence[np.ndarray], dtype: np.dtype, shape: tuple) -> np.ndarray:
@@ -157,6 +179,8 @@ class RaggedColumn:
         offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
         flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.empty(0)
+        if arrays:
+            flat = same_dtype(flat, arrays[0].dtype)
         shapes = np.array([a.shape for a in arrays], dtype=np.int64).reshape(len(arrays), -1)
         return cls(flat, offsets, shapes, tensor)
 
@@ -277,7 +301,7 @@ def make_column(values: list) -> Any:
         if kinds_match:
             dtype, shape = arrays[0].dtype, arrays[0].shape
             if all(a.dtype == dtype and a.shape == shape for a in arrays):
-                return StackedColumn(np.stack(arrays), tensor)
+                return StackedColumn(same_dtype(np.stack(arrays), dtype), tensor)
             if all(a.dtype == dtype and a.ndim == len(shape) for a in arrays):
                 return RaggedColumn.from_arrays(arrays, tensor)
         return ObjectColumn(list(values))

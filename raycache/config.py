@@ -48,7 +48,11 @@ DATA_SET_KEYS: dict[str, _Key] = {
         False, (bool,), "start_preload_thread() fills the cache in the background."
     ),
     "preload_threads": _Key(
-        8, (int,), "Provider reads in flight at once while preloading.", minimum=1
+        8,
+        (int,),
+        "Provider reads in flight at once while preloading: above 1, the provider is called "
+        "from several threads at once, so it must not share one read buffer between calls.",
+        minimum=1,
     ),
 }
 

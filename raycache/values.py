@@ -125,6 +125,12 @@ def _walk(item: Any, path: tuple, copy: bool) -> Any:
     if isinstance(item, IMMUTABLE_LEAVES):
         return item
     if isinstance(item, np.ndarray):
+        if type(item) is not np.ndarray and isinstance(item, (np.ma.MaskedArray, np.matrix)):
+            raise UnsupportedValueError(
+                f"cannot cache field {field_path(path)!r}: a {type(item).__module__}."
+                f"{type(item).__qualname__} would come back as a plain array (its mask "
+                "or matrix semantics lost); cache its data (and mask) as plain arrays"
+            )
         _check_array(item.dtype, path)
         return np.array(item, copy=True, order="C") if copy else item
     torch = loaded_torch()

@@ -226,3 +226,19 @@ class BigEndianProvider:
 
     def __getitem__(self, i: int) -> dict:
         return {"x": (np.arange(3) + i).astype(">f4"), "y": i}
+
+
+class ReusedBufferProvider:
+    """Refills one buffer per call and returns a view of it: ragged items, so each is kept
+    whole by a preload unit rather than copied into its columns."""
+
+    def __init__(self, n: int = 12):
+        self.n = n
+        self.buffer = np.zeros(4, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        self.buffer[:] = i
+        return {"x": self.buffer[: i % 3 + 1], "y": i}

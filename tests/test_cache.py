@@ -20,6 +20,7 @@ from providers import (
     CrashingProvider,
     HyraxStyleProvider,
     LoggedReadsProvider,
+    ReusedBufferProvider,
     SizeStepProvider,
     UnpicklableProvider,
     make_item,
@@ -279,6 +280,20 @@ def test_big_endian_arrays_collate_into_tensors(ray_address, cache_name):
             assert batch["y"].tolist() == [item["y"] for item in items]
         ds.cache.flush(timeout=30)  # the items are in the cache's chunks from now on
     ds.cache.close()
+    raycache.drop_cache(cache_name)
+
+
+def test_a_preload_copies_each_item_when_it_is_read(ray_address, cache_name):
+    # One reader thread: the provider's buffer is refilled only after the item before was
+    # copied, ragged or not (a ragged item does not fit the unit's columns).
+    provider = ReusedBufferProvider()
+    cache = DataCache(cfg(cache_name, preload_cache=True, preload_threads=1), provider)
+    cache.start_preload_thread()
+    assert cache.wait_for_preload(timeout=120)
+    for i in range(len(provider)):
+        item = cache.try_fetch(i)
+        assert item["y"] == i and item["x"].tolist() == [float(i)] * (i % 3 + 1), (i, item)
+    cache.close()
     raycache.drop_cache(cache_name)
 
 

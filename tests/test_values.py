@@ -226,6 +226,18 @@ def test_concat_keeps_each_chunk_arrays_or_tensors():
         assert_same(merged.row(r), item)
 
 
+def test_big_endian_arrays_keep_their_byte_order_in_every_column():
+    stacked = [np.arange(3).astype(">f4") for _ in range(3)]
+    ragged = [np.arange(i + 1).astype(">i8") for i in range(3)]
+    items = [{"s": s, "r": r} for s, r in zip(stacked, ragged)]
+    chunks = [Chunk.from_rows([i], [copy_item(item)]) for i, item in enumerate(items)]
+    for chunk in [Chunk.from_rows(range(3), [copy_item(x) for x in items]), Chunk.concat(chunks)]:
+        for r, item in enumerate(items):
+            row = chunk.row(r)
+            assert row["s"].dtype.str == ">f4" and row["r"].dtype.str == ">i8", row
+            assert_same(row, item)
+
+
 def test_rows_are_copies_unless_zero_copy():
     chunk = Chunk.from_rows([0], [{"x": np.zeros(3)}])
     row = chunk.row(0)
@@ -249,6 +261,8 @@ def test_copy_item_does_not_share_buffers():
         ({"data": {"bad": {1, 2}}}, "data.bad"),
         ({"x": [0, object()]}, "x[1]"),
         ({"obj": np.array([None, 1], dtype=object)}, "obj"),
+        ({"m": np.ma.masked_array([1.0, 2.0], mask=[0, 1])}, "m"),
+        ({"mat": np.matrix([[1, 2]])}, "mat"),
         (lambda: 0, "<item>"),
     ],
 )

@@ -126,7 +126,7 @@ class _UnitQueue:
             return
         key, indices = claimed
         indices = np.asarray(indices, dtype=np.int64)
-        builder = ChunkBuilder(len(indices), self._spares)
+        builder = ChunkBuilder(len(indices), self._spares, private=True)
         self.ahead.append(self._readers.queue(UnitReads(key, indices.tolist(), builder)))
 
     def top_up(self, current: UnitReads, done: tuple | None) -> None:
