@@ -10,30 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
 from typing import Any, NoReturn
 
-__all__ = [
-    "EXIT_FAILED",
-    "EXIT_NO_RAY",
-    "EXIT_OK",
-    "EXIT_USAGE",
-    "main",
-    "positive_seconds",
-    "seconds_text",
-    "suggested_command",
-]
+from raycache.command_text import (
+    DEFAULT_NAMESPACE,
+    positive_seconds,
+    seconds_text,
+    suggested_command,
+)
+
+__all__ = ["EXIT_FAILED", "EXIT_NO_RAY", "EXIT_OK", "EXIT_USAGE", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_RAY = 3
-
-DEFAULT_NAMESPACE = "raycache"  # raycache.namespace's default
-# A --timeout above this is taken as this: Ray's waits overflow far above it, and 1e9 s
-# (31 years) already means "no limit".
-MAX_TIMEOUT_S = 1e9
 
 DESCRIPTION = """\
 raycache keeps training data in Ray's shared object store, one cache per name,
@@ -71,78 +63,6 @@ class _OneLineParser(argparse.ArgumentParser):
         """
         text = " ".join(message.split())
         self.exit(EXIT_USAGE, f"{self.prog}: {text} (see '{self.prog} --help')\n")
-
-
-def positive_seconds(text: str) -> float:
-    """Parse a ``--timeout`` value: a number of seconds greater than 0.
-
-    Parameters
-    ----------
-    text : str
-        The value given on the command line.
-
-    Returns
-    -------
-    float
-        The seconds, at most ``MAX_TIMEOUT_S`` (a larger value, ``inf`` included, means
-        no limit and is taken as that).
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        If ``text`` is not a number, or is 0, negative or NaN.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
-    return min(value, MAX_TIMEOUT_S)
-
-
-def seconds_text(seconds: float) -> str:
-    """Return ``seconds`` as a short number for a message: 5, 0.5, 1e-06.
-
-    Parameters
-    ----------
-    seconds : float
-        A duration in seconds.
-
-    Returns
-    -------
-    str
-        The number, without a unit.
-    """
-    return f"{seconds:.3g}"
-
-
-def suggested_command(*words: str, namespace: str | None = None, address: str | None = None) -> str:
-    """Return a ``raycache`` command line to suggest, with the Ray the user chose.
-
-    A message that tells the user to run another command must name the namespace and
-    address the user gave, or the suggested command would look elsewhere.
-
-    Parameters
-    ----------
-    *words : str
-        The command and its arguments, such as ``"drop", "cutouts-v1"``.
-    namespace : str, optional
-        The namespace used; added as ``--namespace`` unless it is the default.
-    address : str, optional
-        The Ray address the user gave; added as ``--address`` when given.
-
-    Returns
-    -------
-    str
-        The command line, quoted for a shell where needed.
-    """
-    parts = ["raycache", *words]
-    if namespace is not None and namespace != DEFAULT_NAMESPACE:
-        parts += ["--namespace", namespace]
-    if address is not None:
-        parts += ["--address", address]
-    return " ".join(shlex.quote(part) for part in parts)
 
 
 class _DropTokenNotice(logging.Filter):

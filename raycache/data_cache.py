@@ -298,22 +298,20 @@ class DataCache(AttachedCache):
         Returns
         -------
         dict
-            ``name``, ``length``, ``items`` (cached), ``bytes``, ``max_bytes``,
-            ``chunks``, ``hits``, ``misses`` (over all clients: every read this
-            process made before the call, other processes' as of their last heartbeat,
-            every 5 s, or their ``close()``), ``rejected_items``,
-            ``inserted_items`` and ``preloaded_items`` (how many of ``items`` were
-            stored from inserts and from the preload), ``clients``, ``preload``
-            (state, ``loaded``: items its tasks read, ``reserved``: items trainers
-            are reading for it now, seconds), ``preload_errors``
-            (``[{"index", "error"}]``), and ``client`` (this process's hits, misses,
-            buffered items, and the mean seconds of its reads and inserts, ``hit_s``,
-            ``miss_s`` and ``cache_insert_s``, None before the first; the tensorboardX
-            scalars of the same names average them per 1,000 calls; ``insert_path``:
-            ``"shared memory"`` where the cache's actor reads this process's inserts
-            from its memory, ``"call arguments"`` where they travel as Ray call
-            arguments, see ``docs/memory.md``). With
-            ``use_cache`` off: ``length``, zero counts.
+            ``name``, ``length``, ``items`` (cached), ``bytes``, ``max_bytes``, ``chunks``,
+            ``hits``, ``misses`` (over all clients: every read this process made before
+            the call, other processes' as of their last heartbeat, every 5 s, or their
+            ``close()``), ``rejected_items``, ``inserted_items`` and ``preloaded_items``
+            (how many of ``items`` were stored from inserts and from the preload),
+            ``clients``, ``preload`` (state, ``loaded``: items its tasks read,
+            ``reserved``: items trainers are reading for it now, seconds),
+            ``preload_errors`` (``[{"index", "error"}]``), and ``client`` (this process's
+            hits, misses, buffered items, and the mean seconds of its reads and inserts,
+            ``hit_s``, ``miss_s`` and ``cache_insert_s``, None before the first; the
+            tensorboardX scalars of the same names average them per 1,000 calls;
+            ``insert_path``: ``"shared memory"`` where the cache's actor reads this
+            process's inserts from its memory, ``"call arguments"`` where they travel as
+            Ray call arguments, see ``docs/memory.md``). ``use_cache`` off: zero counts.
         """
         if not self._use_cache or self._inert:
             return {

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raycache.cli import positive_seconds, seconds_text, suggested_command
+from raycache.command_text import positive_seconds, seconds_text, suggested_command
 
 __all__ = ["DESCRIPTION", "add_arguments", "load_callable", "run"]
 

@@ -375,7 +375,8 @@ def test_progress_lines_say_eta_unknown_until_items_are_cached(ray_address, work
         assert first.startswith(prefix + "0/8 items") and "ETA ?," in first, first
         assert "nan" not in first
         gate.touch()
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)  # stderr is the reader thread's alone
+        out = proc.stdout.read()
         reader.join(timeout=30)
         assert proc.returncode == 0, out
     finally:

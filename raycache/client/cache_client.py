@@ -320,21 +320,16 @@ class CacheClient:
     # ------------------------------------------------------------------ lifetime
     def stats(self) -> dict:
         """Return the directory's counters plus this client's own."""
-        if self._link.usable():
-            self.flush()
-            self._map.reads.report_unsent()
-            self._map.reads.flush(self.timeout)  # this process's byte counts are in the totals
-        # The hit and miss counts travel with the call itself: sent as a heartbeat beside
-        # it, they could be counted after the answer (the actor runs calls concurrently).
-        if self._link.usable():
-            out = self._link.call("stats", self._link.client_id, *self._counter_deltas())
-        else:
-            out = LOST
-        if out is LOST:  # the link logged it once; the error says why
+        if not self._link.usable():  # the link logged why once; the error says it
             raise self._link.unavailable()
-        out["client"] = {"hits": self.hits, "misses": self.misses, "pending": len(self._buffer)}
-        reads, path = self._map.reads, self._buffer.inserts.path
-        out["client"].update(read_bytes=reads.read, crossed_bytes=reads.crossed, insert_path=path)
+        self.flush()
+        self._map.reads.report_unsent()
+        self._map.reads.flush(self.timeout)  # this process's byte counts are in the totals
+        # Hits and misses travel in the call (a heartbeat might be counted after it).
+        out = self._link.call("stats", self._link.client_id, *self._counter_deltas())
+        if out is LOST:
+            raise self._link.unavailable()
+        out["client"] = _own_counts(self)
         return out
 
     def close(self) -> None:
@@ -382,3 +377,16 @@ class CacheClient:
         self._map.after_fork_in_child()
         self._buffer.after_fork_in_child()
         self._fork.after_fork_in_child()
+
+
+def _own_counts(client: CacheClient) -> dict:
+    """Return the ``client`` entry of ``stats()``: what this process read and holds."""
+    reads = client._map.reads
+    return {
+        "hits": client.hits,
+        "misses": client.misses,
+        "pending": len(client._buffer),
+        "read_bytes": reads.read,
+        "crossed_bytes": reads.crossed,
+        "insert_path": client._buffer.inserts.path,
+    }

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from raycache.cli import suggested_command
+from raycache.command_text import suggested_command
 from raycache.config import CacheConfig
 from raycache.directory import directory_actor
 from raycache.errors import CacheUnavailableError
