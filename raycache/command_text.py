@@ -3,14 +3,16 @@
 Messages of a training process (a cache that is gone, a full budget) and of the command
 itself suggest ``raycache`` command lines; they must name the namespace and address the
 user chose, or the suggested command looks elsewhere. The command's ``--timeout`` options
-parse here too. This module imports nothing of raycache's, so the client and the command
-can both use it without importing each other.
+parse here too. It imports only the config's key table (standard library alone), so the
+client and the command can both use it without importing each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+
+from raycache.config import RAYCACHE_KEYS
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -20,7 +22,7 @@ __all__ = [
     "suggested_command",
 ]
 
-DEFAULT_NAMESPACE = "raycache"  # raycache.namespace's default
+DEFAULT_NAMESPACE = RAYCACHE_KEYS["namespace"].default
 # A --timeout above this is taken as this: Ray's waits overflow far above it, and 1e9 s
 # (31 years) already means "no limit".
 MAX_TIMEOUT_S = 1e9

@@ -9,9 +9,9 @@ else is refused here, with the path of the offending field, before it reaches Ra
 
 from __future__ import annotations
 
-import copy
 import numbers
 import sys
+from copy import copy as shallow_copy
 from typing import Any
 
 import numpy as np
@@ -176,7 +176,7 @@ def rebuilt(container: Any, values: Any) -> Any:
     if isinstance(container, tuple):
         make = getattr(kind, "_make", None)  # a namedtuple
         return make(values) if make is not None else kind(values)
-    new = copy.copy(container)
+    new = shallow_copy(container)
     if isinstance(container, dict):
         for key, value in values.items():
             new[key] = value
